@@ -1,0 +1,80 @@
+# Product in Action: every target does its own set-up, so `make run` and `make test`
+# work on a fresh machine.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+PYTHON := $(BIN)/python
+STAMP := $(VENV)/.installed
+PROTO_SRC := $(wildcard protos/productinaction/v1/*.proto)
+PROTO_OUT := productinaction/v1/.generated
+EMBEDDED := .cache/embedded/.ready
+
+export PYTHONUNBUFFERED := 1
+export GRADIO_ANALYTICS_ENABLED := False
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: help venv protos test test-fast run bench lint fmt clean embedded
+
+help:
+	@echo "make run    start generator (:50051), upscaler (:50052) and web UI (:7860)"
+	@echo "make test   set up, then run the whole test suite"
+	@echo "make bench  run the benchmarks, JSON results in bench-results/"
+	@echo "make lint   ruff"
+
+$(STAMP): requirements.txt requirements-dev.txt
+	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }
+	$(PY) -m venv $(VENV)
+	# torch first and pinned: anything looser pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
+	# Only for its CLIP BPE vocabulary file; never imported (it needs torchvision).
+	$(BIN)/pip install -q --no-deps open-clip-torch
+	touch $@
+
+venv: $(STAMP)
+
+$(PROTO_OUT): $(PROTO_SRC) $(STAMP)
+	mkdir -p productinaction/v1
+	$(PYTHON) -m grpc_tools.protoc -Iprotos \
+		--python_out=. --pyi_out=. --grpc_python_out=. $(PROTO_SRC)
+	touch productinaction/__init__.py productinaction/v1/__init__.py $@
+
+protos: $(PROTO_OUT)
+
+# A tiny random pipeline and product adapter, for when no trained demo model ships.
+$(EMBEDDED): $(STAMP)
+	$(PYTHON) -m demo.embedded --out .cache/embedded
+
+embedded: $(EMBEDDED)
+
+browser:
+	@command -v chromium >/dev/null || { \
+		echo "installing Debian chromium for the browser tests"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium could not be installed; browser tests will fail"; }
+
+test: protos browser
+	$(BIN)/ruff check .
+	$(PYTHON) -m pytest -q -ra
+
+test-fast: protos
+	$(PYTHON) -m pytest -q -ra -m "not slow and not browser"
+
+run: protos embedded
+	$(PYTHON) -m tools.run_stack
+
+bench: protos
+	mkdir -p bench-results
+	$(PYTHON) -m benchmarks.run --out bench-results
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+fmt: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf productinaction .cache outputs artifacts bench-results .pytest_cache

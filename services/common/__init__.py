@@ -1,0 +1,1 @@
+"""Code both services share: settings, storage, errors, server assembly, logging."""

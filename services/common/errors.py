@@ -1,0 +1,163 @@
+"""The one error boundary: domain exceptions -> gRPC status codes.
+
+Handlers raise these; `ErrorBoundary` (a server interceptor) turns them, and anything
+unexpected, into a deliberate status. Nothing crosses the wire as UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """Base of errors that map to one gRPC status code."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def details(self) -> list[Any]:
+        return []
+
+
+class InvalidArgument(ServiceError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+    def details(self) -> list[Any]:
+        violation = error_details_pb2.BadRequest.FieldViolation(field=self.field, description=self.problem)
+        return [error_details_pb2.BadRequest(field_violations=[violation])]
+
+
+class NotFound(ServiceError):
+    code = grpc.StatusCode.NOT_FOUND
+
+    def __init__(self, kind: str, ident: str, hint: str = ""):
+        super().__init__(f"{kind} {ident!r} not found" + (f"; {hint}" if hint else ""))
+        self.kind = kind
+        self.ident = ident
+
+    def details(self) -> list[Any]:
+        return [error_details_pb2.ResourceInfo(resource_type=self.kind, resource_name=self.ident)]
+
+
+class ResourceExhausted(ServiceError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(f"{message}; retry in {retry_after_s:.1f}s")
+        self.retry_after_s = retry_after_s
+
+    def details(self) -> list[Any]:
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(int(self.retry_after_s * 1000))
+        return [error_details_pb2.RetryInfo(retry_delay=delay)]
+
+
+class Unavailable(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class FailedPrecondition(ServiceError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Cancelled(ServiceError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class DeadlineExceeded(ServiceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Internal(ServiceError):
+    code = grpc.StatusCode.INTERNAL
+
+
+def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str, list[Any]]:
+    if isinstance(exc, ServiceError):
+        return exc.code, exc.message, exc.details()
+    if isinstance(exc, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded", []
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", []
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    code, message, details = to_status(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("internal error", exc_info=exc)
+    if isinstance(exc, ResourceExhausted):
+        context.set_trailing_metadata((("retry-after-ms", str(int(exc.retry_after_s * 1000))),))
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
+    for detail in details:
+        status.details.add().Pack(detail)
+    await context.abort_with_status(rpc_status.to_status(status))
+
+
+def _is_abort(exc: BaseException) -> bool:
+    # grpc.aio's own abort signal must pass through untouched.
+    return type(exc).__name__ == "AbortError" or isinstance(exc, asyncio.CancelledError)
+
+
+def _wrap_unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(request, context)
+        except BaseException as exc:
+            if _is_abort(exc):
+                raise
+            await abort(context, exc)
+
+    return handler
+
+
+def _wrap_stream(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for item in fn(request, context):
+                yield item
+        except BaseException as exc:
+            if _is_abort(exc) or isinstance(exc, GeneratorExit):
+                raise
+            await abort(context, exc)
+
+    return handler
+
+
+class ErrorBoundary(grpc.aio.ServerInterceptor):
+    """Wraps every handler, unary and streaming, so exceptions become deliberate statuses."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.unary_unary and inspect.iscoroutinefunction(handler.unary_unary):
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
