@@ -17,7 +17,12 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 def build_tiny_pipeline(out_dir: str | Path, seed: int = 0):
     """Write a tiny StableDiffusionPipeline folder (loads with from_pretrained) and return the pipeline."""
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     out = Path(out_dir)

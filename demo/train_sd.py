@@ -1,0 +1,330 @@
+"""Train the demo Stable Diffusion model on the demo world, from scratch, on CPU.
+
+The result is an ordinary StableDiffusionPipeline folder (AutoencoderKL, UNet2DConditionModel,
+CLIPTextModel + CLIP BPE tokenizer, DPMSolverMultistepScheduler with v-prediction), stored in fp16.
+
+    python -m demo.train_sd --out models/demo-sd                 # VAE, then UNet + text encoder
+    python -m demo.train_sd --out models/demo-sd --stage unet    # reuse the VAE in --work
+
+Recipe and measured figures: docs/DEMO_MODEL.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from demo.judge import DEFAULT_PATH as JUDGE_PATH
+from demo.judge import load_judge
+from demo.tokenizer import CLIP_VOCAB_SIZE, load_clip_tokenizer
+from demo.world import Dataset, canonical_prompt, caption, held_out_triples, make_dataset, train_triples
+
+log = logging.getLogger("demo.train_sd")
+
+MAX_TOKENS = 16
+BETAS = dict(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", num_train_timesteps=1000)
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    # Only 2x downsampling: a 4x VAE at this size lost hue (red came back brown).
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+    )
+
+
+def build_text_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=CLIP_VOCAB_SIZE,
+            hidden_size=64,
+            intermediate_size=256,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=MAX_TOKENS,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+
+
+def build_unet():
+    from diffusers import UNet2DConditionModel
+
+    # No attention at the 16x16 level: it would double the step time for little gain.
+    return UNet2DConditionModel(
+        sample_size=16,  # latent size; the pipeline's default image is 16 * vae_scale_factor(2) = 32
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def build_scheduler():
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(**BETAS, prediction_type="v_prediction", steps_offset=1)
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def load_data(work: Path, n: int, seed: int) -> Dataset:
+    """Render (or reuse) the training set: only the training triples, never the held-out ones."""
+    import pickle
+
+    cache = work / f"train-{n}-{seed}.pkl"
+    if cache.exists():
+        return pickle.loads(cache.read_bytes())
+    t0 = time.time()
+    data = make_dataset(n, seed=seed, triples=train_triples(), workers=2)
+    cache.write_bytes(pickle.dumps(data))
+    log.info("rendered %d training images in %.0fs", n, time.time() - t0)
+    return data
+
+
+def expected_labels(triples: list[tuple[str, str, str]]) -> dict[str, list[str]]:
+    return {
+        "colour": [t[0] for t in triples],
+        "shape": [t[1] for t in triples],
+        "background": [t[2] for t in triples],
+    }
+
+
+def train_vae(data: Dataset, work: Path, steps: int, seed: int, judge) -> None:
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    vae = build_vae()
+    log.info("VAE: %.2fM params", n_params(vae) / 1e6)
+    x_all = to_tensor(data.images)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(x_all), (64,), generator=g)
+        x = x_all[idx]
+        posterior = vae.encode(x).latent_dist
+        rec = vae.decode(posterior.sample(generator=g)).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-7 * posterior.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0:
+            log.info("vae step %d/%d loss %.4f (%.0fs)", step, steps, loss.item(), time.time() - t0)
+    vae.eval()
+    check = make_dataset(600, seed=seed + 7, triples=held_out_triples() + train_triples())
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(to_tensor(check.images)).latent_dist.mode()).sample
+    rec_u8 = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    expected = expected_labels([(s.colour, s.shape, s.background) for s in check.scenes])
+    acc_rec = judge.accuracy(rec_u8, expected)
+    psnr = 10 * math.log10(4 / F.mse_loss(rec.clamp(-1, 1), to_tensor(check.images)).item())
+    log.info("VAE reconstructions: judge %s, PSNR %.1f dB", acc_rec, psnr)
+    if min(acc_rec["colour"], acc_rec["background"]) < 0.99:
+        log.warning("VAE reconstructions lose colour or background: train longer before the UNet")
+    vae.save_pretrained(work / "vae")
+
+
+@torch.no_grad()
+def encode_latents(vae, images: np.ndarray) -> torch.Tensor:
+    # The posterior mean: sampling would add noise the UNet then has to model.
+    out = [vae.encode(to_tensor(images[i : i + 256])).latent_dist.mean for i in range(0, len(images), 256)]
+    return torch.cat(out)
+
+
+def make_pipeline(unet, vae, text_encoder, tokenizer):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=build_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def eval_prompts(seeds_per_triple: int = 2) -> tuple[list[str], list[int], dict[str, list[str]]]:
+    """Canonical prompts for every held-out triple, `seeds_per_triple` fixed seeds each."""
+    triples = [t for t in held_out_triples() for _ in range(seeds_per_triple)]
+    prompts = [canonical_prompt(*t) for t in triples]
+    seeds = [1000 + i for i in range(len(triples))]
+    return prompts, seeds, expected_labels(triples)
+
+
+@torch.no_grad()
+def sampled_accuracy(pipe, judge, guidance: float = 6.0, steps: int = 20) -> dict[str, float]:
+    prompts, seeds, expected = eval_prompts()
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    images = pipe(
+        prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="np"
+    ).images
+    u8 = (images * 255).round().astype(np.uint8)
+    return judge.accuracy(u8, expected)
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
+            pe.lerp_(pm, 1 - decay)
+
+
+def save_pipeline(pipe, out: Path, meta: dict) -> None:
+    """fp16, variant-free: the plain files are the small ones."""
+    half = make_pipeline(
+        copy.deepcopy(pipe.unet).half(),
+        copy.deepcopy(pipe.vae).half(),
+        copy.deepcopy(pipe.text_encoder).half(),
+        pipe.tokenizer,
+    )
+    half.save_pretrained(out, safe_serialization=True)
+    (out / "training.json").write_text(json.dumps(meta, indent=2))
+
+
+def train_unet(data: Dataset, work: Path, out: Path, args, judge) -> None:
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    torch.manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    rng = np.random.default_rng(args.seed + 2)
+    vae = AutoencoderKL.from_pretrained(work / "vae").eval()
+    t0 = time.time()
+    latents = encode_latents(vae, data.images)
+    std = latents.std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    latents = latents / std
+    log.info("encoded %d latents %s in %.0fs; scaling_factor %.4f", len(latents), tuple(latents.shape[1:]),
+             time.time() - t0, 1 / std)
+
+    tokenizer = load_clip_tokenizer(work / "tokenizer", model_max_length=MAX_TOKENS)
+    unet, text_encoder = build_unet(), build_text_encoder()
+    log.info("UNet %.2fM params, text encoder %.2fM params", n_params(unet) / 1e6, n_params(text_encoder) / 1e6)
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    for p in [*ema_unet.parameters(), *ema_text.parameters()]:
+        p.requires_grad_(False)
+    eval_pipe = make_pipeline(ema_unet, vae, ema_text, tokenizer)
+    eval_pipe.set_progress_bar_config(disable=True)
+
+    noise_sched = DDPMScheduler(**BETAS, prediction_type="v_prediction")
+    alphas_cumprod = noise_sched.alphas_cumprod
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    lr_sched = get_cosine_schedule_with_warmup(opt, args.warmup, args.steps)
+
+    best, history = -1.0, []
+    t_train = time.time()
+    for step in range(1, args.steps + 1):
+        idx = torch.randint(0, len(latents), (args.batch,), generator=g)
+        x0 = latents[idx]
+        prompts = [caption(data.scenes[i], rng) for i in idx.tolist()]
+        ids = tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                        return_tensors="pt").input_ids
+        cond = text_encoder(ids)[0]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (args.batch,), generator=g)
+        xt = noise_sched.add_noise(x0, noise, t)
+        target = noise_sched.get_velocity(x0, noise, t)
+        pred = unet(xt, t, encoder_hidden_states=cond).sample
+        # min-SNR-5 weighting for v-prediction: min(snr, 5) / (snr + 1).
+        w = torch.clamp(snr[t], max=args.min_snr) / (snr[t] + 1)
+        loss = (w * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        lr_sched.step()
+        ema_update(ema_unet, unet, args.ema)
+        ema_update(ema_text, text_encoder, args.ema)
+
+        elapsed = time.time() - t_train
+        if step % 50 == 0:
+            log.info("unet step %d/%d loss %.4f lr %.2e (%.1f steps/s, %.0fs)", step, args.steps, loss.item(),
+                     lr_sched.get_last_lr()[0], step / elapsed, elapsed)
+        out_of_time = elapsed > args.max_minutes * 60
+        if step % args.eval_every == 0 or step == args.steps or out_of_time:
+            acc = sampled_accuracy(eval_pipe, judge, guidance=args.guidance)
+            score = acc["colour"] + acc["background"] + acc["shape"]
+            history.append({"step": step, "minutes": round(elapsed / 60, 1), **acc})
+            log.info("step %d sampled accuracy on held-out prompts %s", step, acc)
+            if score > best:
+                best = score
+                meta = {"step": step, "held_out_accuracy": acc, "history": history, "args": vars(args) | {
+                    "out": str(args.out), "work": str(args.work)}}
+                save_pipeline(eval_pipe, out, meta)
+                log.info("saved EMA pipeline (best so far) to %s", out)
+        if out_of_time:
+            log.info("stopping at the time cap (%.0f minutes)", args.max_minutes)
+            break
+    log.info("done: best score %.3f; history %s", best, history)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("models/demo-sd"))
+    parser.add_argument("--work", type=Path, default=Path(".cache/demo-sd-work"))
+    parser.add_argument("--stage", choices=["all", "vae", "unet"], default="all")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-images", type=int, default=30000)
+    parser.add_argument("--vae-steps", type=int, default=2500)
+    parser.add_argument("--steps", type=int, default=8000)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--ema", type=float, default=0.998)
+    parser.add_argument("--min-snr", type=float, default=5.0)
+    parser.add_argument("--guidance", type=float, default=6.0)
+    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--max-minutes", type=float, default=50.0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    judge = load_judge(JUDGE_PATH)
+    data = load_data(args.work, args.n_images, args.seed)
+    if args.stage in ("all", "vae"):
+        train_vae(data, args.work, args.vae_steps, args.seed, judge)
+    if args.stage in ("all", "unet"):
+        train_unet(data, args.work, args.out, args, judge)
+
+
+if __name__ == "__main__":
+    main()

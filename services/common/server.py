@@ -1,0 +1,104 @@
+"""Server assembly shared by both services: error boundary, health, reflection, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.errors import ErrorBoundary
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class Service:
+    """One gRPC service to host: its full name, its servicer and the generated `add_*_to_server`."""
+
+    name: str
+    servicer: Any
+    register: Callable[[Any, grpc.aio.Server], None]
+
+
+class HostedServer:
+    """A grpc.aio server with the error boundary, health (NOT_SERVING until told) and reflection."""
+
+    def __init__(self, services: Iterable[Service], interceptors: Iterable[grpc.aio.ServerInterceptor] = ()):
+        self.services = list(services)
+        self.server = grpc.aio.server(
+            interceptors=[ErrorBoundary(), *interceptors],
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        for svc in self.services:
+            svc.register(svc.servicer, self.server)
+        reflection.enable_server_reflection(
+            [svc.name for svc in self.services] + [health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> int:
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {host}:{port}")
+        await self.server.start()
+        await self.set_serving(False)
+        return self.port
+
+    async def set_serving(self, serving: bool) -> None:
+        status = SERVING if serving else NOT_SERVING
+        await self.health.set("", status)
+        for svc in self.services:
+            await self.health.set(svc.name, status)
+
+    async def stop(self, grace: float) -> None:
+        await self.set_serving(False)
+        await self.server.stop(grace)
+
+
+async def serve_until_signal(
+    hosted: HostedServer,
+    grace_s: float,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+    drain: Callable[[float], Awaitable[None]] | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT, then: stop accepting, let running requests finish up to `grace_s`."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining for up to %.0fs", grace_s)
+    await hosted.set_serving(False)
+    if drain is not None:
+        await drain(grace_s)
+    await hosted.stop(grace_s)
+    if on_stop is not None:
+        await on_stop()
+    log.info("stopped")
+
+
+def start_metrics(port: int | None) -> None:
+    if port is None:
+        return
+    from prometheus_client import start_http_server
+
+    start_http_server(port)
+    log.info("metrics on :%d/metrics", port)

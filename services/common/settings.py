@@ -1,0 +1,34 @@
+"""Settings shared by both services. Read once at start-up from flags and environment."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Self
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """Every field is a `--kebab-case` flag and a `PIA_<SERVICE>_<NAME>` environment variable."""
+
+    model_config = SettingsConfigDict(cli_kebab_case=True, cli_implicit_flags=True, extra="ignore")
+
+    host: str = Field("0.0.0.0", description="Interface to bind.")
+    port: int = Field(0, description="gRPC port (0: any free port).")
+    storage: str = Field(
+        "outputs",
+        description="Where images go: a local directory (or file:///dir), or s3://bucket/prefix.",
+    )
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint for MinIO/R2/moto; unset for AWS.")
+    s3_region: str = Field("us-east-1", description="S3 region.")
+    presign_expiry_s: int = Field(3600, description="Lifetime of presigned GET URLs.")
+    max_queue: int = Field(64, description="Queued jobs beyond which requests get RESOURCE_EXHAUSTED.")
+    grace_period_s: float = Field(30.0, description="On SIGTERM, how long running requests may finish.")
+    metrics_port: int | None = Field(None, description="Prometheus metrics port (unset: no endpoint).")
+    log_level: str = Field("INFO", description="Logging level.")
+
+    @classmethod
+    def from_cli(cls, argv: Sequence[str] | None = None) -> Self:
+        """Flags override environment variables, which override defaults; --help lists them all."""
+        return cls(_cli_parse_args=list(argv) if argv is not None else True)

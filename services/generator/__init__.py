@@ -1,0 +1,1 @@
+"""The generator service: Stable Diffusion + product LoRA adapters over gRPC."""

@@ -1,0 +1,93 @@
+"""Assembly of the generator: workers first, then the gRPC server, then SERVING once warm."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from productinaction.v1 import generator_pb2, generator_pb2_grpc
+from services.common.server import HostedServer, Service, serve_until_signal, start_metrics
+from services.common.storage import ImageStore, open_store
+from services.generator.catalog import Catalog
+from services.generator.scheduler import Scheduler
+from services.generator.server import GeneratorService
+from services.generator.settings import GeneratorSettings, parse_devices
+from services.generator.worker import WorkerConfig
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = generator_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
+
+
+@dataclass
+class GeneratorApp:
+    settings: GeneratorSettings
+    hosted: HostedServer
+    scheduler: Scheduler
+    store: ImageStore
+    port: int = 0
+
+    async def stop(self, grace_s: float = 0.0) -> None:
+        await self.hosted.stop(grace_s)
+        await self.scheduler.stop()
+        await self.store.close()
+
+
+def worker_configs(settings: GeneratorSettings) -> list[WorkerConfig]:
+    return [
+        WorkerConfig(
+            model=settings.model,
+            device=device,
+            threads=threads,
+            adapter_cache_size=settings.adapter_cache_size,
+            hotswap_rank=settings.hotswap_rank,
+            log_level=settings.log_level,
+            pipeline=settings.worker_pipeline,
+        )
+        for device, threads in parse_devices(settings.devices)
+    ]
+
+
+async def start_generator(settings: GeneratorSettings, wait_ready: bool = True) -> GeneratorApp:
+    """Spawn workers, start the server (NOT_SERVING), and, if asked, wait until it is SERVING."""
+    catalog = Catalog(settings.products_dir, settings.adapters_dir, settings.templates_file)
+    store = open_store(settings.storage, settings.s3_endpoint_url, settings.s3_region, settings.presign_expiry_s)
+    hosted: HostedServer | None = None
+
+    async def on_health(serving: bool) -> None:
+        if hosted is not None:
+            await hosted.set_serving(serving)
+
+    scheduler = Scheduler(
+        worker_configs(settings),
+        max_queue=settings.max_queue,
+        max_batch=settings.max_batch,
+        on_health=on_health,
+        start_timeout_s=settings.start_timeout_s,
+    )
+    scheduler.spawn_all()
+    servicer = GeneratorService(settings, catalog, scheduler, store)
+    hosted = HostedServer([Service(SERVICE_NAME, servicer, generator_pb2_grpc.add_GeneratorServicer_to_server)])
+    app = GeneratorApp(settings, hosted, scheduler, store)
+    app.port = await hosted.start(settings.host, settings.port)
+    log.info(
+        "generator on :%d (model %s, devices %s, %d products)",
+        app.port,
+        settings.model,
+        settings.devices,
+        len(catalog.products),
+    )
+    if wait_ready:
+        try:
+            await scheduler.wait_ready()
+        except BaseException:
+            await app.stop()
+            raise
+    return app
+
+
+async def serve(settings: GeneratorSettings) -> None:
+    start_metrics(settings.metrics_port)
+    app = await start_generator(settings)
+    log.info("serving")
+    await serve_until_signal(app.hosted, settings.grace_period_s, on_stop=app.store.close, drain=app.scheduler.drain)

@@ -1,0 +1,209 @@
+"""Products, style/background adapters and scene templates, and how a prompt is composed.
+
+Products and adapters are folders with a `manifest.yaml` beside their `.safetensors`. The
+folders are rescanned on every listing and before every request, so a newly trained product
+appears without a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from services.common.errors import InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.yaml"
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class Manifest(BaseModel):
+    """What a product or adapter folder declares about itself."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    display_name: str
+    kind: Literal["product", "style", "background"] = "product"
+    category: str = ""
+    tokens: list[str] = Field(default_factory=list)
+    # Text standing for the product in prompts; defaults to the tokens joined.
+    prompt_phrase: str = ""
+    adapter: str = "pytorch_lora_weights.safetensors"
+    # Learned token embeddings (textual inversion / pivotal tuning), if any.
+    embeddings: str | None = None
+    default_scale: float = 1.0
+    description: str = ""
+    base_model: str = ""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A product or adapter found on disk."""
+
+    id: str
+    manifest: Manifest
+    folder: Path
+
+    @property
+    def adapter_path(self) -> Path:
+        return self.folder / self.manifest.adapter
+
+    @property
+    def embeddings_path(self) -> Path | None:
+        return self.folder / self.manifest.embeddings if self.manifest.embeddings else None
+
+    @property
+    def phrase(self) -> str:
+        return self.manifest.prompt_phrase or "".join(self.manifest.tokens) or self.manifest.display_name
+
+    @property
+    def version(self) -> str:
+        # Changes when the adapter file is replaced, so worker caches never serve stale weights.
+        stat = self.adapter_path.stat()
+        return f"{self.id}@{stat.st_mtime_ns}-{stat.st_size}"
+
+
+def scan_folder(root: Path, kinds: tuple[str, ...]) -> dict[str, Entry]:
+    entries: dict[str, Entry] = {}
+    if not root.is_dir():
+        return entries
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        path = folder / MANIFEST
+        if not path.is_file() or not ID_PATTERN.match(folder.name):
+            continue
+        try:
+            manifest = Manifest.model_validate(yaml.safe_load(path.read_text()) or {})
+        except (yaml.YAMLError, ValidationError, OSError) as exc:
+            log.warning("skipping %s: bad manifest: %s", folder, exc)
+            continue
+        if manifest.kind not in kinds:
+            continue
+        if manifest.adapter.endswith(PICKLE_SUFFIXES) or not (folder / manifest.adapter).is_file():
+            log.warning("skipping %s: adapter %s missing or not safetensors", folder, manifest.adapter)
+            continue
+        entries[folder.name] = Entry(folder.name, manifest, folder)
+    return entries
+
+
+class Template(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    name: str
+    scene: str = ""
+    prompt: str = ""
+    negative_prompt: str | None = None
+    categories: list[str] = Field(default_factory=lambda: ["*"])
+    free_text: bool = False
+    # Per-template generation defaults (e.g. for small demo models).
+    steps: int | None = None
+    guidance_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
+
+    def fits(self, category: str) -> bool:
+        return "*" in self.categories or not category or category in self.categories
+
+
+class TemplateCatalog(BaseModel):
+    defaults: Template = Field(default_factory=lambda: Template(id="defaults", name="defaults"))
+    templates: list[Template]
+
+    @classmethod
+    def load(cls, path: str | Path) -> TemplateCatalog:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        defaults = Template(id="defaults", name="defaults", **(raw.get("defaults") or {}))
+        templates = []
+        for item in raw.get("templates") or []:
+            merged = {"prompt": defaults.prompt, "negative_prompt": defaults.negative_prompt, **item}
+            templates.append(Template.model_validate(merged))
+        return cls(defaults=defaults, templates=templates)
+
+    def get(self, template_id: str) -> Template:
+        for t in self.templates:
+            if t.id == template_id:
+                return t
+        raise NotFound("template", template_id, f"known: {', '.join(t.id for t in self.templates)}")
+
+    def for_category(self, category: str) -> list[Template]:
+        return [t for t in self.templates if t.fits(category)]
+
+
+@dataclass(frozen=True)
+class ComposedPrompt:
+    prompt: str
+    negative_prompt: str
+
+
+def compose_prompt(
+    product: Entry,
+    template: Template | None,
+    user_text: str,
+    negative: str | None,
+    defaults: Template,
+    extra_tokens: list[str] | None = None,
+) -> ComposedPrompt:
+    """The final prompt: template pattern + product phrase + scene (+ the user's text).
+
+    - template with a scene: its scene, then the user's text appended;
+    - free-text template ("custom"): the user's text is the scene;
+    - no template: the user's text is the prompt; `{product}` marks the product, else it leads.
+    """
+    phrase = product.phrase
+    user_text = user_text.strip()
+    if template is not None:
+        scene = user_text if template.free_text else ", ".join(s for s in (template.scene, user_text) if s)
+        pattern = template.prompt or defaults.prompt or "{product}, {scene}"
+        prompt = pattern.replace("{product}", phrase).replace("{scene}", scene)
+        default_negative = template.negative_prompt or ""
+    else:
+        prompt = user_text.replace("{product}", phrase) if "{product}" in user_text else f"{phrase}, {user_text}"
+        default_negative = defaults.negative_prompt or ""
+    for token in extra_tokens or []:
+        if token not in prompt:
+            prompt = f"{prompt}, {token}"
+    prompt = re.sub(r"\s*,\s*(,\s*)+", ", ", prompt).strip(" ,")
+    return ComposedPrompt(prompt, default_negative if negative is None else negative)
+
+
+class Catalog:
+    """Products and adapters on disk plus the template file; cheap to rescan."""
+
+    def __init__(self, products_dir: str | Path, adapters_dir: str | Path, templates_file: str | Path):
+        self.products_dir = Path(products_dir)
+        self.adapters_dir = Path(adapters_dir)
+        self.templates_file = Path(templates_file)
+        self.templates = TemplateCatalog.load(self.templates_file)
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.products = scan_folder(self.products_dir, ("product",))
+        self.adapters = scan_folder(self.adapters_dir, ("style", "background"))
+
+    def product(self, product_id: str) -> Entry:
+        if not product_id:
+            raise InvalidArgument("product_id", "is required")
+        if not ID_PATTERN.match(product_id):
+            raise InvalidArgument("product_id", f"{product_id[:80]!r} is not a valid id")
+        self.refresh()
+        if product_id not in self.products:
+            raise NotFound("product", product_id, "see ListProducts")
+        return self.products[product_id]
+
+    def adapter(self, adapter_id: str, field: str = "adapters") -> Entry:
+        if not adapter_id or not ID_PATTERN.match(adapter_id):
+            raise InvalidArgument(f"{field}.adapter_id", f"{adapter_id[:80]!r} is not a valid id")
+        if adapter_id not in self.adapters:
+            raise NotFound("adapter", adapter_id, "see ListAdapters")
+        return self.adapters[adapter_id]
+
+    def template(self, template_id: str) -> Template:
+        return self.templates.get(template_id)

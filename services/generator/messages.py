@@ -1,0 +1,141 @@
+"""Typed messages between the parent (server + scheduler) and the per-device workers.
+
+Every message is a small frozen dataclass tagged with the request id; nothing here imports
+torch, so the parent can build and read them without touching CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+# Scheduler names users may ask for -> (diffusers class, extra config).
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dpm++": ("DPMSolverMultistepScheduler", {}),
+    "dpm++_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    # clip_sample=False: clipping breaks models whose latents leave [-1, 1].
+    "ddim": ("DDIMScheduler", {"clip_sample": False}),
+    "pndm": ("PNDMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+}
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One LoRA to apply. `key` identifies the file version, so caches never serve stale weights."""
+
+    key: str
+    path: str
+    weight: float
+    embeddings: str | None = None
+    tokens: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """Everything but the seed. Jobs with equal settings may share a batch."""
+
+    prompt: str
+    negative_prompt: str
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    scheduler: str
+    adapters: tuple[AdapterSpec, ...]
+
+
+# Parent -> worker
+
+
+@dataclass(frozen=True)
+class Job:
+    request_id: str
+    job_id: int
+    settings: RenderSettings
+    indices: tuple[int, ...]
+    seeds: tuple[int, ...]
+    preview_every: int = 0
+    # PNG text metadata shared by the job's images; the worker adds each image's seed.
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Cancel:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+# Worker -> parent
+
+
+@dataclass(frozen=True)
+class Ready:
+    device: str
+    load_seconds: float
+    warmup_seconds: float
+    # The model's native image size and the multiple sizes must be of.
+    default_size: int = 512
+    size_multiple: int = 8
+
+
+@dataclass(frozen=True)
+class Fatal:
+    """The worker cannot serve at all (model failed to load); it exits after sending this."""
+
+    device: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Progress:
+    request_id: str
+    job_id: int
+    indices: tuple[int, ...]
+    step: int
+    total_steps: int
+    previews: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    request_id: str
+    job_id: int
+    index: int
+    seed: int
+    png: bytes
+    width: int
+    height: int
+    compute_seconds: float
+    device: str = ""
+
+
+ErrorKind = Literal["invalid_argument", "not_found", "resource_exhausted", "internal"]
+
+
+@dataclass(frozen=True)
+class JobError:
+    """A job failed; the worker stays up. `field` names the offending request field, if any."""
+
+    request_id: str
+    job_id: int
+    kind: ErrorKind
+    message: str
+    field: str = ""
+
+
+@dataclass(frozen=True)
+class JobDone:
+    request_id: str
+    job_id: int
+    compute_seconds: float
+    cancelled: bool = False
+    cache_hits: int = 0
+    cache_misses: int = 0

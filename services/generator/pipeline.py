@@ -1,0 +1,245 @@
+"""The diffusers side of a worker: load the base model once, keep product adapters in an LRU
+cache of PEFT slots, and render jobs with per-image seeds.
+
+Runs only inside worker processes (it imports torch).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from services.generator.messages import SCHEDULERS, AdapterSpec, RenderSettings
+
+log = logging.getLogger(__name__)
+
+# SD latent -> RGB linear map: a cheap preview without decoding (same idea as A1111's "approx").
+LATENT_RGB_FACTORS = torch.tensor(
+    [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]]
+)
+
+
+class JobCancelled(Exception):
+    """Raised from the step callback to stop denoising at the next step."""
+
+
+def resolve_device(device: str) -> tuple[torch.device, torch.dtype]:
+    """`cuda:N` -> fp16 on that GPU; `cpu` or `cpu:N` -> fp32 on the CPU."""
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+        return torch.device(device), torch.float16
+    return torch.device("cpu"), torch.float32
+
+
+def load_text2image(model: str, device: torch.device, dtype: torch.dtype):
+    """AutoPipelineForText2Image from a local folder or a hub id (SD 1.5, 2.1 and SDXL)."""
+    from diffusers import AutoPipelineForText2Image
+
+    local = Path(model).expanduser().is_dir()
+    kwargs: dict = {"torch_dtype": dtype}
+    if local:
+        kwargs["local_files_only"] = True
+    if dtype == torch.float16 and not local:
+        kwargs["variant"] = "fp16"
+    try:
+        pipe = AutoPipelineForText2Image.from_pretrained(str(model), safety_checker=None, **kwargs)
+    except (OSError, ValueError) as exc:
+        if "variant" not in kwargs:
+            raise
+        log.info("no fp16 variant of %s (%s); loading the default weights", model, exc)
+        kwargs.pop("variant")
+        pipe = AutoPipelineForText2Image.from_pretrained(str(model), safety_checker=None, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+
+
+class AdapterCache:
+    """LRU of LoRA adapters held in fixed PEFT slots ("slot0".."slotN-1").
+
+    A miss with every slot taken hot-swaps the new weights into the least recently used slot
+    (no new modules, no base-model reload); if the adapter's layout does not allow a hot-swap,
+    the slot is deleted and loaded afresh.
+    """
+
+    def __init__(self, pipe, capacity: int, hotswap_rank: int):
+        self.pipe = pipe
+        self.capacity = max(1, capacity)
+        self.slots: OrderedDict[str, str] = OrderedDict()  # adapter key -> slot name, LRU first
+        self.stats = CacheStats()
+        self.hotswap = hotswap_rank > 0
+        self.loaded_tokens: dict[str, str] = {}  # token -> embeddings file it came from
+        if self.hotswap:
+            pipe.enable_lora_hotswap(target_rank=hotswap_rank)
+
+    def _free_slot(self, keep: set[str]) -> tuple[str, bool]:
+        used = set(self.slots.values())
+        for i in range(self.capacity):
+            if f"slot{i}" not in used:
+                return f"slot{i}", False
+        for key, slot in self.slots.items():
+            if key not in keep:
+                del self.slots[key]
+                return slot, True
+        raise ValueError(f"a request stacks more adapters than the cache holds ({self.capacity})")
+
+    def _load(self, spec: AdapterSpec, keep: set[str]) -> str:
+        slot, occupied = self._free_slot(keep)
+        if occupied and self.hotswap:
+            try:
+                self.pipe.load_lora_weights(spec.path, adapter_name=slot, hotswap=True)
+                return slot
+            except Exception as exc:  # layout differs from the slot's: fall back to a fresh load
+                log.info("hot-swap into %s not possible (%s); reloading the slot", slot, exc)
+        if occupied:
+            self.pipe.delete_adapters(slot)
+        self.pipe.load_lora_weights(spec.path, adapter_name=slot)
+        return slot
+
+    def _ensure_embeddings(self, spec: AdapterSpec) -> None:
+        if not spec.embeddings or all(self.loaded_tokens.get(t) == spec.key for t in spec.tokens):
+            return
+        from services.generator.embeddings import load_token_embeddings
+
+        load_token_embeddings(self.pipe, spec.embeddings, spec.tokens)
+        for token in spec.tokens:
+            self.loaded_tokens[token] = spec.key
+
+    def activate(self, adapters: tuple[AdapterSpec, ...]) -> None:
+        """Make exactly `adapters` active with their weights."""
+        keep = {a.key for a in adapters}
+        names, weights = [], []
+        for spec in adapters:
+            if spec.key in self.slots:
+                self.slots.move_to_end(spec.key)
+                self.stats.hits += 1
+            else:
+                self.slots[spec.key] = self._load(spec, keep)
+                self.stats.misses += 1
+            self._ensure_embeddings(spec)
+            names.append(self.slots[spec.key])
+            weights.append(spec.weight)
+        if names:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters(names, adapter_weights=weights)
+        elif self.slots:
+            self.pipe.disable_lora()
+
+
+def latents_to_preview(latents: torch.Tensor) -> list[Image.Image]:
+    """Linear latent->RGB approximation: about free next to a VAE decode."""
+    lat = latents.detach().float().cpu()
+    if lat.shape[1] == 4:
+        rgb = torch.einsum("bchw,cr->bhwr", lat, LATENT_RGB_FACTORS)
+    else:
+        rgb = lat.mean(1, keepdim=True).permute(0, 2, 3, 1).repeat(1, 1, 1, 3)
+    rgb = ((rgb + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
+    return [Image.fromarray(x) for x in rgb]
+
+
+StepHook = Callable[[int, int, list[Image.Image] | None], None]
+
+
+class ProductPipeline:
+    """Text-to-image with stacked product/style LoRAs. One instance per worker."""
+
+    def __init__(self, model: str, device: str, adapter_cache_size: int = 8, hotswap_rank: int = 0):
+        self.device_name = device
+        self.device, self.dtype = resolve_device(device)
+        started = time.perf_counter()
+        self.pipe = load_text2image(model, self.device, self.dtype)
+        self.load_seconds = time.perf_counter() - started
+        self.base_scheduler_config = self.pipe.scheduler.config
+        self.adapters = AdapterCache(self.pipe, adapter_cache_size, hotswap_rank)
+        self._default_scheduler = type(self.pipe.scheduler)
+        self.size_multiple = self.pipe.vae_scale_factor
+        self.default_size = int(self.pipe.unet.config.sample_size) * self.size_multiple
+
+    def check_inputs(self, settings: RenderSettings, batch: int) -> None:
+        scale = self.pipe.vae_scale_factor
+        for name in ("width", "height"):
+            value = getattr(settings, name)
+            if value % scale:
+                raise ValueError(f"{name}: {value} is not a multiple of {scale} for this model")
+        if settings.scheduler and settings.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler: unknown {settings.scheduler!r}")
+        if batch < 1:
+            raise ValueError("batch: empty")
+
+    def make_scheduler(self, name: str):
+        # A fresh scheduler per job: schedulers hold per-run state.
+        import diffusers
+
+        if not name:
+            return self._default_scheduler.from_config(self.base_scheduler_config)
+        cls_name, extra = SCHEDULERS[name]
+        return getattr(diffusers, cls_name).from_config(self.base_scheduler_config, **extra)
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        settings: RenderSettings,
+        seeds: tuple[int, ...],
+        on_step: StepHook | None = None,
+        preview_every: int = 0,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> list[Image.Image]:
+        # 1. Check inputs
+        self.check_inputs(settings, len(seeds))
+
+        # 2. Activate exactly this job's adapters, from the cache when possible
+        self.adapters.activate(settings.adapters)
+
+        # 3. Fresh scheduler; one generator per image so results do not depend on batching
+        self.pipe.scheduler = self.make_scheduler(settings.scheduler)
+        gen_device = "cpu" if self.device.type != "cuda" else self.device
+        generators = [torch.Generator(gen_device).manual_seed(int(s)) for s in seeds]
+
+        # 4. Step hook: progress, previews and cancellation, outside the denoising loop itself
+        def callback(pipe, step: int, timestep, kwargs: dict) -> dict:
+            if should_stop():
+                raise JobCancelled()
+            if on_step is not None:
+                done = step + 1
+                want_preview = preview_every > 0 and (done % preview_every == 0 or done == settings.steps)
+                on_step(done, settings.steps, latents_to_preview(kwargs["latents"]) if want_preview else None)
+            return kwargs
+
+        # 5. Denoise and decode
+        out = self.pipe(
+            prompt=settings.prompt,
+            negative_prompt=settings.negative_prompt or None,
+            num_images_per_prompt=len(seeds),
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance_scale,
+            width=settings.width,
+            height=settings.height,
+            generator=generators,
+            callback_on_step_end=callback,
+            callback_on_step_end_tensor_inputs=["latents"],
+        )
+        return list(out.images)
+
+    def warmup(self, size: int = 64) -> float:
+        started = time.perf_counter()
+        size = min(size, self.default_size)
+        settings = RenderSettings("warm-up", "", 2, 1.0, size, size, "", ())
+        self(settings, (0,))
+        return time.perf_counter() - started
+
+
+def image_to_array(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))

@@ -1,0 +1,373 @@
+"""The Generator servicer: validates requests, composes prompts, hands images to the
+scheduler, stores each finished image, then announces it.
+
+It translates between protobuf and domain types; scheduling lives in scheduler.py and
+compute in the workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from productinaction.v1 import common_pb2, generator_pb2, generator_pb2_grpc
+from services.common.errors import InvalidArgument, ServiceError, Unavailable
+from services.common.logs import request_id_var
+from services.common.storage import ImageStore
+from services.generator import metrics
+from services.generator.catalog import Catalog, Entry, Template, compose_prompt
+from services.generator.messages import SCHEDULERS, AdapterSpec, ImageResult, Progress, RenderSettings
+from services.generator.scheduler import Failed, QueuePosition, Scheduler, Ticket
+from services.generator.settings import GeneratorSettings
+
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+MAX_PROMPT_CHARS = 2000
+MAX_SEED = 2**63 - 1
+MIN_SIDE = 16
+MAX_WEIGHT = 4.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated request: what to render and how to report it."""
+
+    request_id: str
+    settings: RenderSettings
+    seeds: list[int]
+    params: generator_pb2.GenerationParameters
+    preview_every: int
+    inline: bool
+
+
+def _finite(field: str, value: float, low: float, high: float) -> float:
+    if not math.isfinite(value) or not low <= value <= high:
+        raise InvalidArgument(field, f"must be a number in [{low:g}, {high:g}], got {value}")
+    return value
+
+
+class GeneratorService(generator_pb2_grpc.GeneratorServicer):
+    def __init__(self, settings: GeneratorSettings, catalog: Catalog, scheduler: Scheduler, store: ImageStore):
+        self.settings = settings
+        self.catalog = catalog
+        self.scheduler = scheduler
+        self.store = store
+
+    # Listing
+
+    async def ListProducts(self, request, context) -> generator_pb2.ListProductsResponse:
+        self.catalog.refresh()
+        return generator_pb2.ListProductsResponse(
+            products=[
+                generator_pb2.Product(
+                    id=p.id,
+                    display_name=p.manifest.display_name,
+                    category=p.manifest.category,
+                    tokens=p.manifest.tokens,
+                    prompt_phrase=p.phrase,
+                    default_scale=p.manifest.default_scale,
+                    description=p.manifest.description,
+                )
+                for p in self.catalog.products.values()
+            ]
+        )
+
+    async def ListTemplates(self, request, context) -> generator_pb2.ListTemplatesResponse:
+        category = request.category
+        if request.product_id:
+            category = self.catalog.product(request.product_id).manifest.category
+        return generator_pb2.ListTemplatesResponse(
+            templates=[
+                generator_pb2.Template(
+                    id=t.id,
+                    name=t.name,
+                    scene=t.scene,
+                    prompt=t.prompt,
+                    negative_prompt=t.negative_prompt or "",
+                    categories=t.categories,
+                    free_text=t.free_text,
+                )
+                for t in self.catalog.templates.for_category(category)
+            ]
+        )
+
+    async def ListAdapters(self, request, context) -> generator_pb2.ListAdaptersResponse:
+        self.catalog.refresh()
+        return generator_pb2.ListAdaptersResponse(
+            adapters=[
+                generator_pb2.Adapter(
+                    id=a.id,
+                    display_name=a.manifest.display_name,
+                    kind=a.manifest.kind,
+                    default_weight=a.manifest.default_scale,
+                    tokens=a.manifest.tokens,
+                    description=a.manifest.description,
+                )
+                for a in self.catalog.adapters.values()
+            ]
+        )
+
+    async def ComposePrompt(self, request, context) -> generator_pb2.ComposedPrompt:
+        product = self.catalog.product(request.product_id)
+        template = self.catalog.template(request.template_id) if request.template_id else None
+        composed = self._compose(request, product, template, [])
+        return generator_pb2.ComposedPrompt(prompt=composed.prompt, negative_prompt=composed.negative_prompt)
+
+    # Validation
+
+    def _compose(self, request, product: Entry, template: Template | None, stacked: list[Entry]):
+        if len(request.prompt) > MAX_PROMPT_CHARS:
+            raise InvalidArgument("prompt", f"longer than {MAX_PROMPT_CHARS} characters")
+        if not template and not request.prompt.strip():
+            raise InvalidArgument("prompt", "give a template_id, a prompt, or both")
+        if template and template.free_text and not request.prompt.strip():
+            raise InvalidArgument("prompt", f"template {template.id!r} is free text: describe the scene")
+        negative = request.negative_prompt if request.HasField("negative_prompt") else None
+        if negative is not None and len(negative) > MAX_PROMPT_CHARS:
+            raise InvalidArgument("negative_prompt", f"longer than {MAX_PROMPT_CHARS} characters")
+        extra = [t for a in stacked for t in a.manifest.tokens]
+        return compose_prompt(product, template, request.prompt, negative, self.catalog.templates.defaults, extra)
+
+    def plan(self, request: generator_pb2.GenerateRequest) -> Plan:
+        s = self.settings
+        # 1. Identity and catalog lookups
+        request_id = request.request_id or uuid.uuid4().hex[:16]
+        if not REQUEST_ID.match(request_id):
+            raise InvalidArgument("request_id", "use 1-64 characters of [A-Za-z0-9._-]")
+        product = self.catalog.product(request.product_id)
+        template = self.catalog.template(request.template_id) if request.template_id else None
+
+        # 2. Numbers
+        if not 1 <= request.num_images <= s.max_images:
+            raise InvalidArgument("num_images", f"must be between 1 and {s.max_images}, got {request.num_images}")
+        steps = request.steps or (template.steps if template and template.steps else s.default_steps)
+        if not 1 <= steps <= s.max_steps:
+            raise InvalidArgument("steps", f"must be between 1 and {s.max_steps}, got {steps}")
+        if request.HasField("guidance_scale"):
+            guidance = _finite("guidance_scale", request.guidance_scale, 0.0, 50.0)
+        else:
+            guidance = template.guidance_scale if template and template.guidance_scale else s.default_guidance
+        info = self.scheduler.model_info
+        multiple = info.size_multiple if info else 8
+        native = s.default_size or (info.default_size if info else 512)
+        width = request.width or (template.width if template and template.width else native)
+        height = request.height or (template.height if template and template.height else native)
+        for name, value in (("width", width), ("height", height)):
+            if value < MIN_SIDE or value % multiple:
+                raise InvalidArgument(name, f"must be a multiple of {multiple} and at least {MIN_SIDE}, got {value}")
+        if width * height > s.max_pixels:
+            raise InvalidArgument("width", f"{width}x{height} exceeds the {s.max_pixels}-pixel limit")
+        if request.scheduler and request.scheduler not in SCHEDULERS:
+            raise InvalidArgument("scheduler", f"unknown {request.scheduler!r}; known: {', '.join(SCHEDULERS)}")
+        if request.preview_every > s.max_steps:
+            raise InvalidArgument("preview_every", f"must be at most {s.max_steps}")
+        if request.HasField("seed"):
+            if not 0 <= request.seed <= MAX_SEED - (request.num_images - 1):
+                raise InvalidArgument("seed", f"must be in [0, 2^63 - num_images], got {request.seed}")
+            seed0 = request.seed
+        else:
+            seed0 = secrets.randbelow(2**32)
+        seeds = [seed0 + i for i in range(request.num_images)]
+
+        # 3. Adapters: the product's first, then the stacked ones
+        if request.HasField("product_scale"):
+            product_scale = _finite("product_scale", request.product_scale, -MAX_WEIGHT, MAX_WEIGHT)
+        else:
+            product_scale = product.manifest.default_scale
+        stacked: list[Entry] = []
+        specs = [_spec(product, product_scale)]
+        weights: list[generator_pb2.AdapterWeight] = []
+        if len(request.adapters) >= s.adapter_cache_size:
+            raise InvalidArgument("adapters", f"at most {s.adapter_cache_size - 1} adapters can be stacked")
+        for i, aw in enumerate(request.adapters):
+            field = f"adapters[{i}]"
+            entry = self.catalog.adapter(aw.adapter_id, field)
+            if entry.id in (a.id for a in stacked):
+                raise InvalidArgument(f"{field}.adapter_id", f"{entry.id!r} is listed twice")
+            weight = _finite(f"{field}.weight", aw.weight, -MAX_WEIGHT, MAX_WEIGHT) or entry.manifest.default_scale
+            stacked.append(entry)
+            specs.append(_spec(entry, weight))
+            weights.append(generator_pb2.AdapterWeight(adapter_id=entry.id, weight=weight))
+
+        # 4. Prompt
+        composed = self._compose(request, product, template, stacked)
+        render = RenderSettings(
+            prompt=composed.prompt,
+            negative_prompt=composed.negative_prompt,
+            steps=steps,
+            guidance_scale=float(guidance),
+            width=width,
+            height=height,
+            scheduler=request.scheduler,
+            adapters=tuple(specs),
+        )
+        params = generator_pb2.GenerationParameters(
+            product_id=product.id,
+            template_id=request.template_id,
+            prompt=composed.prompt,
+            negative_prompt=composed.negative_prompt,
+            seed=seed0,
+            steps=steps,
+            guidance_scale=guidance,
+            width=width,
+            height=height,
+            scheduler=request.scheduler,
+            product_scale=product_scale,
+            adapters=weights,
+            model=s.model,
+            user_prompt=request.prompt,
+        )
+        return Plan(request_id, render, seeds, params, request.preview_every, request.inline_images)
+
+    # Generate
+
+    async def Generate(
+        self, request: generator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[generator_pb2.GenerateEvent]:
+        plan = self.plan(request)
+        request_id_var.set(plan.request_id)
+        metadata = _params_dict(plan.params)
+        ticket = self.scheduler.submit(plan.request_id, plan.settings, plan.seeds, metadata, plan.preview_every)
+        outcome = "error"
+        try:
+            yield generator_pb2.GenerateEvent(
+                accepted=generator_pb2.Accepted(
+                    request_id=plan.request_id,
+                    image_uris=[self.store.uri_for(_key(plan.request_id, i)) for i in range(len(plan.seeds))],
+                    queue_position=self.scheduler.position_of(ticket),
+                    parameters=plan.params,
+                )
+            )
+            async for event in self._stream(plan, ticket, metadata):
+                yield event
+            outcome = "ok"
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            self.scheduler.finish(ticket)
+            metrics.REQUESTS.labels(outcome).inc()
+
+    async def _stream(self, plan: Plan, ticket: Ticket, metadata: dict) -> AsyncIterator[generator_pb2.GenerateEvent]:
+        stored = 0
+        storage_seconds = 0.0
+        first_image_at: float | None = None
+        uploads: set[asyncio.Task] = set()
+        events: asyncio.Queue = ticket.events
+        try:
+            while stored < len(plan.seeds):
+                msg = await events.get()
+                if isinstance(msg, Failed):
+                    raise msg.error
+                if isinstance(msg, ServiceError):
+                    raise msg
+                if isinstance(msg, QueuePosition):
+                    yield generator_pb2.GenerateEvent(queued=generator_pb2.Queued(queue_position=msg.position))
+                elif isinstance(msg, Progress):
+                    for n, index in enumerate(msg.indices):
+                        preview = msg.previews[n] if n < len(msg.previews) else b""
+                        yield generator_pb2.GenerateEvent(
+                            progress=generator_pb2.Progress(
+                                index=index, step=msg.step, total_steps=msg.total_steps, preview_png=preview
+                            )
+                        )
+                elif isinstance(msg, ImageResult):
+                    # Upload concurrently; announce each image once its write has completed.
+                    task = asyncio.create_task(self._store(msg, plan, events))
+                    uploads.add(task)
+                    task.add_done_callback(uploads.discard)
+                elif isinstance(msg, tuple) and msg[0] == "stored":
+                    _, result, obj, seconds = msg
+                    stored += 1
+                    storage_seconds += seconds
+                    if first_image_at is None:
+                        first_image_at = time.perf_counter()
+                        metrics.FIRST_IMAGE_LATENCY.observe(first_image_at - ticket.accepted_at)
+                    params = generator_pb2.GenerationParameters()
+                    params.CopyFrom(plan.params)
+                    params.seed = result.seed
+                    yield generator_pb2.GenerateEvent(
+                        image_ready=generator_pb2.ImageReady(
+                            index=result.index,
+                            seed=result.seed,
+                            image=common_pb2.StoredImage(
+                                uri=obj.uri,
+                                url=obj.url,
+                                width=result.width,
+                                height=result.height,
+                                png=result.png if plan.inline else b"",
+                            ),
+                            parameters=params,
+                            device=result.device,
+                        )
+                    )
+        finally:
+            for task in uploads:
+                task.cancel()
+        done = time.perf_counter()
+        metrics.REQUEST_LATENCY.observe(done - ticket.accepted_at)
+        yield generator_pb2.GenerateEvent(
+            completed=generator_pb2.Completed(
+                request_id=plan.request_id,
+                num_images=stored,
+                timings=common_pb2.Timings(
+                    queued_seconds=(ticket.started_at or done) - ticket.accepted_at,
+                    first_image_seconds=(first_image_at or done) - ticket.accepted_at,
+                    total_seconds=done - ticket.accepted_at,
+                    compute_seconds=ticket.compute_seconds,
+                    storage_seconds=storage_seconds,
+                ),
+            )
+        )
+
+    async def _store(self, result: ImageResult, plan: Plan, events: asyncio.Queue) -> None:
+        started = time.perf_counter()
+        try:
+            obj = await self.store.put(_key(plan.request_id, result.index), result.png, _s3_metadata(plan, result))
+        except ServiceError as exc:
+            events.put_nowait(exc)
+            return
+        except Exception as exc:
+            events.put_nowait(Unavailable(f"storage write failed: {type(exc).__name__}: {exc}"))
+            return
+        events.put_nowait(("stored", result, obj, time.perf_counter() - started))
+
+
+def _key(request_id: str, index: int) -> str:
+    return f"{request_id}/{index}.png"
+
+
+def _spec(entry: Entry, weight: float) -> AdapterSpec:
+    return AdapterSpec(
+        key=entry.version,
+        path=str(entry.adapter_path),
+        weight=float(weight),
+        embeddings=str(entry.embeddings_path) if entry.embeddings_path else None,
+        tokens=tuple(entry.manifest.tokens) if entry.embeddings_path else (),
+    )
+
+
+def _params_dict(params: generator_pb2.GenerationParameters) -> dict:
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(params, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def _s3_metadata(plan: Plan, result: ImageResult) -> dict[str, str]:
+    from services.common.pngmeta import a1111_parameters
+
+    params = {**_params_dict(plan.params), "seed": result.seed}
+    return {
+        "parameters": a1111_parameters(params),
+        "request-id": plan.request_id,
+        "index": str(result.index),
+        "seed": str(result.seed),
+        "product-id": plan.params.product_id,
+    }

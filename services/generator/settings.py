@@ -1,0 +1,70 @@
+"""Generator settings: one object, from flags (`--port 50051`) or env (`PIA_GENERATOR_PORT`)."""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import ServiceSettings
+
+
+class GeneratorSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="PIA_GENERATOR_", cli_prog_name="python -m services.generator")
+
+    port: int = Field(50051, description="gRPC port.")
+    model: str = Field("models/demo-sd", description="Base model: a local diffusers folder or a hub id.")
+    products_dir: str = Field("products", description="Folder of product folders (manifest.yaml + LoRA).")
+    adapters_dir: str = Field("adapters", description="Folder of style/background adapter folders.")
+    templates_file: str = Field("templates/catalog.yaml", description="Scene template catalog (YAML).")
+    devices: str = Field(
+        "auto", description="'auto' (every CUDA device, else the CPU), 'cuda:0,cuda:1', or 'cpu:N' (N CPU workers)."
+    )
+    max_images: int = Field(16, description="Upper bound of num_images per request.")
+    max_batch: int = Field(1, description="Images of one request a device may render as one batch.")
+    adapter_cache_size: int = Field(8, description="LoRA adapters each worker keeps loaded (LRU).")
+    hotswap_rank: int = Field(
+        0, description="Enable diffusers LoRA hot-swap, padding ranks to this (0: off; must cover every adapter)."
+    )
+    default_steps: int = Field(25, description="Steps when a request gives none.")
+    max_steps: int = Field(150, description="Upper bound of steps.")
+    default_guidance: float = Field(7.0, description="Guidance scale when a request gives none.")
+    default_size: int = Field(0, description="Width/height when a request gives none (0: the model's own).")
+    max_pixels: int = Field(1536 * 1536, description="Upper bound of width*height.")
+    start_timeout_s: float = Field(900.0, description="How long workers may take to load and warm up.")
+    worker_pipeline: str = Field(
+        "services.generator.pipeline:ProductPipeline", description="Pipeline factory (stand-ins for tests)."
+    )
+
+
+def parse_devices(spec: str) -> list[tuple[str, int]]:
+    """Device names with their CPU thread share: [("cuda:0", 0), ...] or [("cpu:0", 1), ("cpu:1", 1)]."""
+    spec = spec.strip()
+    cores = os.cpu_count() or 1
+    if spec == "auto":
+        count = _cuda_count()
+        return [(f"cuda:{i}", 0) for i in range(count)] if count else [("cpu:0", 0)]
+    if spec == "cpu" or (spec.startswith("cpu:") and "," not in spec):
+        n = int(spec.partition(":")[2] or 1)
+        if n < 1:
+            raise ValueError(f"devices: {spec!r} asks for no workers")
+        return [(f"cpu:{i}", max(1, cores // n)) for i in range(n)]
+    devices = [d.strip() for d in spec.split(",") if d.strip()]
+    for d in devices:
+        if not (d.startswith("cuda:") and d[5:].isdigit()):
+            raise ValueError(f"devices: {d!r} is not cuda:N (or use 'auto' / 'cpu:N')")
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"devices: {spec!r} repeats a device")
+    return [(d, 0) for d in devices]
+
+
+def _cuda_count() -> int:
+    # NVML-based count: the parent must not create a CUDA context before workers are spawned.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:
+        return 0

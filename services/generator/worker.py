@@ -1,0 +1,199 @@
+"""The per-device worker process: load once, warm up, report ready, then compute jobs.
+
+Workers only compute: they render, encode PNGs and send bytes back. The parent stores and
+announces. A bad job becomes a `JobError`; it never takes the worker down.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+from services.common.logs import configure_logging, device_var, request_id_var
+from services.generator.messages import (
+    Cancel,
+    Fatal,
+    ImageResult,
+    Job,
+    JobDone,
+    JobError,
+    Progress,
+    Ready,
+    Shutdown,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PIPELINE = "services.generator.pipeline:ProductPipeline"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    model: str
+    device: str
+    threads: int = 0
+    adapter_cache_size: int = 8
+    hotswap_rank: int = 0
+    warmup_size: int = 64
+    log_level: str = "INFO"
+    # "module:callable" building the pipeline; tests and benchmarks swap in stand-ins.
+    pipeline: str = DEFAULT_PIPELINE
+
+
+def _build_pipeline(config: WorkerConfig):
+    module, _, name = config.pipeline.partition(":")
+    factory = getattr(importlib.import_module(module), name)
+    return factory(
+        model=config.model,
+        device=config.device,
+        adapter_cache_size=config.adapter_cache_size,
+        hotswap_rank=config.hotswap_rank,
+    )
+
+
+class _Inbox:
+    """Reads the parent's messages on a thread, so cancels arrive while a job runs."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self.jobs: queue.Queue[Job | Shutdown] = queue.Queue()
+        self.cancelled: OrderedDict[str, None] = OrderedDict()
+        self.lock = threading.Lock()
+        threading.Thread(target=self._run, name="inbox", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):
+                self.jobs.put(Shutdown())  # parent is gone
+                return
+            if isinstance(msg, Cancel):
+                with self.lock:
+                    self.cancelled[msg.request_id] = None
+                    while len(self.cancelled) > 4096:
+                        self.cancelled.popitem(last=False)
+            else:
+                self.jobs.put(msg)
+
+    def is_cancelled(self, request_id: str) -> bool:
+        with self.lock:
+            return request_id in self.cancelled
+
+
+def _error_kind(exc: BaseException) -> tuple[str, str]:
+    name = type(exc).__name__
+    if "OutOfMemory" in name:
+        return "resource_exhausted", "device out of memory; try fewer or smaller images"
+    if isinstance(exc, FileNotFoundError):
+        return "not_found", str(exc)
+    if isinstance(exc, ValueError):
+        return "invalid_argument", str(exc)
+    return "internal", f"{name}: {exc}"
+
+
+def run_job(pipe, job: Job, send, inbox: _Inbox) -> None:
+    from services.common.pngmeta import encode_png
+    from services.generator.pipeline import JobCancelled
+
+    request_id_var.set(job.request_id)
+    started = time.perf_counter()
+    hits, misses = pipe.adapters.stats.hits, pipe.adapters.stats.misses
+
+    def on_step(step: int, total: int, previews) -> None:
+        encoded = tuple(encode_png(p) for p in previews) if previews else ()
+        send(Progress(job.request_id, job.job_id, job.indices, step, total, encoded))
+
+    try:
+        images = pipe(
+            job.settings,
+            job.seeds,
+            on_step=on_step,
+            preview_every=job.preview_every,
+            should_stop=lambda: inbox.is_cancelled(job.request_id),
+        )
+        compute = time.perf_counter() - started
+        for index, seed, image in zip(job.indices, job.seeds, images, strict=True):
+            png = encode_png(image, {**job.metadata, "seed": seed})
+            w, h = image.size
+            send(
+                ImageResult(job.request_id, job.job_id, index, seed, png, w, h, compute / len(images), pipe.device_name)
+            )
+        cancelled = False
+    except JobCancelled:
+        cancelled = True
+    except Exception as exc:
+        kind, message = _error_kind(exc)
+        log.warning("job %d failed (%s): %s", job.job_id, kind, message, exc_info=kind == "internal")
+        field = message.split(":", 1)[0] if kind == "invalid_argument" and ":" in message else ""
+        send(JobError(job.request_id, job.job_id, kind, message, field))
+        cancelled = False
+        if kind == "resource_exhausted":
+            _empty_device_cache()
+    stats = pipe.adapters.stats
+    send(
+        JobDone(
+            job.request_id,
+            job.job_id,
+            time.perf_counter() - started,
+            cancelled,
+            stats.hits - hits,
+            stats.misses - misses,
+        )
+    )
+    request_id_var.set("-")
+
+
+def _empty_device_cache() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass
+
+
+def worker_main(config: WorkerConfig, conn: Connection) -> None:
+    """Entry point of a spawned worker process."""
+    configure_logging(config.log_level, "generator-worker")
+    device_var.set(config.device)
+    if config.threads > 0:
+        os.environ["OMP_NUM_THREADS"] = str(config.threads)
+    send_lock = threading.Lock()
+
+    def send(msg) -> None:
+        with send_lock:
+            conn.send(msg)
+
+    try:
+        import torch
+
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
+        pipe = _build_pipeline(config)
+        warm = pipe.warmup(config.warmup_size)
+    except Exception as exc:
+        log.exception("worker failed to start")
+        send(Fatal(config.device, f"{type(exc).__name__}: {exc}"))
+        return
+    log.info("ready (load %.1fs, warm-up %.1fs)", pipe.load_seconds, warm)
+    send(Ready(config.device, pipe.load_seconds, warm, pipe.default_size, pipe.size_multiple))
+
+    inbox = _Inbox(conn)
+    while True:
+        msg = inbox.jobs.get()
+        if isinstance(msg, Shutdown):
+            break
+        if inbox.is_cancelled(msg.request_id):
+            send(JobDone(msg.request_id, msg.job_id, 0.0, cancelled=True))
+            continue
+        run_job(pipe, msg, send, inbox)
+    log.info("worker stopping")
