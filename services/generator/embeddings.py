@@ -6,31 +6,28 @@ import torch
 from safetensors.torch import load_file
 
 
-def load_token_embeddings(pipe, path: str, tokens: tuple[str, ...]) -> None:
-    """Add `tokens` to the tokenizer (if new) and set their embedding rows from `path`.
-
-    The file maps each token to a 1-D embedding (or holds one `emb_params`/`<token>` 2-D tensor
-    with a row per token). Re-loading a retrained product overwrites the rows in place.
-    """
+def read_token_embeddings(path: str, tokens: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Token -> 1-D embedding, from a file keyed by token or holding one [n_tokens, dim] tensor."""
     state = load_file(path)
-    rows: list[torch.Tensor] = []
     if all(t in state for t in tokens):
-        rows = [state[t].reshape(-1) for t in tokens]
-    else:
-        stacked = next(iter(state.values()))
-        stacked = stacked if stacked.ndim == 2 else stacked.reshape(1, -1)
-        if stacked.shape[0] != len(tokens):
-            raise ValueError(f"embeddings: {path} holds {stacked.shape[0]} rows for {len(tokens)} tokens")
-        rows = list(stacked)
-    encoders = [(pipe.tokenizer, pipe.text_encoder)]
-    for tokenizer, encoder in encoders:
-        emb = encoder.get_input_embeddings()
-        for token, row in zip(tokens, rows, strict=True):
-            if row.shape[0] != emb.weight.shape[1]:
-                raise ValueError(f"embeddings: {token} has width {row.shape[0]}, model expects {emb.weight.shape[1]}")
-            if tokenizer.convert_tokens_to_ids(token) == tokenizer.unk_token_id or token not in tokenizer.get_vocab():
-                tokenizer.add_tokens([token])
-                encoder.resize_token_embeddings(len(tokenizer))
-                emb = encoder.get_input_embeddings()
-            with torch.no_grad():
-                emb.weight[tokenizer.convert_tokens_to_ids(token)] = row.to(emb.weight.dtype, emb.weight.device)
+        return {t: state[t].reshape(-1) for t in tokens}
+    stacked = next(iter(state.values()))
+    stacked = stacked if stacked.ndim == 2 else stacked.reshape(1, -1)
+    if stacked.shape[0] != len(tokens):
+        raise ValueError(f"embeddings: {path} holds {stacked.shape[0]} rows for {len(tokens)} tokens")
+    return dict(zip(tokens, stacked, strict=True))
+
+
+def set_token_embeddings(pipe, embeddings: dict[str, torch.Tensor]) -> None:
+    """Add each token to the tokenizer if new, then set its embedding row (in place on reload)."""
+    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+    new = [t for t in embeddings if t not in tokenizer.get_vocab()]
+    if new:
+        tokenizer.add_tokens(new)
+        encoder.resize_token_embeddings(len(tokenizer))
+    weight = encoder.get_input_embeddings().weight
+    for token, row in embeddings.items():
+        if row.numel() != weight.shape[1]:
+            raise ValueError(f"embeddings: {token} has width {row.numel()}, the text encoder expects {weight.shape[1]}")
+        with torch.no_grad():
+            weight[tokenizer.convert_tokens_to_ids(token)] = row.reshape(-1).to(weight.dtype, weight.device)

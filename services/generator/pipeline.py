@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from services.generator.embeddings import read_token_embeddings, set_token_embeddings
+from services.generator.lora_formats import read_adapter
 from services.generator.messages import SCHEDULERS, AdapterSpec, RenderSettings
 
 log = logging.getLogger(__name__)
@@ -97,24 +99,26 @@ class AdapterCache:
         raise ValueError(f"a request stacks more adapters than the cache holds ({self.capacity})")
 
     def _load(self, spec: AdapterSpec, keep: set[str]) -> str:
+        # Any supported format arrives in the diffusers/PEFT form, so slots work the same for all.
+        adapter = read_adapter(spec.path, self.pipe)
+        if adapter.embeddings:
+            set_token_embeddings(self.pipe, adapter.embeddings)
         slot, occupied = self._free_slot(keep)
         if occupied and self.hotswap:
             try:
-                self.pipe.load_lora_weights(spec.path, adapter_name=slot, hotswap=True)
+                self.pipe.load_lora_weights(_fresh(adapter.weights), adapter_name=slot, hotswap=True)
                 return slot
             except Exception as exc:  # layout differs from the slot's: fall back to a fresh load
                 log.info("hot-swap into %s not possible (%s); reloading the slot", slot, exc)
         if occupied:
             self.pipe.delete_adapters(slot)
-        self.pipe.load_lora_weights(spec.path, adapter_name=slot)
+        self.pipe.load_lora_weights(_fresh(adapter.weights), adapter_name=slot)
         return slot
 
     def _ensure_embeddings(self, spec: AdapterSpec) -> None:
         if not spec.embeddings or all(self.loaded_tokens.get(t) == spec.key for t in spec.tokens):
             return
-        from services.generator.embeddings import load_token_embeddings
-
-        load_token_embeddings(self.pipe, spec.embeddings, spec.tokens)
+        set_token_embeddings(self.pipe, read_token_embeddings(spec.embeddings, spec.tokens))
         for token in spec.tokens:
             self.loaded_tokens[token] = spec.key
 
@@ -137,6 +141,11 @@ class AdapterCache:
             self.pipe.set_adapters(names, adapter_weights=weights)
         elif self.slots:
             self.pipe.disable_lora()
+
+
+def _fresh(weights):
+    # diffusers pops keys from state dicts it is given; keep the caller's copy intact for retries.
+    return dict(weights) if isinstance(weights, dict) else weights
 
 
 def latents_to_preview(latents: torch.Tensor) -> list[Image.Image]:

@@ -1,0 +1,1 @@
+"""Clients of the two services: a thin stub wrapper (api), the CLI and the Gradio page."""
