@@ -1,0 +1,122 @@
+"""Shared fixtures: a tiny real SD world built offline, real servers on free ports, real S3 (moto)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+from services.common.logs import configure_logging  # noqa: E402
+
+configure_logging("WARNING", "test")
+
+# Upscaler fixtures (`tiny_swin2sr`, `upscaler`, `upscaler_stub`) live beside the upscaler tests.
+pytest_plugins = ["tests.fixtures_upscaler"]
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> Path:
+    """Tiny random SD pipeline + 2 products + 1 style adapter (demo.embedded), built once per session."""
+    from demo.embedded import build
+
+    cache = ROOT / ".cache" / "test-world"
+    if not (cache / ".ready").exists():
+        shutil.rmtree(cache, ignore_errors=True)
+        build(cache)
+    out = tmp_path_factory.mktemp("world")
+    shutil.copytree(cache, out, dirs_exist_ok=True)
+    return out
+
+
+def generator_settings(world: Path, storage: str, **overrides):
+    from services.generator.settings import GeneratorSettings
+
+    fields = dict(
+        host="127.0.0.1",
+        port=0,
+        model=str(world / "tiny-sd"),
+        products_dir=str(world / "products"),
+        adapters_dir=str(world / "adapters"),
+        templates_file=str(ROOT / "templates" / "catalog.yaml"),
+        storage=storage,
+        devices="cpu:1",
+        default_steps=4,
+        default_size=64,
+        start_timeout_s=300,
+    )
+    fields.update(overrides)
+    return GeneratorSettings(**fields)
+
+
+@pytest.fixture(scope="session")
+def storage_dir(tmp_path_factory) -> Path:
+    """Local image storage shared by the session's generator and upscaler (as in `make run`)."""
+    return tmp_path_factory.mktemp("images")
+
+
+@pytest.fixture(scope="session")
+async def generator(tiny_world, storage_dir) -> AsyncIterator:
+    """One real generator (1 CPU worker, tiny model, local storage) shared by the session."""
+    from services.generator.app import start_generator
+
+    app = await start_generator(generator_settings(tiny_world, str(storage_dir)))
+    yield app
+    await app.stop()
+
+
+@pytest.fixture(scope="session")
+async def generator_stub(generator) -> AsyncIterator:
+    from productinaction.v1 import generator_pb2_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{generator.port}") as channel:
+        yield generator_pb2_grpc.GeneratorStub(channel)
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> AsyncIterator[str]:
+    """moto's standalone S3 server on 127.0.0.1; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(moto_s3) -> str:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1")
+    client.create_bucket(Bucket="pia-test")
+    return "pia-test"
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS

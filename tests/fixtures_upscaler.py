@@ -1,0 +1,1 @@
+"""Upscaler fixtures: filled in with the upscaler service."""
