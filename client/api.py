@@ -21,7 +21,12 @@ from productinaction.v1 import generator_pb2, generator_pb2_grpc, upscaler_pb2, 
 GenerateEvent = generator_pb2.GenerateEvent
 UpscaleEvent = upscaler_pb2.UpscaleEvent
 
-_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    # Cap reconnect backoff (default: up to 120 s) so a long-lived client notices a restarted service quickly.
+    ("grpc.initial_reconnect_backoff_ms", 1000),
+    ("grpc.max_reconnect_backoff_ms", 5000),
+]
 
 
 def describe_error(exc: BaseException) -> str:
@@ -47,6 +52,16 @@ class _Client:
         except grpc.aio.AioRpcError:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def health(self, service: str = "", timeout: float = 2.0) -> str:
+        """'SERVING', 'NOT_SERVING' (up, not ready yet: e.g. loading the model) or 'UNREACHABLE'."""
+        try:
+            reply = await health_pb2_grpc.HealthStub(self.channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.aio.AioRpcError:
+            return "UNREACHABLE"
+        return "SERVING" if reply.status == health_pb2.HealthCheckResponse.SERVING else "NOT_SERVING"
 
     async def close(self) -> None:
         await self.channel.close()

@@ -1,0 +1,7 @@
+"""`python -m client` runs the CLI."""
+
+import sys
+
+from client.cli import main
+
+sys.exit(main())

@@ -1,0 +1,370 @@
+"""The web page: pick a product and a scene, generate, watch each image arrive, upscale one.
+
+    python -m client.web --generator localhost:50051 --upscaler localhost:50052 --port 7860
+
+Every flag is also a PIA_WEB_* environment variable (`--help` lists them). The page talks to the
+services only through their gRPC stubs (client.api) and loads even when they are down. What the
+controls do lives in client.web_logic; this module is layout and the widget <-> view mapping.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import fields
+from typing import Any, Self
+
+# Before gradio is imported: no telemetry, no version check over the network.
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+import gradio as gr
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from client import web_logic as logic
+from client.web_logic import Backends, Form, Session
+
+log = logging.getLogger(__name__)
+
+FORM_FIELDS = [f.name for f in fields(Form)]
+
+CSS = """
+#status-banner { padding: 0.4rem 0.8rem; border-radius: 8px; }
+#status-banner.warn { background: #fff4e5; border: 1px solid #f0b35a; }
+#status-banner.ok { background: #eef9f0; border: 1px solid #9fd5a8; }
+#progress progress { width: 100%; height: 0.9rem; }
+"""
+
+
+class WebSettings(BaseSettings):
+    """Every field is a `--kebab-case` flag and a `PIA_WEB_<NAME>` environment variable."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PIA_WEB_",
+        cli_prog_name="python -m client.web",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        extra="ignore",
+    )
+
+    host: str = Field("0.0.0.0", description="Interface to serve the page on.")
+    port: int = Field(7860, description="HTTP port of the page.")
+    generator: str = Field("localhost:50051", description="Generator gRPC address (host:port).")
+    upscaler: str = Field("localhost:50052", description="Upscaler gRPC address (host:port).")
+    health_every_s: float = Field(5.0, description="How often the page re-checks the services.")
+    preview_every: int = Field(2, description="With 'show previews': a preview every this many steps.")
+    upscale_factor: int = Field(4, description="Scale asked of the upscaler (must match its model).")
+    max_images: int = Field(16, description="Upper end of the 'number of images' slider.")
+    concurrency: int = Field(64, description="Events the page runs at once, across all visitors.")
+    files_dir: str | None = Field(
+        None, description="Where fetched images are kept for the browser (default: a temp dir)."
+    )
+    log_level: str = Field("INFO", description="Logging level.")
+
+    @classmethod
+    def from_cli(cls, argv: Sequence[str] | None = None) -> Self:
+        """Flags override environment variables, which override defaults; --help lists them all."""
+        return cls(_cli_parse_args=list(argv) if argv is not None else True)
+
+
+def _dropdown(choices: logic.Choices) -> dict:
+    return gr.update(choices=choices.choices, value=choices.value)
+
+
+def _progress_html(fraction: float, text: str) -> str:
+    return f'<progress max="1" value="{fraction:.3f}"></progress><div>{text}</div>'
+
+
+def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
+    """The page; `backends` defaults to the addresses in `settings`."""
+    if backends is None:
+        files_dir = settings.files_dir or tempfile.mkdtemp(prefix="pia-web-")
+        backends = Backends(settings.generator, settings.upscaler, files_dir)
+
+    with gr.Blocks(title="Product in Action", analytics_enabled=False) as demo:
+        session = gr.State(Session())
+        gr.Markdown("# Product in Action\nPhotos of your own product in scenes you choose.")
+        banner = gr.Markdown("Checking the services…", elem_id="status-banner")
+
+        with gr.Row():
+            with gr.Column(scale=2, min_width=320):
+                product = gr.Dropdown(label="Product", choices=[], elem_id="product")
+                template = gr.Dropdown(label="Scene", choices=[], elem_id="template")
+                text = gr.Textbox(label="Extra details (optional)", lines=2, elem_id="scene-text")
+                prompt_preview = gr.Textbox(label="Final prompt", lines=3, interactive=False, elem_id="prompt-preview")
+                negative_preview = gr.Textbox(label="Negative prompt", lines=1, interactive=False)
+                num_images = gr.Slider(1, settings.max_images, value=3, step=1, label="Number of images")
+                show_previews = gr.Checkbox(label="Show step previews while generating", value=False)
+                with gr.Accordion("Advanced", open=False):
+                    with gr.Row():
+                        seed = gr.Number(label="Seed", value=None, precision=0, minimum=0)
+                        random_seed = gr.Checkbox(label="Random seed", value=True)
+                    with gr.Row():
+                        steps = gr.Number(label="Steps (blank: default)", value=None, precision=0, minimum=1)
+                        guidance = gr.Number(label="Guidance (blank: default)", value=None, minimum=0, step=0.5)
+                    with gr.Row():
+                        width = gr.Number(label="Width (blank: default)", value=None, precision=0, step=8)
+                        height = gr.Number(label="Height (blank: default)", value=None, precision=0, step=8)
+                    negative = gr.Textbox(label="Negative prompt (blank: the scene's own)", lines=1)
+                    scheduler = gr.Dropdown(
+                        label="Scheduler",
+                        choices=[("Model default", ""), *((name, name) for name in logic.SCHEDULERS)],
+                        value="",
+                    )
+                    with gr.Row():
+                        style = gr.Dropdown(label="Style adapter", choices=[("None", "")], value="")
+                        style_weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="Style weight")
+                    with gr.Row():
+                        background = gr.Dropdown(label="Background adapter", choices=[("None", "")], value="")
+                        background_weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="Background weight")
+                with gr.Row():
+                    generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+                    more_btn = gr.Button("Generate more", elem_id="generate-more")
+                    stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
+
+            with gr.Column(scale=3, min_width=360):
+                progress = gr.HTML(_progress_html(0, ""), elem_id="progress")
+                status = gr.Markdown("", elem_id="status")
+                preview = gr.Image(
+                    label="Live preview", type="pil", format="png", visible=False, interactive=False, height=160
+                )
+                gallery = gr.Gallery(
+                    label="Images", format="png", columns=3, object_fit="contain", elem_id="gallery", preview=False
+                )
+                details = gr.Markdown(logic.select_image(Session(), None), elem_id="details")
+                with gr.Row():
+                    upscale_btn = gr.Button(f"Upscale ×{settings.upscale_factor}", interactive=False, elem_id="upscale")
+                    reuse_btn = gr.Button("Reuse settings", interactive=False, elem_id="reuse")
+                upscale_status = gr.Markdown("", elem_id="upscale-status")
+                upscaled = gr.Image(
+                    label="Upscaled", type="filepath", format="png", interactive=False, elem_id="upscaled",
+                    buttons=["download", "fullscreen"],
+                )  # fmt: skip
+                download = gr.DownloadButton("Download upscaled PNG", visible=False, elem_id="download")
+
+        form = {
+            "product_id": product,
+            "template_id": template,
+            "text": text,
+            "num_images": num_images,
+            "show_previews": show_previews,
+            "random_seed": random_seed,
+            "seed": seed,
+            "steps": steps,
+            "guidance": guidance,
+            "width": width,
+            "height": height,
+            "negative_prompt": negative,
+            "scheduler": scheduler,
+            "style_id": style,
+            "style_weight": style_weight,
+            "background_id": background,
+            "background_weight": background_weight,
+        }
+        assert list(form) == FORM_FIELDS, "the form's widgets must follow web_logic.Form"
+        catalog_outputs = [banner, product, template, text, style, background, status]
+
+        # Services: checked at load and on a timer; the catalog reloads when the generator comes back.
+
+        def catalog_update(view: logic.CatalogView) -> dict:
+            return {
+                product: _dropdown(view.products),
+                template: _dropdown(view.templates),
+                text: gr.update(label=view.text_label),
+                style: _dropdown(view.styles),
+                background: _dropdown(view.backgrounds),
+                status: view.message or gr.skip(),
+            }
+
+        def banner_update(health: logic.HealthView) -> dict:
+            return gr.update(value=health.banner, elem_classes=["ok" if health.ok else "warn"])
+
+        async def on_load(state: Session, product_id: str | None, template_id: str | None) -> dict:
+            health = await logic.check_health(backends, state)
+            view = await logic.load_catalog(backends, state, product_id, template_id)
+            return {banner: banner_update(health), **catalog_update(view)}
+
+        async def on_tick(state: Session, product_id: str | None, template_id: str | None) -> dict:
+            health = await logic.check_health(backends, state)
+            if not health.reload:
+                return {banner: banner_update(health)}
+            view = await logic.load_catalog(backends, state, product_id, template_id)
+            return {banner: banner_update(health), **catalog_update(view)}
+
+        catalog_inputs = [session, product, template]
+        load_event = demo.load(on_load, catalog_inputs, catalog_outputs, show_progress="hidden")
+        timer = gr.Timer(settings.health_every_s)
+        timer.tick(on_tick, catalog_inputs, catalog_outputs, show_progress="hidden")
+
+        # Scene and prompt preview (the generator's ComposePrompt).
+
+        async def on_preview(**values: Any) -> tuple[str, str]:
+            return await logic.preview_prompt(backends, Form(**values))
+
+        def refresh_preview(event: Any) -> None:
+            event.then(
+                on_preview, inputs_kwargs=form, outputs=[prompt_preview, negative_preview], show_progress="hidden"
+            )
+
+        async def on_product(state: Session, product_id: str | None, template_id: str | None) -> dict:
+            try:
+                templates = await logic.load_templates(backends, state, product_id, template_id)
+            except Exception as exc:
+                message = logic.friendly_error(exc, "generator", backends.generator_address)
+                return {template: _dropdown(logic.Choices()), status: message}
+            return {template: _dropdown(templates), text: gr.update(label=logic.text_label(state, templates.value))}
+
+        def on_template(state: Session, template_id: str | None) -> dict:
+            return gr.update(label=logic.text_label(state, template_id))
+
+        refresh_preview(load_event)
+        refresh_preview(product.input(on_product, catalog_inputs, [template, text, status], show_progress="hidden"))
+        refresh_preview(template.input(on_template, [session, template], text, show_progress="hidden"))
+        for box in (text, negative):
+            box.input(
+                on_preview,
+                inputs_kwargs=form,
+                outputs=[prompt_preview, negative_preview],
+                trigger_mode="always_last",
+                show_progress="hidden",
+            )
+
+        def on_adapter(state: Session, adapter_id: str) -> float:
+            return logic.adapter_weight(state, adapter_id)
+
+        style.input(on_adapter, [session, style], style_weight, show_progress="hidden")
+        background.input(on_adapter, [session, background], background_weight, show_progress="hidden")
+        show_previews.change(lambda on: gr.update(visible=on), show_previews, preview, show_progress="hidden")
+
+        # Generate / Generate more / Stop.
+
+        run_outputs = [gallery, progress, status, preview, generate_btn, more_btn, stop_btn, upscale_btn, reuse_btn]
+
+        def generate_update(view: logic.GenerateView, fresh: bool) -> dict:
+            if view.warning:
+                gr.Warning(view.warning)
+            update = {
+                gallery: view.gallery,
+                progress: _progress_html(view.progress, view.progress_text),
+                status: view.status,
+                preview: view.preview,
+                generate_btn: gr.update(interactive=not view.running),
+                more_btn: gr.update(interactive=not view.running),
+                stop_btn: gr.update(interactive=view.running),
+            }
+            if fresh:  # the selection went with the old gallery
+                update.update({upscale_btn: gr.update(interactive=False), reuse_btn: gr.update(interactive=False)})
+            return update
+
+        async def on_generate(state: Session, **values: Any) -> AsyncIterator[dict]:
+            async for view in logic.generate(backends, state, Form(**values), preview_every=settings.preview_every):
+                yield generate_update(view, fresh=True)
+
+        async def on_generate_more(state: Session, **values: Any) -> AsyncIterator[dict]:
+            views = logic.generate(backends, state, Form(**values), append=True, preview_every=settings.preview_every)
+            async for view in views:
+                yield generate_update(view, fresh=False)
+
+        run = dict(inputs=[session], inputs_kwargs=form, outputs=run_outputs, show_progress="hidden")
+        generate_event = generate_btn.click(on_generate, **run)
+        more_event = more_btn.click(on_generate_more, **run)
+
+        # Selecting, reusing, upscaling.
+
+        def on_select(state: Session, evt: gr.SelectData) -> dict:
+            text_ = logic.select_image(state, evt.index)
+            chosen = state.selected is not None
+            return {
+                details: text_,
+                upscale_btn: gr.update(interactive=chosen),
+                reuse_btn: gr.update(interactive=chosen),
+            }
+
+        gallery.select(on_select, session, [details, upscale_btn, reuse_btn], show_progress="hidden")
+
+        async def on_reuse(state: Session, **values: Any) -> dict:
+            view = await logic.reuse_settings(backends, state, Form(**values))
+            if view.form is None:
+                gr.Warning(view.message)
+                return {status: view.message}
+            update: dict = {component: getattr(view.form, name) for name, component in form.items()}
+            update[template] = _dropdown(view.templates)
+            update[text] = gr.update(value=view.form.text, label=view.text_label)
+            update[status] = view.message
+            return update
+
+        reuse_event = reuse_btn.click(
+            on_reuse, inputs=[session], inputs_kwargs=form, outputs=[*form.values(), status], show_progress="hidden"
+        )
+        refresh_preview(reuse_event)
+
+        async def on_upscale(state: Session) -> AsyncIterator[dict]:
+            async for view in logic.upscale(backends, state, settings.upscale_factor):
+                if view.warning:
+                    gr.Warning(view.warning)
+                update = {upscale_status: view.status, upscale_btn: gr.update(interactive=not view.running)}
+                if view.path:
+                    name = os.path.basename(view.path)
+                    update[upscaled] = view.path
+                    update[download] = gr.update(value=view.path, visible=True, label=f"Download {name}")
+                yield update
+
+        upscale_event = upscale_btn.click(
+            on_upscale, session, [upscale_status, upscale_btn, upscaled, download], show_progress="hidden"
+        )
+
+        def on_stop(state: Session) -> dict:
+            message = logic.stop(state)
+            return {
+                status: message,
+                generate_btn: gr.update(interactive=True),
+                more_btn: gr.update(interactive=True),
+                stop_btn: gr.update(interactive=False),
+                upscale_btn: gr.update(interactive=state.selected is not None),
+            }
+
+        stop_btn.click(
+            on_stop,
+            session,
+            [status, generate_btn, more_btn, stop_btn, upscale_btn],
+            cancels=[generate_event, more_event, upscale_event],
+            queue=False,
+            show_progress="hidden",
+        )
+    return demo
+
+
+def launch(settings: WebSettings, backends: Backends | None = None, block: bool = True) -> gr.Blocks:
+    """Build and serve the page (queue on, share off); with block=False it returns once serving."""
+    demo = build(settings, backends)
+    demo.queue(default_concurrency_limit=settings.concurrency).launch(
+        server_name=settings.host,
+        server_port=settings.port,
+        share=False,
+        show_error=False,
+        prevent_thread_lock=not block,
+        quiet=True,
+        ssr_mode=False,
+        css=CSS,
+    )
+    return demo
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = WebSettings.from_cli(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s web %(name)s: %(message)s")
+    log.info(
+        "web page on http://%s:%d (generator %s, upscaler %s)",
+        settings.host,
+        settings.port,
+        settings.generator,
+        settings.upscaler,
+    )
+    launch(settings)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,557 @@
+"""What the web page's controls do, without Gradio: widget values in, plain views out.
+
+`client/web.py` lays the page out and maps these views onto components. Everything here talks to
+the services through `client.api`; prompts, defaults and validation stay in the services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import uuid
+import weakref
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from PIL import Image
+
+from client.api import GeneratorClient, UpscalerClient, describe_error, fetch_bytes_async, generate_request
+from productinaction.v1 import generator_pb2, upscaler_pb2
+
+# Only fills the menu; the generator validates the name.
+SCHEDULERS = ("dpm++", "dpm++_karras", "euler", "euler_a", "ddim", "pndm", "unipc", "heun")
+
+SERVING, NOT_SERVING, UNREACHABLE = "SERVING", "NOT_SERVING", "UNREACHABLE"
+
+
+class Backends:
+    """Service addresses, and the clients for them.
+
+    grpc.aio channels belong to the event loop that made them, so there is one client per loop
+    (Gradio's server loop in production, the test's loop in tests).
+    """
+
+    def __init__(self, generator: str, upscaler: str, files_dir: str | Path):
+        self.generator_address = generator
+        self.upscaler_address = upscaler
+        self.files_dir = Path(files_dir)
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        self._clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def _for_loop(self) -> tuple[GeneratorClient, UpscalerClient]:
+        loop = asyncio.get_running_loop()
+        if loop not in self._clients:
+            self._clients[loop] = (GeneratorClient(self.generator_address), UpscalerClient(self.upscaler_address))
+        return self._clients[loop]
+
+    def generator(self) -> GeneratorClient:
+        return self._for_loop()[0]
+
+    def upscaler(self) -> UpscalerClient:
+        return self._for_loop()[1]
+
+    async def close(self) -> None:
+        clients = self._clients.pop(asyncio.get_running_loop(), None)
+        for client in clients or ():
+            await client.close()
+
+
+@dataclass
+class Form:
+    """The generation form, one field per widget (web.py wires widgets in this order)."""
+
+    product_id: str | None = None
+    template_id: str | None = None
+    text: str = ""
+    num_images: int = 1
+    show_previews: bool = False
+    random_seed: bool = True
+    seed: float | None = None
+    steps: float | None = None
+    guidance: float | None = None
+    width: float | None = None
+    height: float | None = None
+    negative_prompt: str = ""
+    scheduler: str = ""
+    style_id: str = ""
+    style_weight: float = 0.0
+    background_id: str = ""
+    background_weight: float = 0.0
+
+
+@dataclass
+class ImageEntry:
+    """One image in the gallery: where the service stored it and what produced it."""
+
+    uri: str
+    path: str
+    seed: int
+    device: str
+    parameters: generator_pb2.GenerationParameters
+
+    @property
+    def caption(self) -> str:
+        return f"seed {self.seed}"
+
+
+@dataclass
+class Session:
+    """Per browser tab (a gr.State). Holds the running calls so Stop can cancel them."""
+
+    images: list[ImageEntry] = field(default_factory=list)
+    selected: int | None = None
+    generator_health: str = ""
+    upscaler_health: str = ""
+    templates: dict[str, generator_pb2.Template] = field(default_factory=dict)
+    adapters: dict[str, generator_pb2.Adapter] = field(default_factory=dict)
+    calls: set[Any] = field(default_factory=set)
+
+    def gallery(self) -> list[tuple[str, str]]:
+        return [(entry.path, f"#{i + 1} · {entry.caption}") for i, entry in enumerate(self.images)]
+
+
+@dataclass
+class Choices:
+    """A dropdown's options as (label, value) pairs, and its value."""
+
+    choices: list[tuple[str, str]] = field(default_factory=list)
+    value: str | None = None
+
+
+@dataclass
+class HealthView:
+    banner: str
+    ok: bool
+    # True when the generator has just become ready: the page should reload the catalog.
+    reload: bool
+
+
+@dataclass
+class CatalogView:
+    products: Choices
+    templates: Choices
+    styles: Choices
+    backgrounds: Choices
+    text_label: str
+    message: str = ""
+
+
+@dataclass
+class GenerateView:
+    gallery: list[tuple[str, str]]
+    progress: float
+    progress_text: str
+    status: str
+    running: bool
+    preview: Image.Image | None = None
+    warning: str = ""
+
+
+@dataclass
+class UpscaleView:
+    status: str
+    running: bool
+    path: str | None = None
+    warning: str = ""
+
+
+@dataclass
+class ReuseView:
+    form: Form | None
+    templates: Choices
+    text_label: str
+    message: str = ""
+
+
+def friendly_error(exc: BaseException, service: str, address: str) -> str:
+    """What went wrong, in words for the person at the page (no status codes, no traces)."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        code, details = exc.code(), exc.details() or ""
+        if describe_error(exc) == "service unreachable":
+            return f"The {service} is unreachable ({address}). Try again once it is back."
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return f"The {service} is not ready: {details}"
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return f"The {service} did not answer in time ({address})."
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return f"The {service} is busy: {details}. Try again in a moment."
+        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
+            return _sentence(details)
+        return f"The {service} failed: {describe_error(exc)}"
+    return f"Something went wrong: {describe_error(exc)}"
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return text[:1].upper() + text[1:] if text else "The request was refused."
+
+
+# Health and catalog
+
+
+def banner(generator: str, upscaler: str, backends: Backends) -> tuple[str, bool]:
+    """The status banner's markdown for the two services' health, and whether all is well."""
+    gen_addr, up_addr = backends.generator_address, backends.upscaler_address
+    if generator == SERVING and upscaler == SERVING:
+        return "✅ Generator and upscaler are ready.", True
+    if generator == UNREACHABLE and upscaler == UNREACHABLE:
+        return (
+            f"⚠️ **Neither the image generator (`{gen_addr}`) nor the upscaler (`{up_addr}`) can be reached.** "
+            "The page works, but nothing can be generated or upscaled until they are back; "
+            "it checks again by itself.",
+            False,
+        )
+    lines = []
+    if generator == UNREACHABLE:
+        lines.append(
+            f"⚠️ **The image generator is unreachable** (`{gen_addr}`). Generating is unavailable; "
+            "upscaling images already in the gallery still works. Products reload by themselves when it is back."
+        )
+    elif generator == NOT_SERVING:
+        lines.append("⏳ **The image generator is starting** (loading its model). Generate will work once it is ready.")
+    if upscaler == UNREACHABLE:
+        lines.append(
+            f"⚠️ **The upscaler is unreachable** (`{up_addr}`). Generating still works; upscaling does not "
+            "until it is back."
+        )
+    elif upscaler == NOT_SERVING:
+        lines.append("⏳ **The upscaler is starting.** Generating works; upscaling will once it is ready.")
+    return "\n\n".join(lines), False
+
+
+async def check_health(backends: Backends, session: Session) -> HealthView:
+    """Ask both services how they are; flag a reload when the generator has just become ready."""
+    generator, upscaler = await asyncio.gather(backends.generator().health(), backends.upscaler().health())
+    reload = generator == SERVING and session.generator_health != SERVING
+    session.generator_health, session.upscaler_health = generator, upscaler
+    text, ok = banner(generator, upscaler, backends)
+    return HealthView(text, ok, reload)
+
+
+def _product_label(product: generator_pb2.Product) -> str:
+    name = product.display_name or product.id
+    return f"{name} · {product.category}" if product.category else name
+
+
+def text_label(session: Session, template_id: str | None) -> str:
+    template = session.templates.get(template_id or "")
+    if template is not None and template.free_text:
+        return "Describe the scene"
+    return "Extra details (optional)"
+
+
+async def load_templates(
+    backends: Backends, session: Session, product_id: str | None, template_id: str | None = None
+) -> Choices:
+    """The scene templates tested for this product's category; keeps `template_id` when it is one of them."""
+    if not product_id:
+        session.templates = {}
+        return Choices()
+    templates = await backends.generator().templates(product_id=product_id)
+    session.templates = {t.id: t for t in templates}
+    if template_id not in session.templates:
+        # The first ready-made scene; the free-text one needs typing before it can generate.
+        template_id = next((t.id for t in templates if not t.free_text), templates[0].id if templates else None)
+    return Choices([(t.name or t.id, t.id) for t in templates], template_id)
+
+
+async def load_catalog(
+    backends: Backends, session: Session, product_id: str | None = None, template_id: str | None = None
+) -> CatalogView:
+    """Products, their templates and stackable adapters; keeps the current choices where they still exist."""
+    try:
+        products = await backends.generator().products()
+        adapters = await backends.generator().adapters()
+        if product_id not in {p.id for p in products}:
+            product_id = products[0].id if products else None
+        templates = await load_templates(backends, session, product_id, template_id)
+    except grpc.aio.AioRpcError as exc:
+        message = friendly_error(exc, "generator", backends.generator_address)
+        return CatalogView(Choices(), Choices(), Choices(), Choices(), text_label(session, None), message)
+    session.adapters = {a.id: a for a in adapters}
+    message = "" if products else "The generator has no products yet."
+    return CatalogView(
+        Choices([(_product_label(p), p.id) for p in products], product_id),
+        templates,
+        _adapter_choices(adapters, "style"),
+        _adapter_choices(adapters, "background"),
+        text_label(session, templates.value),
+        message,
+    )
+
+
+def _adapter_choices(adapters: list[generator_pb2.Adapter], kind: str) -> Choices:
+    return Choices([("None", "")] + [(a.display_name or a.id, a.id) for a in adapters if a.kind == kind], "")
+
+
+def adapter_weight(session: Session, adapter_id: str) -> float:
+    """The weight an adapter's author suggests, to put in its slider when it is chosen."""
+    adapter = session.adapters.get(adapter_id)
+    return round(adapter.default_weight, 2) if adapter and adapter.default_weight else 1.0
+
+
+# Requests
+
+
+def build_request(form: Form, *, preview_every: int = 0, request_id: str = "") -> generator_pb2.GenerateRequest:
+    """Widgets -> GenerateRequest. Blank fields stay unset, so the server's defaults apply."""
+    if not form.product_id:
+        raise ValueError("Choose a product first.")
+    adapters = [
+        (adapter_id, float(weight))
+        for adapter_id, weight in ((form.style_id, form.style_weight), (form.background_id, form.background_weight))
+        if adapter_id
+    ]
+    return generate_request(
+        product_id=form.product_id,
+        template_id=form.template_id or "",
+        prompt=form.text.strip(),
+        negative_prompt=form.negative_prompt.strip() or None,
+        num_images=int(form.num_images),
+        seed=None if form.random_seed or form.seed is None else int(form.seed),
+        steps=int(form.steps) if form.steps else None,
+        guidance_scale=float(form.guidance) if form.guidance is not None else None,
+        width=int(form.width) if form.width else None,
+        height=int(form.height) if form.height else None,
+        scheduler=form.scheduler or "",
+        adapters=adapters,
+        preview_every=preview_every if form.show_previews else 0,
+        inline_images=True,
+        request_id=request_id,
+    )
+
+
+async def preview_prompt(backends: Backends, form: Form) -> tuple[str, str]:
+    """The prompt and negative prompt the generator would use (its ComposePrompt), or why there is none."""
+    try:
+        composed = await backends.generator().compose(build_request(form))
+    except ValueError as exc:
+        return str(exc), ""
+    except grpc.aio.AioRpcError as exc:
+        return friendly_error(exc, "generator", backends.generator_address), ""
+    return composed.prompt, composed.negative_prompt
+
+
+def _write(path: Path, data: bytes) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return str(path)
+
+
+def _progress(steps: dict[int, float], done: int, total: int) -> float:
+    if not total:
+        return 0.0
+    return min(1.0, (done + sum(steps.values())) / total)
+
+
+async def generate(
+    backends: Backends, session: Session, form: Form, *, append: bool = False, preview_every: int = 0
+) -> AsyncIterator[GenerateView]:
+    """Stream a Generate call into views: the gallery grows as each image_ready arrives.
+
+    `append=False` starts a new gallery ("Generate"); `append=True` adds to it ("Generate more").
+    """
+    if not append:
+        session.images, session.selected = [], None
+    request_id = f"web-{uuid.uuid4().hex[:12]}"
+    try:
+        request = build_request(form, preview_every=preview_every, request_id=request_id)
+    except ValueError as exc:
+        yield GenerateView(session.gallery(), 0.0, "", str(exc), False, warning=str(exc))
+        return
+    total, done, steps = request.num_images, 0, {}
+    preview: Image.Image | None = None
+    yield GenerateView(session.gallery(), 0.0, f"0 of {total} images", "Sending the request…", True)
+
+    call = backends.generator().generate(request)
+    session.calls.add(call)
+    status = "Waiting for the generator…"
+    try:
+        async for event in call:
+            kind = event.WhichOneof("event")
+            if kind == "accepted":
+                ahead = event.accepted.queue_position
+                status = f"Queued: {ahead} job(s) ahead." if ahead else "Generating…"
+            elif kind == "queued":
+                ahead = event.queued.queue_position
+                status = f"Queued: {ahead} job(s) ahead." if ahead else "Generating…"
+            elif kind == "progress":
+                p = event.progress
+                steps[p.index] = p.step / p.total_steps if p.total_steps else 0.0
+                status = f"Image {p.index + 1} of {total}: step {p.step} of {p.total_steps}"
+                if p.preview_png:
+                    preview = Image.open(io.BytesIO(p.preview_png))
+            elif kind == "image_ready":
+                ready = event.image_ready
+                png = ready.image.png or await fetch_bytes_async(ready.image.url)
+                path = _write(backends.files_dir / request_id / f"{ready.index}.png", png)
+                session.images.append(ImageEntry(ready.image.uri, path, ready.seed, ready.device, ready.parameters))
+                steps.pop(ready.index, None)
+                done += 1
+            elif kind == "completed":
+                t = event.completed.timings
+                status = (
+                    f"Done: {event.completed.num_images} image(s) in {t.total_seconds:.1f} s "
+                    f"(first after {t.first_image_seconds:.1f} s)."
+                )
+                yield GenerateView(session.gallery(), 1.0, f"{done} of {total} images", status, False, preview)
+                return
+            else:
+                continue
+            progress = _progress(steps, done, total)
+            yield GenerateView(session.gallery(), progress, f"{done} of {total} images", status, True, preview)
+        status = f"The generator ended the request after {done} of {total} images."
+        yield GenerateView(session.gallery(), _progress({}, done, total), status, status, False, preview)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # Gradio cancelled this event: nothing more can be shown.
+        # Stop cancelled the call itself: say so and keep what arrived.
+        status = f"Stopped after {done} of {total} images."
+        yield GenerateView(session.gallery(), _progress({}, done, total), status, status, False, preview)
+    except (grpc.aio.AioRpcError, OSError, ValueError) as exc:
+        message = (
+            friendly_error(exc, "generator", backends.generator_address)
+            if isinstance(exc, grpc.aio.AioRpcError)
+            else f"Could not read an image: {describe_error(exc)}"
+        )
+        progress = _progress({}, done, total)
+        yield GenerateView(session.gallery(), progress, f"{done} of {total} images", message, False, warning=message)
+    finally:
+        call.cancel()
+        session.calls.discard(call)
+
+
+def stop(session: Session) -> str:
+    """Cancel this tab's running calls; the services stop their remaining work."""
+    running = [call for call in session.calls if not call.done()]
+    session.calls.clear()
+    for call in running:
+        call.cancel()
+    return "Stopping…" if running else "Nothing is running."
+
+
+# After generating
+
+
+def select_image(session: Session, index: int | None) -> str:
+    """Remember the selected image; markdown with everything that produced it."""
+    if index is None or not 0 <= index < len(session.images):
+        session.selected = None
+        return "Click an image to see its settings, reuse them or upscale it."
+    session.selected = index
+    entry = session.images[index]
+    p = entry.parameters
+    adapters = ", ".join(f"{a.adapter_id} × {a.weight:g}" for a in p.adapters) or "none"
+    rows = [
+        ("Seed", f"`{entry.seed}`"),
+        ("Product", f"`{p.product_id}` × {p.product_scale:g}"),
+        ("Scene", f"`{p.template_id or 'none'}`" + (f" + “{p.user_prompt}”" if p.user_prompt else "")),
+        ("Steps · guidance", f"{p.steps} · {p.guidance_scale:g}"),
+        ("Size", f"{p.width} × {p.height}"),
+        ("Scheduler", p.scheduler or "model default"),
+        ("Adapters", adapters),
+        ("Prompt", _cell(p.prompt)),
+        ("Negative prompt", _cell(p.negative_prompt) or "none"),
+        ("Computed on", entry.device or "?"),
+        ("Stored at", f"`{entry.uri}`"),
+    ]
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    return f"**Image #{index + 1}**\n\n| | |\n|---|---|\n{table}"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+async def reuse_settings(backends: Backends, session: Session, form: Form) -> ReuseView:
+    """The selected image's parameters, copied into the form (seed fixed, so it can be reproduced)."""
+    if session.selected is None:
+        return ReuseView(None, Choices(), text_label(session, None), "Select an image first.")
+    p = session.images[session.selected].parameters
+    try:
+        templates = await load_templates(backends, session, p.product_id, p.template_id)
+    except grpc.aio.AioRpcError as exc:
+        message = friendly_error(exc, "generator", backends.generator_address)
+        return ReuseView(None, Choices(), text_label(session, None), message)
+    styles = [a for a in p.adapters if _adapter_kind(session, a.adapter_id) != "background"]
+    backgrounds = [a for a in p.adapters if _adapter_kind(session, a.adapter_id) == "background"]
+    reused = Form(
+        product_id=p.product_id,
+        template_id=p.template_id,
+        text=p.user_prompt,
+        num_images=form.num_images,
+        show_previews=form.show_previews,
+        random_seed=False,
+        seed=p.seed,
+        steps=p.steps,
+        guidance=round(p.guidance_scale, 4),
+        width=p.width,
+        height=p.height,
+        negative_prompt=p.negative_prompt,
+        scheduler=p.scheduler,
+        style_id=styles[0].adapter_id if styles else "",
+        style_weight=round(styles[0].weight, 4) if styles else 0.0,
+        background_id=backgrounds[0].adapter_id if backgrounds else "",
+        background_weight=round(backgrounds[0].weight, 4) if backgrounds else 0.0,
+    )
+    message = f"Settings of image #{session.selected + 1} copied into the form."
+    return ReuseView(reused, templates, text_label(session, p.template_id), message)
+
+
+def _adapter_kind(session: Session, adapter_id: str) -> str:
+    adapter = session.adapters.get(adapter_id)
+    return adapter.kind if adapter else "style"
+
+
+async def upscale(backends: Backends, session: Session, scale: int = 4) -> AsyncIterator[UpscaleView]:
+    """Upscale the selected image from its storage URI; yields progress, then the stored result's local copy."""
+    if session.selected is None:
+        yield UpscaleView("Select an image first.", False, warning="Select an image first.")
+        return
+    entry = session.images[session.selected]
+    request_id = f"web-up-{uuid.uuid4().hex[:12]}"
+    request = upscaler_pb2.UpscaleRequest(uri=entry.uri, scale=scale, inline_image=True, request_id=request_id)
+    yield UpscaleView(f"Upscaling image #{session.selected + 1} ×{scale}…", True)
+    call = backends.upscaler().upscale(request)
+    session.calls.add(call)
+    try:
+        async for event in call:
+            kind = event.WhichOneof("event")
+            if kind == "progress" and event.progress.tiles_total:
+                p = event.progress
+                yield UpscaleView(f"Upscaling: tile {p.tiles_done} of {p.tiles_total}…", True)
+            elif kind == "image_ready":
+                image = event.image_ready.image
+                png = image.png or await fetch_bytes_async(image.url)
+                name = f"{_slug(entry.parameters.product_id)}-{entry.seed}-x{event.image_ready.scale or scale}.png"
+                path = _write(backends.files_dir / request_id / name, png)
+                status = f"Upscaled to {image.width} × {image.height}."
+                yield UpscaleView(status, False, path)
+                return
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        yield UpscaleView("Upscaling stopped.", False)
+        return
+    except (grpc.aio.AioRpcError, OSError, ValueError) as exc:
+        message = (
+            friendly_error(exc, "upscaler", backends.upscaler_address)
+            if isinstance(exc, grpc.aio.AioRpcError)
+            else f"Could not read the upscaled image: {describe_error(exc)}"
+        )
+        yield UpscaleView(message, False, warning=message)
+        return
+    finally:
+        call.cancel()
+        session.calls.discard(call)
+    yield UpscaleView("The upscaler finished without an image.", False, warning="The upscaler returned no image.")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "image"
