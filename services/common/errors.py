@@ -7,6 +7,7 @@ unexpected, into a deliberate status. Nothing crosses the wire as UNKNOWN.
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,6 +19,10 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 log = logging.getLogger(__name__)
+
+
+class _Status(collections.namedtuple("_Status", ("code", "details", "trailing_metadata")), grpc.Status):
+    pass
 
 
 class ServiceError(Exception):
@@ -103,12 +108,15 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     code, message, details = to_status(exc)
     if code == grpc.StatusCode.INTERNAL:
         log.exception("internal error", exc_info=exc)
-    if isinstance(exc, ResourceExhausted):
-        context.set_trailing_metadata((("retry-after-ms", str(int(exc.retry_after_s * 1000))),))
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
     for detail in details:
         status.details.add().Pack(detail)
-    await context.abort_with_status(rpc_status.to_status(status))
+    rich = rpc_status.to_status(status)
+    metadata = tuple(rich.trailing_metadata)
+    if isinstance(exc, ResourceExhausted):
+        # Plain-text twin of RetryInfo for clients that do not decode rich status details.
+        metadata += (("retry-after-ms", str(int(exc.retry_after_s * 1000))),)
+    await context.abort_with_status(_Status(rich.code, rich.details, metadata))
 
 
 def _is_abort(exc: BaseException) -> bool:

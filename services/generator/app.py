@@ -38,7 +38,7 @@ def worker_configs(settings: GeneratorSettings) -> list[WorkerConfig]:
         WorkerConfig(
             model=settings.model,
             device=device,
-            threads=threads,
+            threads=settings.cpu_threads if settings.cpu_threads and device.startswith("cpu") else threads,
             adapter_cache_size=settings.adapter_cache_size,
             hotswap_rank=settings.hotswap_rank,
             log_level=settings.log_level,

@@ -253,15 +253,14 @@ class Scheduler:
         self._dispatch()
         return ticket
 
+    def _positions(self) -> dict[str, int]:
+        # Round-robin order: a ticket's position is how many dispatches come before its next one.
+        waiting = [k for k in self._rr if k in self.tickets and self.tickets[k].pending]
+        return {key: i for i, key in enumerate(waiting)}
+
     def position_of(self, ticket: Ticket) -> int:
-        """Requests ahead of this one that still wait for a device (0: next to be served)."""
-        ahead = 0
-        for t in self.tickets.values():
-            if t is ticket:
-                return ahead
-            if t.pending:
-                ahead += 1
-        return ahead
+        """Requests that get a device before this one's next image (0: next to be served)."""
+        return self._positions().get(ticket.key, 0)
 
     def cancel(self, ticket: Ticket) -> None:
         """Drop queued images; running ones stop at their next denoising step."""
@@ -331,14 +330,12 @@ class Scheduler:
         metrics.QUEUE_DEPTH.set(self.queued_images)
 
     def _announce_positions(self) -> None:
-        ahead = 0
-        for t in self.tickets.values():
-            if t.pending and t.started_at is None:
-                if t.position != ahead:
-                    t.position = ahead
-                    t.events.put_nowait(QueuePosition(ahead))
-            if t.pending:
-                ahead += 1
+        positions = self._positions()
+        for key, position in positions.items():
+            t = self.tickets[key]
+            if t.started_at is None and t.position != position:
+                t.position = position
+                t.events.put_nowait(QueuePosition(position))
 
     def _send(self, w: WorkerSlot, msg: Any) -> None:
         try:

@@ -21,6 +21,7 @@ class GeneratorSettings(ServiceSettings):
     devices: str = Field(
         "auto", description="'auto' (every CUDA device, else the CPU), 'cuda:0,cuda:1', or 'cpu:N' (N CPU workers)."
     )
+    cpu_threads: int = Field(0, description="Torch threads per CPU worker (0: an equal share of the cores).")
     max_images: int = Field(16, description="Upper bound of num_images per request.")
     max_batch: int = Field(1, description="Images of one request a device may render as one batch.")
     adapter_cache_size: int = Field(8, description="LoRA adapters each worker keeps loaded (LRU).")

@@ -1,0 +1,83 @@
+"""A stand-in for ProductPipeline: fixed time per step, deterministic images from the seed.
+
+Used by scheduling tests and benchmarks to exercise the real workers, scheduler and server
+without diffusion. The "model" string configures it: `standin:step=0.02,load=0,record=/tmp/log`.
+Prompts can ask for trouble: "fail" raises ValueError, "crash" kills the process on cpu:0,
+"crash-always" kills it on every device.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image
+
+from services.generator.messages import RenderSettings
+from services.generator.pipeline import CacheStats, JobCancelled
+
+
+class _Adapters:
+    def __init__(self) -> None:
+        self.stats = CacheStats()
+        self.loaded: set[str] = set()
+
+    def activate(self, adapters) -> None:
+        for spec in adapters:
+            if spec.key in self.loaded:
+                self.stats.hits += 1
+            else:
+                self.stats.misses += 1
+                self.loaded.add(spec.key)
+
+
+class StandInPipeline:
+    def __init__(self, model: str, device: str, adapter_cache_size: int = 8, hotswap_rank: int = 0):
+        options = dict(kv.split("=", 1) for kv in model.removeprefix("standin").strip(":").split(",") if "=" in kv)
+        self.step_seconds = float(options.get("step", 0.01))
+        self.record = options.get("record")
+        self.device_name = device
+        self.default_size = 64
+        self.size_multiple = 8
+        self.adapters = _Adapters()
+        time.sleep(float(options.get("load", 0)))
+        self.load_seconds = float(options.get("load", 0))
+
+    def warmup(self, size: int = 64) -> float:
+        return 0.0
+
+    def _log(self, line: str) -> None:
+        if self.record:
+            with open(self.record, "a") as f:
+                f.write(f"{line}\n")
+
+    def __call__(
+        self,
+        settings: RenderSettings,
+        seeds: tuple[int, ...],
+        on_step: Callable | None = None,
+        preview_every: int = 0,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> list[Image.Image]:
+        if "fail" in settings.prompt:
+            raise ValueError("prompt: the stand-in refuses prompts containing 'fail'")
+        crash = "crash-always" in settings.prompt or ("crash" in settings.prompt and self.device_name == "cpu:0")
+        self.adapters.activate(settings.adapters)
+        for step in range(1, settings.steps + 1):
+            if should_stop():
+                self._log(f"cancelled {seeds} at {step}")
+                raise JobCancelled()
+            time.sleep(self.step_seconds * len(seeds))
+            self._log(f"step {self.device_name} {seeds} {step}")
+            if crash and step == 1:
+                os._exit(17)  # like an OOM kill: no goodbye message
+            if on_step is not None:
+                want = preview_every > 0 and step % preview_every == 0
+                on_step(step, settings.steps, [Image.new("RGB", (8, 8))] * len(seeds) if want else None)
+        images = []
+        for seed in seeds:
+            noise = np.random.default_rng(seed).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+            images.append(Image.fromarray(noise).resize((settings.width, settings.height), Image.NEAREST))
+        return images

@@ -1,0 +1,244 @@
+"""Workers, scheduling, cancellation, backpressure and failure handling, with stand-in pipelines.
+
+The stand-in (services/generator/standin.py) runs inside the real spawned workers, behind the
+real scheduler and gRPC server; only the diffusion is replaced by a fixed sleep per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import urllib.request
+from collections import Counter
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from client.api import generate_request
+from productinaction.v1 import generator_pb2_grpc
+from services.generator.app import start_generator
+from tests.conftest import free_port, generator_settings
+
+STANDIN = "services.generator.standin:StandInPipeline"
+
+
+@asynccontextmanager
+async def standin_server(world: Path, tmp_path: Path, devices: str = "cpu:1", step: float = 0.01, **overrides):
+    record = tmp_path / "steps.log"
+    settings = generator_settings(
+        world,
+        str(tmp_path / "images"),
+        model=f"standin:step={step},record={record}",
+        worker_pipeline=STANDIN,
+        devices=devices,
+        **overrides,
+    )
+    app = await start_generator(settings, wait_ready=overrides.pop("wait_ready", True))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+    try:
+        app.record = record
+        yield app, generator_pb2_grpc.GeneratorStub(channel), health_pb2_grpc.HealthStub(channel)
+    finally:
+        await channel.close()
+        await app.stop()
+
+
+def request(n: int = 1, prompt: str = "", steps: int = 5, **kw):
+    return generate_request(product_id="tiny-star", template_id="beach", prompt=prompt, num_images=n, steps=steps, **kw)
+
+
+async def run(stub, req, log: list | None = None, tag: str = "", timeout: float = 60):
+    events = []
+    async for event in stub.Generate(req, timeout=timeout):
+        events.append(event)
+        if log is not None:
+            log.append((tag, event.WhichOneof("event")))
+    return events
+
+
+def images(events):
+    return [e.image_ready for e in events if e.WhichOneof("event") == "image_ready"]
+
+
+async def test_request_is_spread_over_all_devices(tiny_world, tmp_path):
+    async with standin_server(tiny_world, tmp_path, devices="cpu:3", step=0.02) as (_, stub, _h):
+        ready = images(await run(stub, request(n=6, steps=10)))
+    per_device = Counter(r.device for r in ready)
+    assert per_device == {"cpu:0": 2, "cpu:1": 2, "cpu:2": 2}
+
+
+async def test_small_request_is_not_starved_by_a_big_one(tiny_world, tmp_path):
+    log: list = []
+    async with standin_server(tiny_world, tmp_path, step=0.01) as (_, stub, _h):
+        big = asyncio.create_task(run(stub, request(n=16, steps=5), log, "big"))
+        while ("big", "image_ready") not in log:
+            await asyncio.sleep(0.01)
+        await run(stub, request(n=1, steps=5), log, "small")
+        await big
+    big_ready_before_small_done = sum(
+        1 for tag, kind in log[: log.index(("small", "completed"))] if tag == "big" and kind == "image_ready"
+    )
+    # Round robin: the small request gets the device right after the big one's current image.
+    assert big_ready_before_small_done <= 3
+
+
+async def test_queue_position_is_reported_and_updated(tiny_world, tmp_path):
+    async with standin_server(tiny_world, tmp_path, step=0.05) as (_, stub, _h):
+        first = asyncio.create_task(run(stub, request(n=3, steps=10)))
+        await asyncio.sleep(0.2)
+        second = asyncio.create_task(run(stub, request(n=2, steps=10)))
+        await asyncio.sleep(0.1)
+        third = await run(stub, request(n=1, steps=10))
+        await asyncio.gather(first, second)
+    # Accepted behind the first and second requests; moves up as the second gets its turn.
+    assert third[0].accepted.queue_position == 2
+    updates = [e.queued.queue_position for e in third if e.WhichOneof("event") == "queued"]
+    assert updates[-1] < 2
+
+
+async def test_cancel_drops_queued_and_stops_running_job(tiny_world, tmp_path):
+    async with standin_server(tiny_world, tmp_path, step=0.02) as (app, stub, _h):
+        call = stub.Generate(request(n=8, steps=20, seed=1000))
+        async for event in call:
+            if event.WhichOneof("event") == "progress" and event.progress.step == 3:
+                break
+        call.cancel()
+        # The worker frees up and serves the next request.
+        after = await run(stub, request(n=1, steps=2, seed=5))
+        assert images(after)
+        while app.scheduler.tickets:
+            await asyncio.sleep(0.05)
+    lines = app.record.read_text().splitlines()
+    cancelled_steps = [line for line in lines if "(1000" in line and line.startswith("step")]
+    assert any(line.startswith("cancelled (1000,)") for line in lines), lines[-5:]
+    assert len(cancelled_steps) < 20  # image 0 stopped mid-way; images 1..7 never started
+    assert not any(f"({1000 + i}," in line for line in lines for i in range(1, 8))
+
+
+async def test_deadline_is_honoured_and_cleans_up(tiny_world, tmp_path):
+    async with standin_server(tiny_world, tmp_path, step=0.05) as (app, stub, _h):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await run(stub, request(n=4, steps=20, seed=77), timeout=0.5)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        while app.scheduler.tickets or any(w.job for w in app.scheduler.workers):
+            await asyncio.sleep(0.05)
+    assert "cancelled (77,)" in app.record.read_text()
+
+
+async def test_full_queue_answers_resource_exhausted_with_retry_hint(tiny_world, tmp_path):
+    async with standin_server(tiny_world, tmp_path, step=0.05, max_queue=4) as (_, stub, _h):
+        busy = asyncio.create_task(run(stub, request(n=4, steps=20)))
+        await asyncio.sleep(0.3)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await run(stub, request(n=2))
+        busy.cancel()
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "queue full" in err.value.details()
+    trailing = dict(err.value.trailing_metadata())
+    assert int(trailing["retry-after-ms"]) >= 1000
+    status = rpc_status.from_call(err.value)
+    info = error_details_pb2.RetryInfo()
+    assert status.details[0].Unpack(info) and info.retry_delay.seconds >= 1
+
+
+async def test_worker_error_is_reported_and_worker_survives(tiny_world, tmp_path):
+    async with standin_server(tiny_world, tmp_path) as (app, stub, _h):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await run(stub, request(prompt="please fail"))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt" in err.value.details()
+        assert images(await run(stub, request(n=2)))
+        assert app.scheduler.workers[0].respawns == 0
+
+
+async def test_dead_worker_images_are_retried_elsewhere_and_worker_respawned(tiny_world, tmp_path):
+    async with standin_server(tiny_world, tmp_path, devices="cpu:2") as (app, stub, health):
+        other = asyncio.create_task(run(stub, request(n=4, steps=5, seed=500)))
+        ready = images(await run(stub, request(n=4, prompt="crash", steps=5, seed=100)))
+        assert sorted(r.index for r in ready) == [0, 1, 2, 3]
+        assert {r.device for r in ready} == {"cpu:1"}  # cpu:0 dies on these prompts
+        assert len(images(await other)) == 4  # unaffected
+        assert app.scheduler.workers[0].respawns >= 1
+        while app.scheduler.workers[0].state != "ready":
+            await asyncio.sleep(0.1)
+        reply = await health.Check(health_pb2.HealthCheckRequest())
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await run(stub, request(n=1, prompt="crash-always", steps=5))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "died" in err.value.details()
+
+
+async def test_health_follows_worker_readiness_and_death(tiny_world, tmp_path):
+    settings = generator_settings(
+        tiny_world, str(tmp_path / "img"), model="standin:step=0.01,load=3", worker_pipeline=STANDIN
+    )
+    app = await start_generator(settings, wait_ready=False)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            async def status():
+                return (await health.Check(health_pb2.HealthCheckRequest())).status
+
+            assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING  # still loading
+            await app.scheduler.wait_ready()
+            assert await status() == health_pb2.HealthCheckResponse.SERVING
+            os.kill(app.scheduler.workers[0].process.pid, signal.SIGKILL)
+            seen = set()
+            for _ in range(200):
+                seen.add(await status())
+                if health_pb2.HealthCheckResponse.NOT_SERVING in seen and await status() == 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert health_pb2.HealthCheckResponse.NOT_SERVING in seen  # no worker alive while respawning
+            assert await status() == health_pb2.HealthCheckResponse.SERVING  # respawned
+    finally:
+        await app.stop()
+
+
+async def test_graceful_drain_finishes_running_and_refuses_new(tiny_world, tmp_path):
+    async with standin_server(tiny_world, tmp_path, step=0.02) as (app, stub, _h):
+        running = asyncio.create_task(run(stub, request(n=2, steps=10)))
+        await asyncio.sleep(0.2)
+        drain = asyncio.create_task(app.scheduler.drain(grace_s=30))
+        await asyncio.sleep(0.05)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await run(stub, request())
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in err.value.details()
+        assert len(images(await running)) == 2
+        await drain
+
+
+async def test_progress_previews_every_k_steps(tiny_world, tmp_path):
+    async with standin_server(tiny_world, tmp_path) as (_, stub, _h):
+        events = await run(stub, request(n=1, steps=6, preview_every=2))
+    progress = [e.progress for e in events if e.WhichOneof("event") == "progress"]
+    assert [p.step for p in progress] == [1, 2, 3, 4, 5, 6]
+    assert [bool(p.preview_png) for p in progress] == [False, True, False, True, False, True]
+
+
+async def test_metrics_endpoint_exposes_generator_metrics(tiny_world, tmp_path):
+    from services.common.server import start_metrics
+
+    port = free_port()
+    start_metrics(port)
+    async with standin_server(tiny_world, tmp_path) as (_, stub, _h):
+        await run(stub, request(n=2, adapters=[("tiny-sunset", 0.5)]))
+        body = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read())
+    text = body.decode()
+    for name in (
+        'pia_images_generated_total{device="cpu:0"}',
+        "pia_request_latency_seconds_bucket",
+        "pia_first_image_latency_seconds_bucket",
+        "pia_queue_depth",
+        'pia_device_busy_seconds_total{device="cpu:0"}',
+        'pia_adapter_cache_total{device="cpu:0",result="miss"}',
+        'pia_adapter_cache_total{device="cpu:0",result="hit"}',
+    ):
+        assert name in text, name
