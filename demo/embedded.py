@@ -1,5 +1,5 @@
 """Build the embedded default for `make run` when no trained demo model ships:
-a tiny random SD pipeline, two products and one style adapter made for it.
+a tiny random SD pipeline, two products and one style adapter made for it, and a tiny Swin2SR.
 
     python -m demo.embedded --out .cache/embedded
 """
@@ -35,6 +35,9 @@ def build(out: Path) -> None:
         else:
             fields.update(tokens=[token])
         write_manifest(folder, **fields)
+    from demo.tiny_sr import build_tiny_swin2sr
+
+    build_tiny_swin2sr(out / "tiny-sr")
     (out / ".ready").touch()
 
 
