@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks.<name>`; JSON results go to bench-results/ (not committed)."""
