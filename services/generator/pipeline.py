@@ -44,7 +44,9 @@ def resolve_device(device: str) -> tuple[torch.device, torch.dtype]:
 def load_text2image(model: str, device: torch.device, dtype: torch.dtype):
     """AutoPipelineForText2Image from a local folder or a hub id (SD 1.5, 2.1 and SDXL)."""
     from diffusers import AutoPipelineForText2Image
+    from diffusers.utils import logging as diffusers_logging
 
+    diffusers_logging.disable_progress_bar()
     local = Path(model).expanduser().is_dir()
     kwargs: dict = {"torch_dtype": dtype}
     if local:

@@ -137,6 +137,7 @@ class Scheduler:
         self._serving = False
         self._started = False
         self.accepting = True
+        self._stopping = False
         self._image_seconds = 1.0  # running estimate, for retry hints
         self.model_info: Ready | None = None
 
@@ -178,6 +179,7 @@ class Scheduler:
 
     async def stop(self, timeout: float = 10.0) -> None:
         self.accepting = False  # also stops respawns
+        self._stopping = True
         for w in self.workers:
             if w.state != "dead" and w.conn is not None:
                 try:
@@ -407,6 +409,9 @@ class Scheduler:
             return
         self._on_readable(w)  # whatever it sent before dying still counts
         self._detach(w)
+        if self._stopping:
+            w.state = "dead"
+            return
         was_starting = w.state == "starting"
         w.state = "dead"
         log.error("worker %s exited (code %s)", w.device, process.exitcode)
