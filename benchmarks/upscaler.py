@@ -89,8 +89,14 @@ def child(model: str, device: str, size: int, tile: int, overlap: int, threads: 
         "tiles": plan.total,
         "tile_px": [plan.tile_h, plan.tile_w],
         "output": list(out.size),
+        # Pixels the model computed over the image's: the price of the overlap.
+        "computed_pixels_ratio": round(
+            sum(min(plan.tile_h, size - y) * min(plan.tile_w, size - x) for y in plan.ys for x in plan.xs) / size**2, 3
+        ),
         "torch_threads": torch.get_num_threads(),
         "dtype": str(engine.model.dtype),
+        # This machine may be shared: the 1-minute load average puts the seconds in context.
+        "load_average_1m": round(os.getloadavg()[0], 2),
     }
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result.update(peak_rss_mb=round(peak_rss, 1), peak_rss_over_loaded_mb=round(peak_rss - rss_before, 1))

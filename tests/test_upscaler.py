@@ -221,3 +221,11 @@ async def test_scale_follows_the_loaded_model(tmp_path):
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "x2" in info.value.details()
     finally:
         await app.stop()
+
+
+def test_result_keys_sit_next_to_their_source():
+    from services.upscaler.server import result_key
+
+    assert result_key("req/0.png", 4) == "req/0.x4.png"
+    assert result_key("a/b/photo.JPG", 2) == "a/b/photo.x2.png"
+    assert result_key("req/noext", 4) == "req/noext.x4.png"

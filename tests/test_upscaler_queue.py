@@ -125,3 +125,26 @@ async def test_event_loop_stays_responsive_while_the_model_runs(upscaler, upscal
     assert upscaler.runner.running is not None  # the model really was busy meanwhile
     assert worst < 0.5
     call.cancel()
+
+
+async def test_shutdown_refuses_queued_work_with_unavailable(tmp_path):
+    from services.upscaler.app import start_upscaler
+
+    settings = upscaler_settings("slow", str(tmp_path), engine="tests.fixtures_upscaler:SlowEngine")
+    app = await start_upscaler(settings)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = upscaler_pb2_grpc.UpscalerStub(channel)
+        running = stub.Upscale(slow_request("s-running"))
+        await _next(running, "progress")
+        queued = stub.Upscale(slow_request("s-queued"))
+        await _next(queued, "accepted")
+        stopping = asyncio.create_task(app.stop(grace_s=0.2))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in queued:
+                pass
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in info.value.details()
+        with pytest.raises(grpc.aio.AioRpcError):
+            async for _ in running:
+                pass
+        await stopping
+    assert ("s-queued", "shutdown") in app.runner.history

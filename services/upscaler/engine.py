@@ -71,7 +71,10 @@ class Swin2SREngine:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         local = Path(self.model_name).is_dir()
         started = time.perf_counter()
-        model = Swin2SRForImageSuperResolution.from_pretrained(self.model_name, dtype=dtype, local_files_only=local)
+        try:
+            model = Swin2SRForImageSuperResolution.from_pretrained(self.model_name, dtype=dtype, local_files_only=local)
+        except (OSError, ValueError) as exc:
+            raise RuntimeError(f"cannot load a Swin2SR from {self.model_name!r} (a folder or a hub id): {exc}") from exc
         self.model = model.to(device).eval()
         self.scale = int(model.config.upscale)
         processor = _load_processor(self.model_name, local)
