@@ -42,7 +42,7 @@ def tiny_world(tmp_path_factory) -> Path:
     from demo.embedded import build
 
     cache = ROOT / ".cache" / "test-world"
-    if not (cache / ".ready").exists():
+    if not (cache / ".ready").exists() or not (cache / "tiny-sr" / "config.json").exists():
         shutil.rmtree(cache, ignore_errors=True)
         build(cache)
     out = tmp_path_factory.mktemp("world")

@@ -36,6 +36,8 @@ def default_environment() -> dict[str, str]:
     storage = str(ROOT / "outputs")
     env.setdefault("PIA_GENERATOR_STORAGE", storage)
     env.setdefault("PIA_UPSCALER_STORAGE", storage)
+    env.setdefault("PIA_WEB_GENERATOR", f"localhost:{env.get('PIA_GENERATOR_PORT', '50051')}")
+    env.setdefault("PIA_WEB_UPSCALER", f"localhost:{env.get('PIA_UPSCALER_PORT', '50052')}")
     env.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     env.setdefault("HF_HUB_OFFLINE", "1")
     return env
@@ -63,7 +65,11 @@ def main() -> int:
     for name, cmd in SERVICES:
         # Own process groups: Ctrl-C reaches only this launcher, which then stops each service in order.
         procs.append((name, subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)))
-    print("generator :50051, upscaler :50052, web UI http://localhost:7860 — Ctrl-C stops all", flush=True)
+    ports = [env.get(f"PIA_{n}_PORT", d) for n, d in (("GENERATOR", "50051"), ("UPSCALER", "50052"), ("WEB", "7860"))]
+    print(
+        f"generator :{ports[0]}, upscaler :{ports[1]}, web UI http://localhost:{ports[2]} — Ctrl-C stops all",
+        flush=True,
+    )
     code = 0
     while not stopping:
         for name, proc in procs:
