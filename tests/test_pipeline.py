@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -90,3 +92,19 @@ def test_step_hook_previews_and_cancel(tiny_world, specs):
     with pytest.raises(JobCancelled):
         pipe(settings(steps=10), (1,), on_step=lambda *a: calls.append(a), should_stop=lambda: len(calls) >= 3)
     assert len(calls) == 3
+
+
+def test_sdxl_pipeline_serves_with_a_product_lora(tmp_path):
+    from demo.tiny import build_tiny_sdxl, write_random_lora
+    from services.generator.pipeline import ProductPipeline
+
+    xl = build_tiny_sdxl(tmp_path / "tiny-sdxl")
+    lora = write_random_lora(xl, tmp_path / "xl-product", seed=5, strength=3.0)
+    pipe = ProductPipeline(str(tmp_path / "tiny-sdxl"), "cpu")
+    assert type(pipe.pipe).__name__ == "StableDiffusionXLPipeline"
+    s = RenderSettings("a photo of a shoe", "", 3, 5.0, 64, 64, "euler_a", ())
+    plain = render(pipe, s)[0]
+    product = AdapterSpec(key="xl@1", path=str(lora), weight=1.0)
+    with_lora = render(pipe, dataclasses.replace(s, adapters=(product,)))[0]
+    assert plain.shape == with_lora.shape == (64, 64, 3)
+    assert not np.array_equal(plain, with_lora)
