@@ -36,6 +36,7 @@ CSS = """
 #status-banner.warn { background: #fff4e5; border: 1px solid #f0b35a; }
 #status-banner.ok { background: #eef9f0; border: 1px solid #9fd5a8; }
 #progress progress { width: 100%; height: 0.9rem; }
+#details td:first-child { white-space: nowrap; }
 """
 
 
@@ -75,6 +76,8 @@ def _dropdown(choices: logic.Choices) -> dict:
 
 
 def _progress_html(fraction: float, text: str) -> str:
+    if not text:
+        return ""
     return f'<progress max="1" value="{fraction:.3f}"></progress><div>{text}</div>'
 
 
@@ -96,18 +99,33 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
                 text = gr.Textbox(label="Extra details (optional)", lines=2, elem_id="scene-text")
                 prompt_preview = gr.Textbox(label="Final prompt", lines=3, interactive=False, elem_id="prompt-preview")
                 negative_preview = gr.Textbox(label="Negative prompt", lines=1, interactive=False)
-                num_images = gr.Slider(1, settings.max_images, value=3, step=1, label="Number of images")
+                num_images = gr.Slider(
+                    1, settings.max_images, value=4, step=1, label="Number of images", elem_id="num-images"
+                )
                 show_previews = gr.Checkbox(label="Show step previews while generating", value=False)
                 with gr.Accordion("Advanced", open=False):
                     with gr.Row():
-                        seed = gr.Number(label="Seed", value=None, precision=0, minimum=0)
+                        seed = gr.Number(label="Seed", value=None, precision=0, minimum=0, placeholder="random")
                         random_seed = gr.Checkbox(label="Random seed", value=True)
                     with gr.Row():
-                        steps = gr.Number(label="Steps (blank: default)", value=None, precision=0, minimum=1)
-                        guidance = gr.Number(label="Guidance (blank: default)", value=None, minimum=0, step=0.5)
+                        steps = gr.Number(
+                            label="Steps (0: default)",
+                            value=None,
+                            precision=0,
+                            minimum=0,
+                            placeholder="default",
+                            elem_id="steps",
+                        )
+                        guidance = gr.Number(
+                            label="Guidance (0: default)", value=None, minimum=0, step=0.5, placeholder="default"
+                        )
                     with gr.Row():
-                        width = gr.Number(label="Width (blank: default)", value=None, precision=0, step=8)
-                        height = gr.Number(label="Height (blank: default)", value=None, precision=0, step=8)
+                        width = gr.Number(
+                            label="Width (0: default)", value=None, precision=0, step=8, placeholder="default"
+                        )
+                        height = gr.Number(
+                            label="Height (0: default)", value=None, precision=0, step=8, placeholder="default"
+                        )
                     negative = gr.Textbox(label="Negative prompt (blank: the scene's own)", lines=1)
                     scheduler = gr.Dropdown(
                         label="Scheduler",
@@ -241,7 +259,18 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
 
         # Generate / Generate more / Stop.
 
-        run_outputs = [gallery, progress, status, preview, generate_btn, more_btn, stop_btn, upscale_btn, reuse_btn]
+        run_outputs = [
+            gallery,
+            progress,
+            status,
+            preview,
+            generate_btn,
+            more_btn,
+            stop_btn,
+            upscale_btn,
+            reuse_btn,
+            details,
+        ]
 
         def generate_update(view: logic.GenerateView, fresh: bool) -> dict:
             if view.warning:
@@ -256,7 +285,9 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
                 stop_btn: gr.update(interactive=view.running),
             }
             if fresh:  # the selection went with the old gallery
-                update.update({upscale_btn: gr.update(interactive=False), reuse_btn: gr.update(interactive=False)})
+                update[upscale_btn] = gr.update(interactive=False)
+                update[reuse_btn] = gr.update(interactive=False)
+                update[details] = logic.select_image(Session(), None)
             return update
 
         async def on_generate(state: Session, **values: Any) -> AsyncIterator[dict]:

@@ -7,6 +7,7 @@ the services through `client.api`; prompts, defaults and validation stay in the 
 from __future__ import annotations
 
 import asyncio
+import html
 import io
 import re
 import uuid
@@ -66,7 +67,7 @@ class Form:
 
     product_id: str | None = None
     template_id: str | None = None
-    text: str = ""
+    text: str | None = ""
     num_images: int = 1
     show_previews: bool = False
     random_seed: bool = True
@@ -75,12 +76,12 @@ class Form:
     guidance: float | None = None
     width: float | None = None
     height: float | None = None
-    negative_prompt: str = ""
-    scheduler: str = ""
-    style_id: str = ""
-    style_weight: float = 0.0
-    background_id: str = ""
-    background_weight: float = 0.0
+    negative_prompt: str | None = ""
+    scheduler: str | None = ""
+    style_id: str | None = ""
+    style_weight: float | None = 0.0
+    background_id: str | None = ""
+    background_weight: float | None = 0.0
 
 
 @dataclass
@@ -197,10 +198,10 @@ def banner(generator: str, upscaler: str, backends: Backends) -> tuple[str, bool
     """The status banner's markdown for the two services' health, and whether all is well."""
     gen_addr, up_addr = backends.generator_address, backends.upscaler_address
     if generator == SERVING and upscaler == SERVING:
-        return "✅ Generator and upscaler are ready.", True
+        return "Generator and upscaler are ready.", True
     if generator == UNREACHABLE and upscaler == UNREACHABLE:
         return (
-            f"⚠️ **Neither the image generator (`{gen_addr}`) nor the upscaler (`{up_addr}`) can be reached.** "
+            f"**Neither the image generator (`{gen_addr}`) nor the upscaler (`{up_addr}`) can be reached.** "
             "The page works, but nothing can be generated or upscaled until they are back; "
             "it checks again by itself.",
             False,
@@ -208,18 +209,18 @@ def banner(generator: str, upscaler: str, backends: Backends) -> tuple[str, bool
     lines = []
     if generator == UNREACHABLE:
         lines.append(
-            f"⚠️ **The image generator is unreachable** (`{gen_addr}`). Generating is unavailable; "
+            f"**The image generator is unreachable** (`{gen_addr}`). Generating is unavailable; "
             "upscaling images already in the gallery still works. Products reload by themselves when it is back."
         )
     elif generator == NOT_SERVING:
-        lines.append("⏳ **The image generator is starting** (loading its model). Generate will work once it is ready.")
+        lines.append("**The image generator is starting** (loading its model). Generate will work once it is ready.")
     if upscaler == UNREACHABLE:
         lines.append(
-            f"⚠️ **The upscaler is unreachable** (`{up_addr}`). Generating still works; upscaling does not "
+            f"**The upscaler is unreachable** (`{up_addr}`). Generating still works; upscaling does not "
             "until it is back."
         )
     elif upscaler == NOT_SERVING:
-        lines.append("⏳ **The upscaler is starting.** Generating works; upscaling will once it is ready.")
+        lines.append("**The upscaler is starting.** Generating works; upscaling will once it is ready.")
     return "\n\n".join(lines), False
 
 
@@ -298,23 +299,24 @@ def adapter_weight(session: Session, adapter_id: str) -> float:
 
 
 def build_request(form: Form, *, preview_every: int = 0, request_id: str = "") -> generator_pb2.GenerateRequest:
-    """Widgets -> GenerateRequest. Blank fields stay unset, so the server's defaults apply."""
+    """Widgets -> GenerateRequest. Blank or 0 fields stay unset, so the server's defaults apply."""
+    # Gradio sends None for widgets never shown, and its number boxes show 0 for "empty" once rendered.
     if not form.product_id:
         raise ValueError("Choose a product first.")
     adapters = [
         (adapter_id, float(weight))
         for adapter_id, weight in ((form.style_id, form.style_weight), (form.background_id, form.background_weight))
-        if adapter_id
+        if adapter_id and weight is not None
     ]
     return generate_request(
         product_id=form.product_id,
         template_id=form.template_id or "",
-        prompt=form.text.strip(),
-        negative_prompt=form.negative_prompt.strip() or None,
-        num_images=int(form.num_images),
+        prompt=(form.text or "").strip(),
+        negative_prompt=(form.negative_prompt or "").strip() or None,
+        num_images=int(form.num_images or 1),
         seed=None if form.random_seed or form.seed is None else int(form.seed),
         steps=int(form.steps) if form.steps else None,
-        guidance_scale=float(form.guidance) if form.guidance is not None else None,
+        guidance_scale=float(form.guidance) if form.guidance else None,
         width=int(form.width) if form.width else None,
         height=int(form.height) if form.height else None,
         scheduler=form.scheduler or "",
@@ -361,7 +363,10 @@ async def generate(
     try:
         request = build_request(form, preview_every=preview_every, request_id=request_id)
     except ValueError as exc:
-        yield GenerateView(session.gallery(), 0.0, "", str(exc), False, warning=str(exc))
+        message = str(exc)
+        if session.generator_health == UNREACHABLE:  # no products to choose from: say why
+            message = f"The generator is unreachable ({backends.generator_address}). Try again once it is back."
+        yield GenerateView(session.gallery(), 0.0, "", message, False, warning=message)
         return
     total, done, steps = request.num_images, 0, {}
     preview: Image.Image | None = None
@@ -412,7 +417,8 @@ async def generate(
             raise  # Gradio cancelled this event: nothing more can be shown.
         # Stop cancelled the call itself: say so and keep what arrived.
         status = f"Stopped after {done} of {total} images."
-        yield GenerateView(session.gallery(), _progress({}, done, total), status, status, False, preview)
+        progress = _progress({}, done, total)
+        yield GenerateView(session.gallery(), progress, f"{done} of {total} images", status, False, preview)
     except (grpc.aio.AioRpcError, OSError, ValueError) as exc:
         message = (
             friendly_error(exc, "generator", backends.generator_address)
@@ -450,22 +456,23 @@ def select_image(session: Session, index: int | None) -> str:
     rows = [
         ("Seed", f"`{entry.seed}`"),
         ("Product", f"`{p.product_id}` × {p.product_scale:g}"),
-        ("Scene", f"`{p.template_id or 'none'}`" + (f" + “{p.user_prompt}”" if p.user_prompt else "")),
+        ("Scene", f"`{p.template_id or 'none'}`" + (f" + “{_cell(p.user_prompt)}”" if p.user_prompt else "")),
         ("Steps · guidance", f"{p.steps} · {p.guidance_scale:g}"),
         ("Size", f"{p.width} × {p.height}"),
         ("Scheduler", p.scheduler or "model default"),
         ("Adapters", adapters),
         ("Prompt", _cell(p.prompt)),
         ("Negative prompt", _cell(p.negative_prompt) or "none"),
-        ("Computed on", entry.device or "?"),
+        ("Device", entry.device or "?"),
         ("Stored at", f"`{entry.uri}`"),
     ]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-    return f"**Image #{index + 1}**\n\n| | |\n|---|---|\n{table}"
+    return f"**Image #{index + 1}**\n\n| Setting | Value |\n|---|---|\n{table}"
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    # Product tokens look like HTML tags (<tiny-star>): escape them, or Markdown swallows them.
+    return html.escape(text).replace("|", "\\|").replace("\n", " ")
 
 
 async def reuse_settings(backends: Backends, session: Session, form: Form) -> ReuseView:
@@ -495,9 +502,9 @@ async def reuse_settings(backends: Backends, session: Session, form: Form) -> Re
         negative_prompt=p.negative_prompt,
         scheduler=p.scheduler,
         style_id=styles[0].adapter_id if styles else "",
-        style_weight=round(styles[0].weight, 4) if styles else 0.0,
+        style_weight=round(styles[0].weight, 4) if styles else form.style_weight,
         background_id=backgrounds[0].adapter_id if backgrounds else "",
-        background_weight=round(backgrounds[0].weight, 4) if backgrounds else 0.0,
+        background_weight=round(backgrounds[0].weight, 4) if backgrounds else form.background_weight,
     )
     message = f"Settings of image #{session.selected + 1} copied into the form."
     return ReuseView(reused, templates, text_label(session, p.template_id), message)
