@@ -87,8 +87,9 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
         files_dir = settings.files_dir or tempfile.mkdtemp(prefix="pia-web-")
         backends = Backends(settings.generator, settings.upscaler, files_dir)
 
-    with gr.Blocks(title="Product in Action", analytics_enabled=False) as demo:
-        session = gr.State(Session())
+    # Gradio's own copies of served files: swept hourly once a day old (ours go with each tab's state).
+    with gr.Blocks(title="Product in Action", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
+        session = gr.State(Session(), delete_callback=logic.forget)
         gr.Markdown("# Product in Action\nPhotos of your own product in scenes you choose.")
         banner = gr.Markdown("Checking the services…", elem_id="status-banner")
 
@@ -158,9 +159,13 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
                     reuse_btn = gr.Button("Reuse settings", interactive=False, elem_id="reuse")
                 upscale_status = gr.Markdown("", elem_id="upscale-status")
                 upscaled = gr.Image(
-                    label="Upscaled", type="filepath", format="png", interactive=False, elem_id="upscaled",
+                    label="Upscaled",
+                    type="filepath",
+                    format="png",
+                    interactive=False,
                     buttons=["download", "fullscreen"],
-                )  # fmt: skip
+                    elem_id="upscaled",
+                )
                 download = gr.DownloadButton("Download upscaled PNG", visible=False, elem_id="download")
 
         form = {
@@ -182,7 +187,7 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
             "background_id": background,
             "background_weight": background_weight,
         }
-        assert list(form) == FORM_FIELDS, "the form's widgets must follow web_logic.Form"
+        assert list(form) == FORM_FIELDS, "one widget per web_logic.Form field"
         catalog_outputs = [banner, product, template, text, style, background, status]
 
         # Services: checked at load and on a timer; the catalog reloads when the generator comes back.
@@ -200,22 +205,31 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
         def banner_update(health: logic.HealthView) -> dict:
             return gr.update(value=health.banner, elem_classes=["ok" if health.ok else "warn"])
 
-        async def on_load(state: Session, product_id: str | None, template_id: str | None) -> dict:
+        async def refreshed(state: Session, values: dict, force: bool) -> dict:
             health = await logic.check_health(backends, state)
-            view = await logic.load_catalog(backends, state, product_id, template_id)
-            return {banner: banner_update(health), **catalog_update(view)}
+            update = {banner: banner_update(health)}
+            if force or health.reload:
+                view = await logic.load_catalog(backends, state, values["product_id"], values["template_id"])
+                update.update(catalog_update(view))
+                chosen = Form(**{**values, "product_id": view.products.value, "template_id": view.templates.value})
+                prompt, negative = await logic.preview_prompt(backends, chosen) if chosen.product_id else ("", "")
+                update.update({prompt_preview: prompt, negative_preview: negative})
+            return update
 
-        async def on_tick(state: Session, product_id: str | None, template_id: str | None) -> dict:
-            health = await logic.check_health(backends, state)
-            if not health.reload:
-                return {banner: banner_update(health)}
-            view = await logic.load_catalog(backends, state, product_id, template_id)
-            return {banner: banner_update(health), **catalog_update(view)}
+        async def on_load(state: Session, **values: Any) -> dict:
+            return await refreshed(state, values, force=True)
 
-        catalog_inputs = [session, product, template]
-        load_event = demo.load(on_load, catalog_inputs, catalog_outputs, show_progress="hidden")
-        timer = gr.Timer(settings.health_every_s)
-        timer.tick(on_tick, catalog_inputs, catalog_outputs, show_progress="hidden")
+        async def on_tick(state: Session, **values: Any) -> dict:
+            return await refreshed(state, values, force=False)
+
+        refresh = dict(
+            inputs=[session],
+            inputs_kwargs=form,
+            outputs=[*catalog_outputs, prompt_preview, negative_preview],
+            show_progress="hidden",
+        )
+        demo.load(on_load, **refresh)
+        gr.Timer(settings.health_every_s).tick(on_tick, **refresh)
 
         # Scene and prompt preview (the generator's ComposePrompt).
 
@@ -238,8 +252,10 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
         def on_template(state: Session, template_id: str | None) -> dict:
             return gr.update(label=logic.text_label(state, template_id))
 
-        refresh_preview(load_event)
-        refresh_preview(product.input(on_product, catalog_inputs, [template, text, status], show_progress="hidden"))
+        picked = product.input(
+            on_product, [session, product, template], [template, text, status], show_progress="hidden"
+        )
+        refresh_preview(picked)
         refresh_preview(template.input(on_template, [session, template], text, show_progress="hidden"))
         for box in (text, negative):
             box.input(

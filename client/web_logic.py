@@ -10,6 +10,7 @@ import asyncio
 import html
 import io
 import re
+import shutil
 import uuid
 import weakref
 from collections.abc import AsyncIterator
@@ -63,7 +64,7 @@ class Backends:
 
 @dataclass
 class Form:
-    """The generation form, one field per widget (web.py wires widgets in this order)."""
+    """The generation form, one field per widget (web.py passes the widgets by these names)."""
 
     product_id: str | None = None
     template_id: str | None = None
@@ -110,6 +111,8 @@ class Session:
     templates: dict[str, generator_pb2.Template] = field(default_factory=dict)
     adapters: dict[str, generator_pb2.Adapter] = field(default_factory=dict)
     calls: set[Any] = field(default_factory=set)
+    # Folders of fetched images, removed when the tab's state is dropped (see `forget`).
+    folders: set[str] = field(default_factory=set)
 
     def gallery(self) -> list[tuple[str, str]]:
         return [(entry.path, f"#{i + 1} · {entry.caption}") for i, entry in enumerate(self.images)]
@@ -338,10 +341,19 @@ async def preview_prompt(backends: Backends, form: Form) -> tuple[str, str]:
     return composed.prompt, composed.negative_prompt
 
 
-def _write(path: Path, data: bytes) -> str:
+def _write(session: Session, path: Path, data: bytes) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
+    session.folders.add(str(path.parent))
     path.write_bytes(data)
     return str(path)
+
+
+def forget(session: Session) -> None:
+    """Drop a closed tab's work: cancel its calls, delete the images fetched for it."""
+    stop(session)
+    for folder in session.folders:
+        shutil.rmtree(folder, ignore_errors=True)
+    session.folders.clear()
 
 
 def _progress(steps: dict[int, float], done: int, total: int) -> float:
@@ -393,7 +405,7 @@ async def generate(
             elif kind == "image_ready":
                 ready = event.image_ready
                 png = ready.image.png or await fetch_bytes_async(ready.image.url)
-                path = _write(backends.files_dir / request_id / f"{ready.index}.png", png)
+                path = _write(session, backends.files_dir / request_id / f"{ready.index}.png", png)
                 session.images.append(ImageEntry(ready.image.uri, path, ready.seed, ready.device, ready.parameters))
                 steps.pop(ready.index, None)
                 done += 1
@@ -536,7 +548,7 @@ async def upscale(backends: Backends, session: Session, scale: int = 4) -> Async
                 image = event.image_ready.image
                 png = image.png or await fetch_bytes_async(image.url)
                 name = f"{_slug(entry.parameters.product_id)}-{entry.seed}-x{event.image_ready.scale or scale}.png"
-                path = _write(backends.files_dir / request_id / name, png)
+                path = _write(session, backends.files_dir / request_id / name, png)
                 status = f"Upscaled to {image.width} × {image.height}."
                 yield UpscaleView(status, False, path)
                 return

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -23,18 +25,22 @@ def closed() -> str:
 
 
 @pytest.fixture
-def backends(generator, closed, tmp_path) -> Backends:
+async def backends(generator, closed, tmp_path) -> AsyncIterator[Backends]:
     """Generator up; upscaler address closed (tests that upscale use `backends_up`)."""
-    return Backends(f"127.0.0.1:{generator.port}", closed, tmp_path / "files")
+    backends = Backends(f"127.0.0.1:{generator.port}", closed, tmp_path / "files")
+    yield backends
+    await backends.close()
 
 
 @pytest.fixture
-def backends_up(generator, upscaler, tmp_path) -> Backends:
-    return Backends(f"127.0.0.1:{generator.port}", f"127.0.0.1:{upscaler.port}", tmp_path / "files")
+async def backends_up(generator, upscaler, tmp_path) -> AsyncIterator[Backends]:
+    backends = Backends(f"127.0.0.1:{generator.port}", f"127.0.0.1:{upscaler.port}", tmp_path / "files")
+    yield backends
+    await backends.close()
 
 
 @pytest.fixture(scope="module")
-async def made(generator, closed_module, tmp_path_factory) -> tuple[Form, Session]:
+async def made(generator, closed_module, tmp_path_factory) -> AsyncIterator[tuple[Form, Session]]:
     """Two images made once, with settings away from the defaults, for tests that start from a gallery."""
     backends = Backends(f"127.0.0.1:{generator.port}", closed_module, tmp_path_factory.mktemp("made"))
     session = Session()
@@ -42,7 +48,8 @@ async def made(generator, closed_module, tmp_path_factory) -> tuple[Form, Sessio
     form.random_seed, form.scheduler, form.guidance = False, "euler", 5.0
     form.style_id, form.style_weight = "tiny-sunset", 0.5
     await run(logic.generate(backends, session, form))
-    return form, session
+    yield form, session
+    await backends.close()
 
 
 @pytest.fixture(scope="module")
@@ -136,13 +143,15 @@ def test_build_request_leaves_blank_fields_to_the_server():
         logic.build_request(Form())
 
 
-async def test_generate_streams_each_image_as_it_arrives(backends):
-    session = Session()
+async def test_generate_streams_each_image_as_it_arrives(backends, made):
+    session = with_gallery(made)  # "Generate" starts a new gallery
+    logic.select_image(session, 1)
     form = await form_for(backends, session, num_images=3, seed=1234, random_seed=False, show_previews=True)
     views = await run(logic.generate(backends, session, form, preview_every=1))
 
     sizes = [len(v.gallery) for v in views]
     assert sorted(set(sizes)) == [0, 1, 2, 3] and sizes == sorted(sizes), sizes
+    assert session.selected is None
     first = next(v for v in views if len(v.gallery) == 1)
     assert first.running and 0 < first.progress < 1, "image 1 must be shown while the request still runs"
     assert any(v.preview is not None for v in views), "previews were asked for"
@@ -157,12 +166,15 @@ async def test_generate_streams_each_image_as_it_arrives(backends):
         assert Image.open(path).size == (64, 64) and Path(path).read_bytes().startswith(b"\x89PNG")
         assert entry.uri.startswith("file://") and entry.parameters.steps == FAST["steps"]
 
-    # "Generate more" appends; "Generate" starts over.
+    # "Generate more" appends.
     more = await run(logic.generate(backends, session, await form_for(backends, session), append=True))
     assert len(more[0].gallery) == 3 and len(more[-1].gallery) == 4
     assert [e.seed for e in session.images][:3] == [1234, 1235, 1236]
-    fresh = await run(logic.generate(backends, session, await form_for(backends, session)))
-    assert len(fresh[0].gallery) == 0 and len(fresh[-1].gallery) == 1
+
+    # A closed tab's images go with its state.
+    assert len(session.folders) == 2
+    logic.forget(session)
+    assert not session.folders and not any(Path(path).exists() for path, _ in more[-1].gallery)
 
 
 async def test_select_and_reuse_settings_reproduce_an_image(backends, made):
@@ -210,9 +222,11 @@ async def test_stop_cancels_the_running_request(backends, generator):
     await agen.aclose()
     assert call.cancelled() and not session.calls
 
-    # The server dropped both requests: a new one is not stuck behind 2 × 60-step images.
-    quick = await asyncio.wait_for(run(logic.generate(backends, session, await form_for(backends, session))), 60)
-    assert quick[-1].status.startswith("Done: 1 image(s)")
+    # The server dropped both requests (each stops at its next denoising step), not 2 × 3 × 60 steps later.
+    deadline = time.monotonic() + 30
+    while generator.scheduler.tickets and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert not generator.scheduler.tickets
 
 
 async def test_upscale_returns_the_image_four_times_larger(backends_up, made):
@@ -253,6 +267,7 @@ async def test_services_down_give_readable_messages(closed, tmp_path, backends, 
     views = [view async for view in logic.upscale(backends, Session(), 4)]
     assert views == [logic.UpscaleView("Select an image first.", False, warning="Select an image first.")]
     assert (await logic.reuse_settings(backends, Session(), Form())).message == "Select an image first."
+    await down.close()
 
 
 async def test_server_side_errors_are_sentences(backends):
