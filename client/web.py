@@ -288,7 +288,7 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
             details,
         ]
 
-        def generate_update(view: logic.GenerateView, fresh: bool) -> dict:
+        def generate_update(state: Session, view: logic.GenerateView) -> dict:
             if view.warning:
                 gr.Warning(view.warning)
             update = {
@@ -300,20 +300,20 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
                 more_btn: gr.update(interactive=not view.running),
                 stop_btn: gr.update(interactive=view.running),
             }
-            if fresh:  # the selection went with the old gallery
+            if state.selected is None:  # a new gallery: the selection went with the old one
                 update[upscale_btn] = gr.update(interactive=False)
                 update[reuse_btn] = gr.update(interactive=False)
-                update[details] = logic.select_image(Session(), None)
+                update[details] = logic.select_image(state, None)
             return update
 
         async def on_generate(state: Session, **values: Any) -> AsyncIterator[dict]:
             async for view in logic.generate(backends, state, Form(**values), preview_every=settings.preview_every):
-                yield generate_update(view, fresh=True)
+                yield generate_update(state, view)
 
         async def on_generate_more(state: Session, **values: Any) -> AsyncIterator[dict]:
             views = logic.generate(backends, state, Form(**values), append=True, preview_every=settings.preview_every)
             async for view in views:
-                yield generate_update(view, fresh=False)
+                yield generate_update(state, view)
 
         run = dict(inputs=[session], inputs_kwargs=form, outputs=run_outputs, show_progress="hidden")
         generate_event = generate_btn.click(on_generate, **run)

@@ -367,10 +367,9 @@ async def generate(
 ) -> AsyncIterator[GenerateView]:
     """Stream a Generate call into views: the gallery grows as each image_ready arrives.
 
-    `append=False` starts a new gallery ("Generate"); `append=True` adds to it ("Generate more").
+    `append=False` starts a new gallery ("Generate") once the generator accepts the request, so a
+    refused request leaves the old one in place; `append=True` adds to it ("Generate more").
     """
-    if not append:
-        session.images, session.selected = [], None
     request_id = f"web-{uuid.uuid4().hex[:12]}"
     try:
         request = build_request(form, preview_every=preview_every, request_id=request_id)
@@ -391,6 +390,8 @@ async def generate(
         async for event in call:
             kind = event.WhichOneof("event")
             if kind == "accepted":
+                if not append:
+                    session.images, session.selected = [], None
                 ahead = event.accepted.queue_position
                 status = f"Queued: {ahead} job(s) ahead." if ahead else "Generating…"
             elif kind == "queued":

@@ -149,8 +149,9 @@ async def test_generate_streams_each_image_as_it_arrives(backends, made):
     form = await form_for(backends, session, num_images=3, seed=1234, random_seed=False, show_previews=True)
     views = await run(logic.generate(backends, session, form, preview_every=1))
 
+    # The old gallery stays until the generator accepts; then a new one grows image by image.
     sizes = [len(v.gallery) for v in views]
-    assert sorted(set(sizes)) == [0, 1, 2, 3] and sizes == sorted(sizes), sizes
+    assert sizes[0] == 2 and sorted(set(sizes[1:])) == [0, 1, 2, 3] and sizes[1:] == sorted(sizes[1:]), sizes
     assert session.selected is None
     first = next(v for v in views if len(v.gallery) == 1)
     assert first.running and 0 < first.progress < 1, "image 1 must be shown while the request still runs"
@@ -270,11 +271,14 @@ async def test_services_down_give_readable_messages(closed, tmp_path, backends, 
     await down.close()
 
 
-async def test_server_side_errors_are_sentences(backends):
-    session = Session()
+async def test_server_side_errors_are_sentences(backends, made):
+    session = with_gallery(made)
+    logic.select_image(session, 0)
     form = await form_for(backends, session, width=63)
     views = await run(logic.generate(backends, session, form))
     assert views[-1].warning.startswith("Width: must be a multiple of"), views[-1].warning
+    # The refused request leaves the gallery and the selection as they were.
+    assert len(views[-1].gallery) == 2 and session.selected == 0
 
 
 def test_settings_from_flags_and_env(monkeypatch):
