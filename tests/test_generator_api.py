@@ -74,6 +74,10 @@ async def test_compose_prompt_uses_template_token_and_text(generator_stub):
     assert custom.prompt.endswith("best quality, on a marble table") and custom.negative_prompt == ""
     free = await generator_stub.ComposePrompt(generate_request(product_id="tiny-mug", prompt="{product} in snow"))
     assert free.prompt == "<tiny-mug> in snow"
+    styled = await generator_stub.ComposePrompt(
+        generate_request(product_id="tiny-mug", prompt="{product} in snow", adapters=[("tiny-sunset", 0.5)])
+    )
+    assert styled.prompt == "<tiny-mug> in snow, sunset style"  # the style adapter's trigger words
 
 
 async def test_generate_streams_accepted_images_completed(generator_stub, storage_dir):

@@ -117,7 +117,8 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
     async def ComposePrompt(self, request, context) -> generator_pb2.ComposedPrompt:
         product = self.catalog.product(request.product_id)
         template = self.catalog.template(request.template_id) if request.template_id else None
-        composed = self._compose(request, product, template, [])
+        stacked = [self.catalog.adapter(a.adapter_id, f"adapters[{i}]") for i, a in enumerate(request.adapters)]
+        composed = self._compose(request, product, template, stacked)
         return generator_pb2.ComposedPrompt(prompt=composed.prompt, negative_prompt=composed.negative_prompt)
 
     # Validation
