@@ -1,0 +1,386 @@
+"""Product LoRA training (`python -m training.lora`) on the tiny test model: loss, the product folder,
+resuming, video frames, the generator picking the product up, and every bad input failing cleanly."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import grpc
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+from productinaction.v1 import generator_pb2 as pb
+from productinaction.v1 import generator_pb2_grpc
+from tests.conftest import generator_settings
+from training.data import drop_near_duplicates, extract_video_frames, make_caption
+from training.lora import TrainConfig, diffusion_target, main, train
+
+ROOT = Path(__file__).resolve().parent.parent
+# Attention and ResNet convs: on the random tiny model, attention alone barely moves the loss in 20 steps.
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
+
+
+def square(x: int, y: int, size: tuple[int, int] = (80, 72), side: int = 30) -> Image.Image:
+    image = Image.new("RGB", size, (235, 235, 235))
+    ImageDraw.Draw(image).rectangle([x, y, x + side, y + side], fill=(220, 30, 30))
+    return image
+
+
+def leftovers(products: Path) -> list[str]:
+    """Hidden temp folders a failed or finished run might have left in a products dir."""
+    return sorted(p.name for p in products.iterdir() if p.name.startswith(".")) if products.exists() else []
+
+
+def config(out: Path, base: Path, images: Path | None, work: Path, **overrides) -> TrainConfig:
+    fields = dict(
+        out=out,
+        token="<red-square>",
+        base=str(base),
+        images=images,
+        steps=20,
+        lr=2e-2,
+        resolution=32,
+        target_modules=TARGETS,
+        work_dir=work,
+        threads=1,
+        progress=False,
+    )
+    return TrainConfig(**(fields | overrides))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # On a shared 2-core machine, one torch thread is several times faster than two.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    for i in range(4):
+        square(8 + 9 * i, 12 + 5 * i).save(folder / f"shot{i}.png")
+    (folder / "shot0.txt").write_text("a photo of {token} on a grey table")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def products(tiny_world, tmp_path_factory) -> Path:
+    """A products dir that already holds another product (tiny-star, token <tiny-star>)."""
+    folder = tmp_path_factory.mktemp("products")
+    shutil.copytree(tiny_world / "products" / "tiny-star", folder / "tiny-star")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_world, photos, products, tmp_path_factory) -> SimpleNamespace:
+    """20 steps with every option on: pivotal tuning, text-encoder LoRA, checkpoints, validation images."""
+    work = tmp_path_factory.mktemp("work")
+    cfg = config(
+        products / "red-square",
+        tiny_world / "tiny-sd",
+        photos,
+        work,
+        learn_token=True,
+        init_word="square",
+        train_text_encoder=True,
+        checkpoint_every=10,
+        validate_every=20,
+        validation_steps=2,
+        display_name="Red square",
+        category="demo",
+    )
+    return SimpleNamespace(cfg=cfg, result=train(cfg), work=work)
+
+
+def test_training_lowers_the_loss_and_writes_a_ready_product(trained, products):
+    result, folder = trained.result, products / "red-square"
+    print(f"eval loss {result.eval_loss_start:.4f} -> {result.eval_loss_end:.4f} in {result.seconds:.1f}s")
+    assert result.eval_loss_end < 0.8 * result.eval_loss_start
+    assert sum(result.losses[-5:]) < sum(result.losses[:5])
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "embeddings.safetensors",
+        "manifest.yaml",
+        "pytorch_lora_weights.safetensors",
+        "training.json",
+    ]
+    manifest = yaml.safe_load((folder / "manifest.yaml").read_text())
+    assert manifest == {
+        "display_name": "Red square",
+        "kind": "product",
+        "category": "demo",
+        "tokens": ["<red-square>"],
+        "prompt_phrase": "<red-square>",
+        "adapter": "pytorch_lora_weights.safetensors",
+        "embeddings": "embeddings.safetensors",
+        "default_scale": 1.0,
+        "base_model": trained.cfg.base,
+    }
+    weights = load_file(folder / "pytorch_lora_weights.safetensors")
+    assert any(k.startswith("unet.") and "conv1.lora_A" in k for k in weights)
+    assert any(k.startswith("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A") for k in weights)
+    assert list(load_file(folder / "embeddings.safetensors")) == ["<red-square>"]
+    summary = json.loads((folder / "training.json").read_text())
+    assert summary["prediction_type"] == "epsilon" and len(summary["examples"]) == 4
+    assert summary["examples"][0]["caption"] == "a photo of <red-square> on a grey table"
+    assert summary["examples"][1]["caption"] == "a photo of <red-square>"
+    assert sorted(p.name for p in trained.work.iterdir()) == [
+        "checkpoint-000010",
+        "checkpoint-000020",
+        "validation-000020.png",
+    ]
+    assert Image.open(trained.work / "validation-000020.png").size == (32, 32)
+    assert leftovers(products) == []
+
+
+def test_resuming_a_checkpoint_gives_the_same_weights(trained, tmp_path):
+    out = tmp_path / "products" / "red-square"
+    cfg = config(
+        out,
+        Path(trained.cfg.base),
+        trained.cfg.images,
+        trained.work,
+        **{
+            k: getattr(trained.cfg, k)
+            for k in ("learn_token", "init_word", "train_text_encoder", "display_name", "category")
+        },
+    )
+    cfg.resume = str(trained.work / "checkpoint-000010")
+    result = train(cfg)
+    assert result.resumed_from == 10 and len(result.losses) == 10
+    assert result.losses == trained.result.losses[10:]
+    for name in ("pytorch_lora_weights.safetensors", "embeddings.safetensors"):
+        ours, theirs = load_file(out / name), load_file(trained.cfg.out / name)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_video_frames_are_sampled_and_near_duplicates_dropped(tmp_path):
+    import imageio.v2 as imageio
+
+    video = tmp_path / "clip.mp4"
+    # 2 s at 8 fps, 64x64: the square stands still for a second, then moves 5 px a frame (thumbnails differ
+    # by about 0.03 per move; the codec's noise between still frames is about 0.0001).
+    still = [square(2, 16, (64, 64), side=20) for _ in range(8)]
+    frames = still + [square(7 + 5 * i, 16, (64, 64), side=20) for i in range(8)]
+    with imageio.get_writer(video, fps=8, codec="libx264", quality=8, macro_block_size=16) as writer:
+        for frame in frames:
+            writer.append_data(np.asarray(frame))
+    full = extract_video_frames(video, fps=8, out_dir=tmp_path / "frames")
+    assert (full.read, full.sampled, len(full.frames)) == (16, 16, 9)
+    assert len(list((tmp_path / "frames").glob("frame-*.png"))) == 9
+    half = extract_video_frames(video, fps=4)
+    assert (half.sampled, len(half.frames)) == (8, 5)
+    assert drop_near_duplicates(frames) == [0, *range(8, 16)]
+
+
+def test_video_training_on_a_v_prediction_model_at_32px(tiny_world, tmp_path):
+    """The demo model's setting: v-prediction, 32x32; here a copy of the tiny model switched to v-prediction."""
+    import imageio.v2 as imageio
+
+    base = tmp_path / "tiny-sd-v"
+    shutil.copytree(tiny_world / "tiny-sd", base)
+    sched = base / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps(json.loads(sched.read_text()) | {"prediction_type": "v_prediction"}))
+    video = tmp_path / "clip.mp4"
+    with imageio.get_writer(video, fps=8, codec="libx264", quality=8, macro_block_size=16) as writer:
+        for i in range(8):
+            writer.append_data(np.asarray(square(4 + 3 * i, 10, (64, 64))))
+    cfg = config(tmp_path / "products" / "v-square", base, None, tmp_path / "work", video=video, fps=4, steps=3)
+    result = train(cfg)
+    summary = json.loads((cfg.out / "training.json").read_text())
+    assert summary["prediction_type"] == "v_prediction" and summary["resolution"] == 32
+    assert result.examples == 4 and np.isfinite(result.eval_loss_end)
+    assert len(list((tmp_path / "work" / "frames").glob("*.png"))) == 4
+
+
+def test_diffusion_target_follows_prediction_type():
+    from diffusers import DDPMScheduler
+
+    latents, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    assert torch.equal(diffusion_target(DDPMScheduler(), latents, noise, t), noise)
+    v = DDPMScheduler(prediction_type="v_prediction")
+    assert torch.equal(diffusion_target(v, latents, noise, t), v.get_velocity(latents, noise, t))
+
+
+def test_caption_rules():
+    assert make_caption("<m>") == "a photo of <m>"
+    assert make_caption("<m>", "{token} on a beach") == "<m> on a beach"
+    assert make_caption("<m>", sidecar="studio shot, white background") == "<m>, studio shot, white background"
+    assert make_caption("<m>", sidecar="a <m> mug") == "a <m> mug"
+
+
+# The generator picks the product up
+
+
+async def render(stub, product: str, scale: float | None = None) -> np.ndarray:
+    request = pb.GenerateRequest(
+        product_id=product,
+        prompt="{product} on a table",
+        num_images=1,
+        seed=3,
+        steps=3,
+        width=32,
+        height=32,
+        inline_images=True,
+        guidance_scale=1.0,
+    )
+    if scale is not None:
+        request.product_scale = scale
+    async for event in stub.Generate(request, timeout=120):
+        if event.WhichOneof("event") == "image_ready":
+            return np.asarray(Image.open(io.BytesIO(event.image_ready.image.png)).convert("RGB")).astype(np.int16)
+    raise AssertionError("no image")
+
+
+async def test_trained_product_appears_without_restart_and_changes_images(tiny_world, trained, tmp_path):
+    from services.generator.app import start_generator
+
+    served = tmp_path / "served"
+    shutil.copytree(tiny_world / "products" / "tiny-star", served / "tiny-star")
+    # One torch thread in the worker (see one_thread): patch the core count its thread share comes from.
+    with mock.patch("os.cpu_count", return_value=1):
+        app = await start_generator(generator_settings(tiny_world, str(tmp_path / "images"), products_dir=str(served)))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            stub = generator_pb2_grpc.GeneratorStub(channel)
+            before = {p.id for p in (await stub.ListProducts(pb.ListProductsRequest())).products}
+            # Publish the way the CLI does: a hidden temp folder, renamed into place.
+            shutil.copytree(trained.cfg.out, served / ".red-square.tmp")
+            (served / ".red-square.tmp").rename(served / "red-square")
+            listed = {p.id: p for p in (await stub.ListProducts(pb.ListProductsRequest())).products}
+            assert before == {"tiny-star"} and set(listed) == {"tiny-star", "red-square"}
+            assert listed["red-square"].display_name == "Red square" and list(listed["red-square"].tokens) == [
+                "<red-square>"
+            ]
+            ours = await render(stub, "red-square")
+            off = await render(stub, "red-square", scale=0.0)
+            other = await render(stub, "tiny-star")
+            assert np.abs(ours - off).mean() > 1.0, "the trained LoRA must change the image"
+            assert np.abs(ours - other).mean() > 1.0
+    finally:
+        await app.stop()
+
+
+# Bad inputs: a clear message, a non-zero exit, nothing left in products/
+
+
+def cli(*args: str) -> list[str]:
+    return ["--steps", "2", "--resolution", "32", "--threads", "1", "--quiet", *args]
+
+
+def test_empty_folder_fails_in_a_subprocess(tiny_world, tmp_path):
+    (tmp_path / "empty").mkdir()
+    products = tmp_path / "products"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training.lora",
+            "--images",
+            str(tmp_path / "empty"),
+            "--token",
+            "<x>",
+            "--base",
+            str(tiny_world / "tiny-sd"),
+            "--out",
+            str(products / "x"),
+            "--work-dir",
+            str(tmp_path / "w"),
+            *cli(),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --images: no images in {tmp_path / 'empty'}")
+    assert not (products / "x").exists() and leftovers(products) == []
+
+
+def test_bad_inputs_fail_clearly(tiny_world, photos, products, trained, tmp_path, capsys):
+    base = str(tiny_world / "tiny-sd")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    square(5, 5).save(broken / "good.png")
+    (broken / "bad.png").write_bytes(b"not a png at all")
+    fake_base = tmp_path / "not-a-model"
+    fake_base.mkdir()
+    sdxl = tmp_path / "sdxl"
+    sdxl.mkdir()
+    (sdxl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    elsewhere = tmp_path / "foreign-checkpoint"
+    shutil.copytree(trained.work / "checkpoint-000010", elsewhere)
+    state = json.loads((elsewhere / "state.json").read_text())
+    state["base"], state["fingerprint"]["cross_attention_dim"] = "runwayml/stable-diffusion-v1-5", 768
+    (elsewhere / "state.json").write_text(json.dumps(state))
+
+    out = str(products / "new-product")
+    cases = [
+        (["--images", str(broken), "--token", "<n>"], "cannot read 1 of 2 images", "bad.png"),
+        (["--images", str(photos), "--token", "<TINY-star>"], "<TINY-star> is already used by product 'tiny-star'", ""),
+        (["--images", str(photos), "--token", "<n>", "--base", str(fake_base)], "no model_index.json", ""),
+        (["--images", str(photos), "--token", "<n>", "--base", str(sdxl)], "StableDiffusionXLPipeline", ""),
+        (
+            [
+                "--images",
+                str(photos),
+                "--token",
+                "<n>",
+                "--learn-token",
+                "--train-text-encoder",
+                "--init-word",
+                "square",
+                "--resume",
+                str(elsewhere),
+            ],
+            "the adapter does not fit",
+            "cross_attention_dim': 768",
+        ),
+        (["--images", str(photos), "--token", "cat", "--learn-token"], "already a word the tokenizer knows", ""),
+        (["--images", str(photos), "--token", "<n>", "--resolution", "30"], "not a multiple of 4", ""),
+        (["--video", str(tmp_path / "missing.mp4"), "--token", "<n>"], "--video:", "missing"),
+        (["--images", str(photos), "--token", "<n>", "--out", str(products / "bad id!")], "not a valid product id", ""),
+    ]
+    for args, message, detail in cases:
+        argv = ["--base", base, "--out", out, "--work-dir", str(tmp_path / "w"), *cli(*args)]
+        assert main(argv) == 1, args
+        err = capsys.readouterr().err
+        assert message in err and detail in err, (args, err)
+    assert sorted(p.name for p in products.iterdir()) == ["red-square", "tiny-star"]
+
+
+def test_a_failure_while_publishing_leaves_nothing(tiny_world, photos, tmp_path, monkeypatch):
+    import training.lora
+
+    def explode(tmp, *args, **kwargs):
+        (tmp / "manifest.yaml").write_text("half written")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(training.lora, "write_product", explode)
+    products = tmp_path / "products"
+    with pytest.raises(OSError, match="disk full"):
+        train(config(products / "p", tiny_world / "tiny-sd", photos, tmp_path / "w", steps=1))
+    assert list(products.iterdir()) == []
+
+
+def test_pickle_adapters_are_refused_by_the_converter(tmp_path, capsys):
+    from training.convert import main as convert
+
+    torch.save({"x": torch.zeros(1)}, tmp_path / "lora.bin")
+    assert convert([str(tmp_path / "lora.bin"), str(tmp_path / "out")]) == 1
+    assert "lora.bin is a pickle file; only .safetensors adapters are accepted" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []

@@ -1,0 +1,178 @@
+"""Training data for a product LoRA: an image folder (with optional `.txt` captions) or video frames,
+captions from a template, and the random crop/flip augmentation.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from training import TrainingError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DEFAULT_TEMPLATE = "a photo of {token}"
+# Mean absolute difference (0..1) of 16x16 grey thumbnails under which two frames count as the same shot.
+DEFAULT_DEDUPE_THRESHOLD = 0.02
+MAX_SCALE = 1.15  # random crops take between 1/1.15 and all of the shorter side
+
+
+@dataclass
+class Example:
+    image: Image.Image
+    caption: str
+    source: str
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        # Cut-out product shots: put them on white rather than on black.
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def read_image_folder(folder: str | Path) -> list[tuple[Image.Image, str | None, Path]]:
+    """(image, sidecar caption or None, path) for every image in `folder`; errors name every bad file."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TrainingError(f"--images: {folder} is not a folder")
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise TrainingError(f"--images: no images in {folder} (looked for {', '.join(IMAGE_SUFFIXES)})")
+    items, bad = [], []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                image = _rgb(im)
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            bad.append(f"{path.name} ({type(exc).__name__}: {exc})")
+            continue
+        sidecar = path.with_suffix(".txt")
+        caption = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else None
+        items.append((image, caption or None, path))
+    if bad:
+        raise TrainingError(f"--images: cannot read {len(bad)} of {len(paths)} images in {folder}: " + "; ".join(bad))
+    return items
+
+
+def thumbnail(image: Image.Image, size: int = 16) -> np.ndarray:
+    """Small grey version of `image` for near-duplicate checks (values 0..1)."""
+    return np.asarray(image.convert("L").resize((size, size), Image.Resampling.BOX), dtype=np.float32) / 255.0
+
+
+def drop_near_duplicates(images: list[Image.Image], threshold: float = DEFAULT_DEDUPE_THRESHOLD) -> list[int]:
+    """Indices of the images kept: each one differs from every earlier kept one by more than `threshold`."""
+    kept: list[int] = []
+    thumbs: list[np.ndarray] = []
+    for i, image in enumerate(images):
+        t = thumbnail(image)
+        if all(float(np.abs(t - k).mean()) > threshold for k in thumbs):
+            kept.append(i)
+            thumbs.append(t)
+    return kept
+
+
+@dataclass
+class VideoFrames:
+    frames: list[Image.Image]
+    read: int  # frames decoded
+    sampled: int  # frames taken at the requested fps
+    native_fps: float
+
+
+def extract_video_frames(
+    video: str | Path, fps: float, threshold: float = DEFAULT_DEDUPE_THRESHOLD, out_dir: str | Path | None = None
+) -> VideoFrames:
+    """Frames of `video` at `fps` (imageio + imageio-ffmpeg), near-duplicates dropped; saved to `out_dir` if given."""
+    import imageio.v2 as imageio
+
+    video = Path(video)
+    if not video.is_file():
+        raise TrainingError(f"--video: {video} is missing")
+    if fps <= 0:
+        raise TrainingError(f"--fps: must be positive, got {fps}")
+    sampled: list[Image.Image] = []
+    read = 0
+    try:
+        with imageio.get_reader(str(video), format="FFMPEG") as reader:
+            native = float(reader.get_meta_data().get("fps") or fps)
+            next_t = 0.0
+            for i, frame in enumerate(reader):
+                read += 1
+                # Frame i shows time i/native; take the first frame at or after each 1/fps tick.
+                if i / native + 1e-6 >= next_t:
+                    sampled.append(Image.fromarray(np.asarray(frame)).convert("RGB"))
+                    next_t += 1.0 / fps
+    except TrainingError:
+        raise
+    except Exception as exc:
+        raise TrainingError(f"--video: cannot read {video} ({type(exc).__name__}: {exc})") from exc
+    if not sampled:
+        raise TrainingError(f"--video: no frames in {video}")
+    frames = [sampled[i] for i in drop_near_duplicates(sampled, threshold)]
+    log.info(
+        "video %s: %d frames at %.1f fps, %d sampled at %.1f fps, %d kept",
+        video,
+        read,
+        native,
+        len(sampled),
+        fps,
+        len(frames),
+    )
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for i, frame in enumerate(frames):
+            frame.save(out / f"frame-{i:04d}.png")
+    return VideoFrames(frames, read, len(sampled), native)
+
+
+def make_caption(phrase: str, template: str = DEFAULT_TEMPLATE, sidecar: str | None = None) -> str:
+    """One image's caption: its sidecar text, else the template; `{token}` is filled in, or the phrase put first."""
+    text = sidecar if sidecar else template
+    if "{token}" in text:
+        return text.replace("{token}", phrase)
+    return text if phrase in text else f"{phrase}, {text}"
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """HWC uint8 image -> CHW float in [-1, 1]."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def center_crop(image: Image.Image, resolution: int) -> torch.Tensor:
+    w, h = image.size
+    scale = resolution / min(w, h)
+    image = image.resize(
+        (max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.Resampling.BICUBIC
+    )
+    w, h = image.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    return to_tensor(image.crop((left, top, left + resolution, top + resolution)))
+
+
+def augment(image: Image.Image, resolution: int, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
+    """Random scale (1 to 1.15x the crop), random crop, and (unless `flip` is off) random horizontal flip."""
+    u = torch.rand(4, generator=generator).tolist()
+    w, h = image.size
+    short = resolution * (1.0 + (MAX_SCALE - 1.0) * u[0])
+    scale = short / min(w, h)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    image = image.resize(size, Image.Resampling.BICUBIC)
+    left = int(u[1] * (size[0] - resolution + 1))
+    top = int(u[2] * (size[1] - resolution + 1))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if flip and u[3] < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return to_tensor(image)

@@ -1,0 +1,812 @@
+"""Train a product LoRA on a few photos (or a video) and write a ready product folder.
+
+    python -m training.lora --images photos/mug --token "<my-mug>" --base models/demo-sd --out products/my-mug
+    python -m training.lora --video mug.mp4 --fps 2 --token "<my-mug>" --learn-token --init-word mug \\
+        --base models/demo-sd --out products/my-mug --display-name "My mug" --category kitchen
+
+The folder holds manifest.yaml, the adapter as diffusers/PEFT `pytorch_lora_weights.safetensors`,
+`embeddings.safetensors` when the token is learned (pivotal tuning) and `training.json`. It is
+written into a hidden temp folder beside the target and renamed at the end, so the generator (which
+rescans products before every request) never sees a half-written product. Checkpoints and
+validation images go to --work-dir. Recipe and measurements: docs/TRAINING.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from training import TrainingError
+from training.data import (
+    DEFAULT_DEDUPE_THRESHOLD,
+    DEFAULT_TEMPLATE,
+    Example,
+    augment,
+    center_crop,
+    extract_video_frames,
+    make_caption,
+    read_image_folder,
+)
+
+log = logging.getLogger("training.lora")
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+EMBEDDINGS_FILE = "embeddings.safetensors"
+CHECKPOINT_PREFIX = "checkpoint-"
+EVAL_TIMESTEPS = (0.1, 0.3, 0.5, 0.7, 0.9)  # fractions of the schedule for the fixed evaluation loss
+TOKEN_PATTERN = re.compile(r"<[^<>\s]+>")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; the CLI flags map onto these one to one."""
+
+    out: Path
+    token: str
+    base: str
+    images: Path | None = None
+    video: Path | None = None
+    fps: float = 2.0
+    dedupe_threshold: float = DEFAULT_DEDUPE_THRESHOLD
+    caption_template: str = DEFAULT_TEMPLATE
+    display_name: str = ""
+    category: str = ""
+    description: str = ""
+    prompt_phrase: str = ""
+    default_scale: float = 1.0
+    rank: int = 4
+    alpha: float | None = None
+    target_modules: tuple[str, ...] = UNET_TARGETS
+    train_text_encoder: bool = False
+    learn_token: bool = False
+    init_word: str = "object"
+    token_lr: float | None = None
+    steps: int = 500
+    lr: float = 1e-4
+    batch_size: int = 1
+    resolution: int | None = None
+    flip: bool = True
+    seed: int = 0
+    checkpoint_every: int = 0
+    validate_every: int = 0
+    validation_prompt: str = ""
+    validation_steps: int = 20
+    resume: str | None = None
+    work_dir: Path | None = None
+    device: str = "auto"
+    mixed_precision: str = "auto"
+    gradient_checkpointing: str = "auto"
+    threads: int = 0
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    eval_loss_start: float
+    eval_loss_end: float
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    examples: int = 0
+    resumed_from: int = 0
+
+
+# 1. Inputs
+
+
+def parse_tokens(token: str) -> list[str]:
+    """`<s1><s2>` -> ['<s1>', '<s2>']; anything else is one token."""
+    token = token.strip()
+    if not token:
+        raise TrainingError("--token: empty")
+    found = TOKEN_PATTERN.findall(token)
+    return found if found and "".join(found) == token else [token]
+
+
+def check_product_id(out: Path) -> str:
+    from services.generator.catalog import ID_PATTERN
+
+    if not ID_PATTERN.match(out.name):
+        raise TrainingError(f"--out: {out.name!r} is not a valid product id (letters, digits, '.', '_', '-')")
+    return out.name
+
+
+def tokens_in_use(products_dir: Path, exclude: str) -> dict[str, str]:
+    """Lower-cased token -> product id, for every product folder in `products_dir` except `exclude`."""
+    import yaml
+
+    used: dict[str, str] = {}
+    if not products_dir.is_dir():
+        return used
+    for manifest in sorted(products_dir.glob("*/manifest.yaml")):
+        product = manifest.parent.name
+        if product == exclude or product.startswith("."):
+            continue
+        try:
+            data = yaml.safe_load(manifest.read_text()) or {}
+        except (yaml.YAMLError, OSError):
+            continue
+        if data.get("kind", "product") != "product":
+            continue
+        for t in data.get("tokens") or []:
+            used[str(t).lower()] = product
+    return used
+
+
+def check_tokens_free(products_dir: Path, product_id: str, tokens: list[str]) -> None:
+    used = tokens_in_use(products_dir, product_id)
+    for t in tokens:
+        if t.lower() in used:
+            owner = used[t.lower()]
+            raise TrainingError(
+                f"--token: {t} is already used by product {owner!r} ({products_dir / owner}); pick another token"
+            )
+
+
+def load_examples(cfg: TrainConfig, phrase: str, work: Path) -> list[Example]:
+    if bool(cfg.images) == bool(cfg.video):
+        raise TrainingError("give exactly one of --images DIR or --video FILE")
+    if cfg.video:
+        video = extract_video_frames(cfg.video, cfg.fps, cfg.dedupe_threshold, work / "frames")
+        caption = make_caption(phrase, cfg.caption_template)
+        return [Example(f, caption, f"{Path(cfg.video).name}#{i}") for i, f in enumerate(video.frames)]
+    return [
+        Example(image, make_caption(phrase, cfg.caption_template, sidecar), path.name)
+        for image, sidecar, path in read_image_folder(cfg.images)
+    ]
+
+
+# 2. Base model
+
+
+@dataclass
+class Base:
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any  # the model's own (inference) scheduler
+    noise_scheduler: Any  # DDPM with the same betas and prediction_type, for training
+    fingerprint: dict
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_resolution(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale
+
+
+def load_base(base: str) -> Base:
+    """The base model's components in fp32, or a TrainingError."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    local = Path(base).expanduser()
+    if local.exists():
+        index = local / "model_index.json"
+        if not index.is_file():
+            raise TrainingError(f"--base: {base} is not a diffusers model folder (no model_index.json)")
+        kind = json.loads(index.read_text()).get("_class_name", "")
+        if kind not in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", ""):
+            raise TrainingError(f"--base: {base} is a {kind}; only Stable Diffusion 1.x/2.x-style bases are supported")
+    import diffusers
+    from packaging.version import Version
+
+    # Files stored in fp16 (the demo model) are upcast: LoRA training wants fp32 master weights.
+    dtype_arg = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(local if local.exists() else base),
+            **{dtype_arg: torch.float32},
+            safety_checker=None,
+            requires_safety_checker=False,
+            local_files_only=local.exists(),
+        )
+    except Exception as exc:
+        raise TrainingError(f"--base: cannot load {base} ({type(exc).__name__}: {exc})") from exc
+    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "v_prediction"):
+        raise TrainingError(f"--base: prediction_type {prediction!r} is not supported (epsilon or v_prediction)")
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    te_config = pipe.text_encoder.config
+    fingerprint = {
+        "block_out_channels": list(pipe.unet.config.block_out_channels),
+        "cross_attention_dim": pipe.unet.config.cross_attention_dim,
+        "text_hidden_size": te_config.hidden_size,
+        "text_layers": te_config.num_hidden_layers,
+        "vocab_size": len(pipe.tokenizer),
+        "prediction_type": prediction,
+    }
+    return Base(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, noise_scheduler, fingerprint)
+
+
+class LearnedTokens(torch.nn.Module):
+    """Trainable embedding rows for new tokens (pivotal tuning).
+
+    A forward hook puts them into the text encoder's token embedding output, so only these rows
+    are trained (and held in the optimizer), not the whole vocabulary matrix.
+    """
+
+    def __init__(self, embedding: torch.nn.Embedding, ids: list[int], init: torch.Tensor):
+        super().__init__()
+        self.ids = ids
+        self.rows = torch.nn.Parameter(init.detach().clone().float())
+        self.handle = embedding.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        if not args:
+            return output
+        input_ids = args[0]
+        for j, token_id in enumerate(self.ids):
+            mask = (input_ids == token_id).unsqueeze(-1)
+            output = torch.where(mask, self.rows[j].to(output.dtype), output)
+        return output
+
+    def write_back(self, embedding: torch.nn.Embedding) -> None:
+        with torch.no_grad():
+            for j, token_id in enumerate(self.ids):
+                embedding.weight[token_id] = self.rows[j].to(embedding.weight.dtype)
+
+
+def add_learned_tokens(base: Base, tokens: list[str], init_word: str) -> LearnedTokens:
+    tokenizer, encoder = base.tokenizer, base.text_encoder
+    for t in tokens:
+        if any(c.isspace() for c in t):
+            raise TrainingError(f"--token: {t!r} has spaces; a learned token must be one word, such as <my-mug>")
+        pieces = tokenizer.tokenize(t)
+        if t in tokenizer.get_vocab() or (len(pieces) == 1 and pieces[0].removesuffix("</w>") == t.lower()):
+            raise TrainingError(f"--token: {t!r} is already a word the tokenizer knows; pick a new one like <my-mug>")
+    init_ids = tokenizer(init_word, add_special_tokens=False).input_ids
+    if not init_ids:
+        raise TrainingError(f"--init-word: {init_word!r} gives no tokens")
+    tokenizer.add_tokens(tokens)
+    encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    embedding = encoder.get_input_embeddings()
+    init = embedding.weight[init_ids].mean(0)
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    learned = LearnedTokens(embedding, ids, init.expand(len(tokens), -1))
+    learned.write_back(embedding)
+    return learned
+
+
+def add_lora(base: Base, cfg: TrainConfig) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    alpha = cfg.alpha if cfg.alpha is not None else cfg.rank
+    base.unet.requires_grad_(False)
+    base.vae.requires_grad_(False)
+    base.text_encoder.requires_grad_(False)
+    try:
+        config = LoraConfig(
+            r=cfg.rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(cfg.target_modules)
+        )
+        base.unet.add_adapter(config)
+    except ValueError as exc:
+        raise TrainingError(f"--target-modules: {exc}") from exc
+    if cfg.train_text_encoder:
+        te_config = LoraConfig(
+            r=cfg.rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(TEXT_ENCODER_TARGETS)
+        )
+        # peft directly: transformers' own add_adapter insists on a newer peft than diffusers needs.
+        inject_adapter_in_model(te_config, base.text_encoder, adapter_name="default")
+        for name, p in base.text_encoder.named_parameters():
+            p.requires_grad_("lora_" in name)
+
+
+def trainable_parameters(base: Base, learned: LearnedTokens | None) -> dict[str, torch.nn.Parameter]:
+    params = {f"unet.{n}": p for n, p in base.unet.named_parameters() if p.requires_grad}
+    params |= {f"text_encoder.{n}": p for n, p in base.text_encoder.named_parameters() if p.requires_grad}
+    if learned is not None:
+        params["tokens.rows"] = learned.rows
+    return params
+
+
+# 3. Training pieces
+
+
+def choose_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    mode = cfg.mixed_precision
+    if mode == "no" or device.type != "cuda":
+        if mode in ("fp16", "bf16") and device.type != "cuda":
+            log.info("mixed precision %s needs CUDA; training in fp32", mode)
+        return None
+    if mode == "fp16":
+        return torch.float16
+    if mode == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def encode_text(base: Base, captions: list[str], device: torch.device) -> torch.Tensor:
+    # The demo model's text encoder has 16 positions; never pad past what the encoder holds.
+    length = min(base.tokenizer.model_max_length, base.text_encoder.config.max_position_embeddings)
+    ids = base.tokenizer(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    return base.text_encoder(ids.input_ids.to(device))[0]
+
+
+def encode_images(base: Base, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    with torch.no_grad():
+        dist = base.vae.encode(pixels.to(base.vae.device)).latent_dist
+        latents = dist.sample(generator=generator) if generator is not None else dist.mode()
+    shift = getattr(base.vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * base.vae.config.scaling_factor
+
+
+def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to predict, by the scheduler's prediction_type."""
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, t)
+    raise TrainingError(f"prediction_type {kind!r} is not supported")
+
+
+def denoise_loss(base: Base, latents, noise, t, cond, amp: torch.dtype | None) -> torch.Tensor:
+    noisy = base.noise_scheduler.add_noise(latents, noise, t)
+    with torch.autocast(latents.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        pred = base.unet(noisy, t, encoder_hidden_states=cond).sample
+    return F.mse_loss(pred.float(), diffusion_target(base.noise_scheduler, latents, noise, t).float())
+
+
+@dataclass
+class EvalSet:
+    """Fixed images, noise and timesteps: a loss comparable across steps (the training loss is too noisy)."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    captions: list[str]
+
+
+def make_eval_set(base: Base, examples: list[Example], resolution: int, seed: int, device) -> EvalSet:
+    chosen = examples[: min(4, len(examples))]
+    g = torch.Generator().manual_seed(seed + 1)
+    n_train = base.noise_scheduler.config.num_train_timesteps
+    pixels = torch.stack([center_crop(e.image, resolution) for e in chosen]).to(device)
+    latents = encode_images(base, pixels, None)
+    k = len(EVAL_TIMESTEPS)
+    latents = latents.repeat_interleave(k, 0)
+    timesteps = torch.tensor([int(f * n_train) for f in EVAL_TIMESTEPS] * len(chosen), device=device)
+    noise = torch.randn(latents.shape, generator=g).to(device)
+    return EvalSet(latents, noise, timesteps, [e.caption for e in chosen for _ in range(k)])
+
+
+def eval_loss(base: Base, ev: EvalSet, amp: torch.dtype | None, chunk: int = 8) -> float:
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(ev.captions), chunk):
+            sl = slice(i, i + chunk)
+            cond = encode_text(base, ev.captions[sl], ev.latents.device)
+            loss = denoise_loss(base, ev.latents[sl], ev.noise[sl], ev.timesteps[sl], cond, amp)
+            total += loss.item() * len(ev.captions[sl])
+    return total / len(ev.captions)
+
+
+def validate(base: Base, prompt: str, resolution: int, steps: int, seed: int, path: Path) -> None:
+    """Render one image with the current weights (fixed seed), for watching training progress."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=base.unet,
+        scheduler=type(base.scheduler).from_config(base.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    base.unet.eval()
+    try:
+        generator = torch.Generator("cpu").manual_seed(seed)
+        with torch.no_grad():
+            image = pipe(
+                prompt, num_inference_steps=steps, height=resolution, width=resolution, generator=generator
+            ).images[0]
+    finally:
+        base.unet.train()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+# 4. Checkpoints
+
+
+def settings_key(cfg: TrainConfig, tokens: list[str]) -> dict:
+    """What must match for a checkpoint to be resumable."""
+    return {
+        "rank": cfg.rank,
+        "alpha": cfg.alpha if cfg.alpha is not None else cfg.rank,
+        "target_modules": list(cfg.target_modules),
+        "train_text_encoder": cfg.train_text_encoder,
+        "learn_token": cfg.learn_token,
+        "tokens": tokens,
+    }
+
+
+def save_checkpoint(work: Path, step: int, params, optimizer, generator, state: dict) -> Path:
+    from safetensors.torch import save_file
+
+    final = work / f"{CHECKPOINT_PREFIX}{step:06d}"
+    tmp = work / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {n: p.detach().cpu().contiguous() for n, p in params.items()}
+    tensors["rng.train"] = generator.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_file(tensors, tmp / "trainable.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def find_checkpoint(work: Path, resume: str) -> Path:
+    if resume != "latest":
+        path = Path(resume)
+        if not (path / "state.json").is_file():
+            raise TrainingError(f"--resume: {path} is not a checkpoint folder (no state.json)")
+        return path
+    found = sorted(p for p in work.glob(f"{CHECKPOINT_PREFIX}*") if (p / "state.json").is_file())
+    if not found:
+        raise TrainingError(f"--resume: no checkpoints in {work}")
+    return found[-1]
+
+
+def load_checkpoint(path: Path, params, optimizer, generator, expected: dict, fingerprint: dict, base: str) -> int:
+    from safetensors.torch import load_file
+
+    state = json.loads((path / "state.json").read_text())
+    if state.get("fingerprint") != fingerprint:
+        raise TrainingError(
+            f"--resume: {path} was trained on another base model ({state.get('base')}: {state.get('fingerprint')}); "
+            f"the adapter does not fit {base} ({fingerprint})"
+        )
+    if state.get("settings") != expected:
+        raise TrainingError(f"--resume: {path} used other settings {state.get('settings')}; this run has {expected}")
+    tensors = load_file(str(path / "trainable.safetensors"))
+    with torch.no_grad():
+        for name, p in params.items():
+            if name not in tensors or tensors[name].shape != p.shape:
+                raise TrainingError(f"--resume: {path} does not fit {base}: parameter {name} missing or reshaped")
+            p.copy_(tensors[name])
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    generator.set_state(tensors["rng.train"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return int(state["step"])
+
+
+# 5. Output
+
+
+def lora_state(model, alpha: float, rank: int) -> dict[str, torch.Tensor]:
+    """The model's LoRA weights in PEFT naming with alpha/rank folded into lora_B (so any loader gets scale 1)."""
+    from peft import get_peft_model_state_dict
+
+    # Saved PEFT-named, not through convert_state_dict_to_diffusers: with targets beyond the attention
+    # projections that mixes two namings, and diffusers then silently drops part of the file.
+    state = get_peft_model_state_dict(model, adapter_name="default")
+    if hasattr(model, "get_input_embeddings") and not hasattr(model, "text_model"):
+        # The `text_model.` prefix older transformers use; diffusers strips it for flattened models.
+        state = {f"text_model.{k}": v for k, v in state.items()}
+    return {
+        k: (v * (alpha / rank) if "lora_B" in k else v).detach().cpu().float().contiguous() for k, v in state.items()
+    }
+
+
+def write_product(
+    tmp: Path, base: Base, cfg: TrainConfig, tokens: list[str], phrase: str, learned, summary: dict
+) -> None:
+    import yaml
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    alpha = cfg.alpha if cfg.alpha is not None else cfg.rank
+    te_layers = lora_state(base.text_encoder, alpha, cfg.rank) if cfg.train_text_encoder else None
+    StableDiffusionPipeline.save_lora_weights(
+        tmp,
+        unet_lora_layers=lora_state(base.unet, alpha, cfg.rank),
+        text_encoder_lora_layers=te_layers,
+        safe_serialization=True,
+    )
+    manifest: dict[str, Any] = {
+        "display_name": cfg.display_name or cfg.out.name,
+        "kind": "product",
+        "category": cfg.category,
+        "tokens": tokens,
+        "prompt_phrase": phrase,
+        "adapter": ADAPTER_FILE,
+    }
+    if learned is not None:
+        rows = learned.rows.detach().cpu().float()
+        save_file({t: rows[j].contiguous() for j, t in enumerate(tokens)}, tmp / EMBEDDINGS_FILE)
+        manifest["embeddings"] = EMBEDDINGS_FILE
+    manifest |= {"default_scale": cfg.default_scale, "base_model": cfg.base}
+    if cfg.description:
+        manifest["description"] = cfg.description
+    (tmp / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True))
+    (tmp / "training.json").write_text(json.dumps(summary, indent=2, default=str))
+
+
+def publish(tmp: Path, target: Path, overwrite: bool) -> None:
+    """Rename the finished temp folder onto `target` (replacing it only with --overwrite)."""
+    if not target.exists():
+        tmp.rename(target)
+        return
+    if not overwrite:
+        raise TrainingError(f"--out: {target} appeared while training; pass --overwrite to replace it")
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# 6. The run
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train and publish one product folder; raises TrainingError for bad inputs."""
+    started = time.perf_counter()
+
+    # 1. Check inputs (before anything slow)
+    target = Path(cfg.out).absolute()
+    product_id = check_product_id(target)
+    tokens = parse_tokens(cfg.token)
+    phrase = cfg.prompt_phrase or "".join(tokens)
+    check_tokens_free(target.parent, product_id, tokens)
+    if target.exists() and not cfg.overwrite:
+        raise TrainingError(f"--out: {target} already exists; pass --overwrite to replace it")
+    for name in ("steps", "rank", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise TrainingError(f"--{name.replace('_', '-')}: must be at least 1")
+    work = Path(cfg.work_dir) if cfg.work_dir else Path(".cache") / "training" / product_id
+    work.mkdir(parents=True, exist_ok=True)
+    examples = load_examples(cfg, phrase, work)
+
+    # 2. Base model, device, precision
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    base = load_base(cfg.base)
+    device = torch.device(
+        "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu")
+    )
+    resolution = cfg.resolution or base.native_resolution
+    multiple = base.vae_scale * 2 ** (len(base.unet.config.block_out_channels) - 1)
+    if resolution % multiple:
+        raise TrainingError(f"--resolution: {resolution} is not a multiple of {multiple} for this base model")
+    amp = choose_precision(cfg, device)
+
+    # 3. Tokens and LoRA layers
+    learned = add_learned_tokens(base, tokens, cfg.init_word) if cfg.learn_token else None
+    add_lora(base, cfg)
+    for module in (base.unet, base.vae, base.text_encoder):
+        module.to(device)
+    if learned is not None:
+        learned.to(device)
+    if cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and device.type == "cuda"):
+        base.unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder or learned is not None:
+            base.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    text_trains = cfg.train_text_encoder or learned is not None
+    base.unet.train()
+    base.text_encoder.train(text_trains)
+    base.vae.eval()
+
+    # 4. Optimizer, and the checkpoint to resume from
+    params = trainable_parameters(base, learned)
+    groups = [{"params": [p for n, p in params.items() if n != "tokens.rows"], "lr": cfg.lr, "weight_decay": 1e-2}]
+    if learned is not None:
+        groups.append({"params": [learned.rows], "lr": cfg.token_lr or cfg.lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    expected = settings_key(cfg, tokens)
+    ckpt_state = {"base": cfg.base, "fingerprint": base.fingerprint, "settings": expected}
+    start = 0
+    if cfg.resume:
+        checkpoint = find_checkpoint(work, cfg.resume)
+        start = load_checkpoint(checkpoint, params, optimizer, generator, expected, base.fingerprint, cfg.base)
+        log.info("resumed from %s (step %d)", checkpoint, start)
+        if start >= cfg.steps:
+            raise TrainingError(f"--resume: {checkpoint} is at step {start}, --steps is {cfg.steps}")
+    validation_prompt = cfg.validation_prompt or make_caption(phrase, cfg.caption_template)
+
+    # 5. Train
+    ev = make_eval_set(base, examples, resolution, cfg.seed, device)
+    loss_start = eval_loss(base, ev, amp)
+    losses: list[float] = []
+    n_train = base.noise_scheduler.config.num_train_timesteps
+    trainable = list(params.values())
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"training {product_id}", disable=not cfg.progress, unit="step")
+    smooth = None
+    for step in range(start + 1, cfg.steps + 1):
+        idx = torch.randint(0, len(examples), (cfg.batch_size,), generator=generator).tolist()
+        pixels = torch.stack([augment(examples[i].image, resolution, generator, cfg.flip) for i in idx]).to(device)
+        latents = encode_images(base, pixels, generator)
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        t = torch.randint(0, n_train, (len(idx),), generator=generator).to(device)
+        with torch.set_grad_enabled(text_trains):
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                cond = encode_text(base, [examples[i].caption for i in idx], device)
+        loss = denoise_loss(base, latents, noise, t, cond, amp)
+        if not math.isfinite(loss.item()):
+            raise TrainingError(f"loss is {loss.item()} at step {step}; lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(loss.item())
+        smooth = loss.item() if smooth is None else 0.9 * smooth + 0.1 * loss.item()
+        bar.set_postfix(loss=f"{smooth:.4f}")
+        bar.update(1)
+        if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+            save_checkpoint(work, step, params, optimizer, generator, ckpt_state)
+        if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.steps):
+            validate(
+                base, validation_prompt, resolution, cfg.validation_steps, cfg.seed, work / f"validation-{step:06d}.png"
+            )
+    bar.close()
+    loss_end = eval_loss(base, ev, amp)
+
+    # 6. Publish: temp folder beside the target, renamed at the end
+    seconds = time.perf_counter() - started
+    result = TrainResult(target, cfg.steps, loss_start, loss_end, losses, seconds, len(examples), start)
+    summary = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "resolution": resolution,
+        "prediction_type": base.noise_scheduler.config.prediction_type,
+        "examples": [{"source": e.source, "caption": e.caption} for e in examples],
+        "eval_loss_start": loss_start,
+        "eval_loss_end": loss_end,
+        "resumed_from_step": start,
+        "seconds": round(seconds, 1),
+        "device": str(device),
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{product_id}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write_product(tmp, base, cfg, tokens, phrase, learned, summary)
+        publish(tmp, target, cfg.overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+# 7. CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m training.lora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    src = p.add_argument_group("data")
+    src.add_argument("--images", type=Path, help="folder of product photos; optional NAME.txt captions beside them")
+    src.add_argument("--video", type=Path, help="a video of the product instead of photos")
+    src.add_argument("--fps", type=float, default=2.0, help="frames per second taken from --video (default 2)")
+    src.add_argument(
+        "--dedupe-threshold",
+        type=float,
+        default=DEFAULT_DEDUPE_THRESHOLD,
+        help="drop video frames closer than this (mean abs difference of 16x16 grey thumbnails, 0..1)",
+    )
+    src.add_argument(
+        "--caption-template",
+        default=DEFAULT_TEMPLATE,
+        help="caption for images without a .txt, with {token}, e.g. 'a photo of {token} on a table'",
+    )
+    src.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal flips (text on the product)")
+    src.add_argument("--resolution", type=int, help="training size in pixels (default: the base model's own)")
+
+    prod = p.add_argument_group("product")
+    prod.add_argument("--token", required=True, help="the product's token(s), e.g. '<my-mug>' or '<s1><s2>'")
+    prod.add_argument("--base", required=True, help="base model: a local diffusers folder or a hub id")
+    prod.add_argument("--out", required=True, type=Path, help="product folder to write, e.g. products/my-mug")
+    prod.add_argument("--display-name", default="", help="name shown to users (default: the folder name)")
+    prod.add_argument("--category", default="", help="product category, matched against scene templates")
+    prod.add_argument("--description", default="")
+    prod.add_argument("--prompt-phrase", default="", help="text standing for the product in prompts (default: token)")
+    prod.add_argument("--default-scale", type=float, default=1.0, help="LoRA scale the generator uses by default")
+    prod.add_argument("--overwrite", action="store_true", help="replace an existing product folder")
+
+    lora = p.add_argument_group("LoRA")
+    lora.add_argument("--rank", type=int, default=4)
+    lora.add_argument(
+        "--alpha", type=float, help="LoRA alpha (default: rank, i.e. scale 1); folded into the saved file"
+    )
+    lora.add_argument(
+        "--target-modules",
+        default=",".join(UNET_TARGETS),
+        help="comma-separated UNet module names (default: the attention projections)",
+    )
+    lora.add_argument("--train-text-encoder", action="store_true", help="also a LoRA on the text encoder's attention")
+    lora.add_argument("--learn-token", action="store_true", help="pivotal tuning: learn the token's embedding")
+    lora.add_argument("--init-word", default="object", help="word the learned token starts from (e.g. mug)")
+    lora.add_argument("--token-lr", type=float, help="learning rate of the token embedding (default: --lr)")
+
+    run = p.add_argument_group("run")
+    run.add_argument("--steps", type=int, default=500)
+    run.add_argument("--lr", type=float, default=1e-4)
+    run.add_argument("--batch-size", type=int, default=1)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps")
+    run.add_argument("--validate-every", type=int, default=0, help="render a validation image every N steps")
+    run.add_argument("--validation-prompt", default="", help="default: the caption template")
+    run.add_argument("--validation-steps", type=int, default=20)
+    run.add_argument("--resume", nargs="?", const="latest", help="resume from a checkpoint (default: the latest)")
+    run.add_argument(
+        "--work-dir", type=Path, help="checkpoints, validation images, frames (default .cache/training/ID)"
+    )
+    run.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
+    run.add_argument(
+        "--mixed-precision",
+        choices=("auto", "no", "fp16", "bf16"),
+        default="auto",
+        help="autocast on CUDA: auto = bf16 where supported, else fp16",
+    )
+    run.add_argument(
+        "--gradient-checkpointing", choices=("auto", "on", "off"), default="auto", help="auto = on with CUDA"
+    )
+    run.add_argument(
+        "--threads", type=int, default=0, help="CPU threads for torch (0: its default; 1 is fastest on a busy machine)"
+    )
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = vars(args).copy()
+    values["target_modules"] = tuple(m.strip() for m in values["target_modules"].split(",") if m.strip())
+    values["progress"] = not values.pop("quiet")
+    return TrainConfig(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = config_from_args(build_parser().parse_args(argv))
+    try:
+        result = train(cfg)
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written to the product folder", file=sys.stderr)
+        return 130
+    print(
+        f"wrote {result.out}: {result.examples} examples, steps {result.resumed_from}->{result.steps}, "
+        f"eval loss {result.eval_loss_start:.4f} -> {result.eval_loss_end:.4f}, {result.seconds:.0f}s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())
