@@ -30,4 +30,4 @@ def set_token_embeddings(pipe, embeddings: dict[str, torch.Tensor]) -> None:
         if row.numel() != weight.shape[1]:
             raise ValueError(f"embeddings: {token} has width {row.numel()}, the text encoder expects {weight.shape[1]}")
         with torch.no_grad():
-            weight[tokenizer.convert_tokens_to_ids(token)] = row.reshape(-1).to(device=weight.device, dtype=weight.dtype)
+            weight[tokenizer.convert_tokens_to_ids(token)] = row.reshape(-1).to(weight.device, weight.dtype)
