@@ -33,8 +33,12 @@ class JudgeNet(nn.Module):
 
         def block(cin: int, cout: int) -> nn.Sequential:
             return nn.Sequential(
-                nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
-                nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
+                nn.Conv2d(cin, cout, 3, padding=1),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(),
+                nn.Conv2d(cout, cout, 3, padding=1),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(),
             )
 
         self.features = nn.Sequential(
@@ -78,9 +82,7 @@ class Judge:
 
     def accuracy(self, images, expected: dict[str, list[str]]) -> dict[str, float]:
         pred = self.predict(images)
-        return {
-            k: float(np.mean([p == e for p, e in zip(pred[k], expected[k], strict=True)])) for k in expected
-        }
+        return {k: float(np.mean([p == e for p, e in zip(pred[k], expected[k], strict=True)])) for k in expected}
 
 
 def load_judge(path: str | Path = DEFAULT_PATH) -> Judge:

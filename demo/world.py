@@ -81,7 +81,7 @@ def _jitter(rgb: tuple[int, int, int], rng: np.random.Generator, amount: int) ->
 
 
 def _lerp(a: tuple[int, int, int], b: tuple[int, int, int], t: float) -> tuple[int, int, int]:
-    return tuple(int(round(x + (y - x) * t)) for x, y in zip(a, b, strict=True))
+    return tuple(round(x + (y - x) * t) for x, y in zip(a, b, strict=True))
 
 
 def draw_background(draw: ImageDraw.ImageDraw, name: str, size: int, rng: np.random.Generator) -> None:
@@ -212,9 +212,7 @@ def random_placement(rng: np.random.Generator) -> tuple[float, float, float]:
     return 16 + rng.uniform(-3, 3), 16 + rng.uniform(-3, 3), rng.uniform(9.0, 12.0)
 
 
-def render_product(
-    product_id: str, background: str, rng: np.random.Generator, size: int = 32
-) -> Image.Image:
+def render_product(product_id: str, background: str, rng: np.random.Generator, size: int = 32) -> Image.Image:
     """Render product `product_id` on `background` at a random placement drawn from `rng`."""
     product = get_product(product_id)
     cx, cy, r = random_placement(rng)
@@ -240,9 +238,7 @@ def held_out_triples(n: int = 30, seed: int = 1234) -> list[tuple[str, str, str]
         cand = triples[int(i)]
         trial = set(held) | {cand}
         train = [t for t in triples if t not in trial]
-        ok = all(
-            sum(1 for t in train if (t[a], t[b]) == (cand[a], cand[b])) >= 2 for a, b in ((0, 1), (0, 2), (1, 2))
-        )
+        ok = all(sum(1 for t in train if (t[a], t[b]) == (cand[a], cand[b])) >= 2 for a, b in ((0, 1), (0, 2), (1, 2)))
         if ok:
             held.append(cand)
         if len(held) == n:
@@ -255,9 +251,7 @@ def train_triples() -> list[tuple[str, str, str]]:
     return [t for t in all_triples() if t not in held]
 
 
-def random_scene(
-    rng: np.random.Generator, triples: list[tuple[str, str, str]] | None = None
-) -> Scene:
+def random_scene(rng: np.random.Generator, triples: list[tuple[str, str, str]] | None = None) -> Scene:
     """A scene with a uniformly chosen triple from `triples` (default: the training triples)."""
     triples = triples or train_triples()
     colour, shape, background = triples[int(rng.integers(0, len(triples)))]
