@@ -15,7 +15,7 @@ export GRADIO_ANALYTICS_ENABLED := False
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help venv protos test test-fast run bench lint fmt clean embedded
+.PHONY: help venv protos test test-fast run bench lint fmt clean embedded browser
 
 help:
 	@echo "make run    start generator (:50051), upscaler (:50052) and web UI (:7860)"
@@ -44,7 +44,7 @@ $(PROTO_OUT): $(PROTO_SRC) $(STAMP)
 protos: $(PROTO_OUT)
 
 # A tiny random pipeline and product adapter, for when no trained demo model ships.
-$(EMBEDDED): $(STAMP)
+$(EMBEDDED): $(STAMP) demo/embedded.py demo/tiny.py demo/tiny_sr.py
 	$(PYTHON) -m demo.embedded --out .cache/embedded
 
 embedded: $(EMBEDDED)

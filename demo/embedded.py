@@ -14,8 +14,8 @@ import yaml
 from demo.tiny import build_tiny_pipeline, write_random_lora
 
 PRODUCTS = [
-    ("tiny-star", "product", "Tiny Star", "demo", "<tiny-star>", 11),
-    ("tiny-mug", "product", "Tiny Mug", "demo", "<tiny-mug>", 12),
+    ("tiny-star", "product", "Tiny Star", "tiny", "<tiny-star>", 11),
+    ("tiny-mug", "product", "Tiny Mug", "tiny", "<tiny-mug>", 12),
     ("tiny-sunset", "style", "Sunset light", "", "sunset style", 13),
 ]
 

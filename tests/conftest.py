@@ -19,7 +19,7 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
-from services.common.logs import configure_logging  # noqa: E402
+from services.common.logs import configure_logging
 
 configure_logging("WARNING", "test")
 
@@ -39,10 +39,14 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> Path:
     """Tiny random SD pipeline + 2 products + 1 style adapter (demo.embedded), built once per session."""
+    import hashlib
+
     from demo.embedded import build
 
-    cache = ROOT / ".cache" / "test-world"
-    if not (cache / ".ready").exists() or not (cache / "tiny-sr" / "config.json").exists():
+    # Rebuilt whenever the builders change.
+    builders = b"".join((ROOT / "demo" / f).read_bytes() for f in ("embedded.py", "tiny.py", "tiny_sr.py"))
+    cache = ROOT / ".cache" / f"test-world-{hashlib.sha256(builders).hexdigest()[:12]}"
+    if not (cache / ".ready").exists():
         shutil.rmtree(cache, ignore_errors=True)
         build(cache)
     out = tmp_path_factory.mktemp("world")

@@ -46,7 +46,7 @@ async def test_lists_products_templates_adapters(generator_stub):
     products = (await generator_stub.ListProducts(pb.ListProductsRequest())).products
     assert {p.id for p in products} == {"tiny-star", "tiny-mug"}
     star = next(p for p in products if p.id == "tiny-star")
-    assert star.category == "demo" and list(star.tokens) == ["<tiny-star>"]
+    assert star.category == "tiny" and list(star.tokens) == ["<tiny-star>"]
 
     templates = (await generator_stub.ListTemplates(pb.ListTemplatesRequest(product_id="tiny-star"))).templates
     ids = [t.id for t in templates]

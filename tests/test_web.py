@@ -83,8 +83,8 @@ async def test_catalog_loads_products_templates_and_adapters(backends):
 
     view = await logic.load_catalog(backends, session)
     assert view.message == ""
-    assert ("Tiny Mug · demo", "tiny-mug") in view.products.choices
-    assert ("Tiny Star · demo", "tiny-star") in view.products.choices
+    assert ("Tiny Mug · tiny", "tiny-mug") in view.products.choices
+    assert ("Tiny Star · tiny", "tiny-star") in view.products.choices
     template_ids = [value for _, value in view.templates.choices]
     assert {"beach", "flowers", "custom"} <= set(template_ids)
     assert view.templates.value != "custom", "the default scene must not need typing"

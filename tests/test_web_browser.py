@@ -131,7 +131,7 @@ async def test_generate_stream_and_upscale_in_a_browser(generator, upscaler, bro
         await banner.get_by_text("Generator and upscaler are ready").wait_for()
 
         # Product and scene; the prompt preview follows.
-        await choose(page, "product", "Tiny Mug · demo")
+        await choose(page, "product", "Tiny Mug · tiny")
         await choose(page, "template", "Beach")
         preview = page.locator("#prompt-preview textarea")
         await page.wait_for_function(

@@ -116,6 +116,8 @@ class Template(BaseModel):
 class TemplateCatalog(BaseModel):
     defaults: Template = Field(default_factory=lambda: Template(id="defaults", name="defaults"))
     templates: list[Template]
+    # Categories served only by templates that name them (e.g. a small model with a short text encoder).
+    exclusive_categories: list[str] = Field(default_factory=list)
 
     @classmethod
     def load(cls, path: str | Path) -> TemplateCatalog:
@@ -125,7 +127,7 @@ class TemplateCatalog(BaseModel):
         for item in raw.get("templates") or []:
             merged = {"prompt": defaults.prompt, "negative_prompt": defaults.negative_prompt, **item}
             templates.append(Template.model_validate(merged))
-        return cls(defaults=defaults, templates=templates)
+        return cls(defaults=defaults, templates=templates, exclusive_categories=raw.get("exclusive_categories") or [])
 
     def get(self, template_id: str) -> Template:
         for t in self.templates:
@@ -134,7 +136,13 @@ class TemplateCatalog(BaseModel):
         raise NotFound("template", template_id, f"known: {', '.join(t.id for t in self.templates)}")
 
     def for_category(self, category: str) -> list[Template]:
-        return [t for t in self.templates if t.fits(category)]
+        if not category:
+            return list(self.templates)
+        if category in self.exclusive_categories:
+            return [t for t in self.templates if category in t.categories]
+        return [
+            t for t in self.templates if t.fits(category) and not set(t.categories) & set(self.exclusive_categories)
+        ]
 
 
 @dataclass(frozen=True)
