@@ -86,7 +86,6 @@ async def test_progress_counts_tiles(upscaler_stub):
     assert total > 1 and progress == [(i, total) for i in range(total + 1)]
 
 
-@pytest.mark.slow  # the tiny SD generator's start-up and one render: 15-45 s on a busy 2-core machine
 async def test_upscales_what_the_generator_stored(generator_stub, upscaler_stub, storage_dir):
     generated = [
         e
