@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from training import TrainingError
 from training.data import (
@@ -640,8 +641,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     losses: list[float] = []
     n_train = base.noise_scheduler.config.num_train_timesteps
     trainable = list(params.values())
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=cfg.steps, initial=start, desc=f"training {product_id}", disable=not cfg.progress, unit="step")
     smooth = None
     for step in range(start + 1, cfg.steps + 1):
