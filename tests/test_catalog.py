@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.generator.catalog import Catalog, TemplateCatalog, compose_prompt
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,3 +59,7 @@ def test_bad_manifests_are_skipped_not_fatal(tmp_path, tiny_world):
     (products / "pickled" / "lora.bin").write_bytes(b"\x80\x04")
     catalog = Catalog(products, tmp_path / "none", ROOT / "templates" / "catalog.yaml")
     assert set(catalog.products) == {"tiny-star", "tiny-mug"}
+    with pytest.raises(FailedPrecondition, match=r"lora\.bin is a pickle file; only \.safetensors"):
+        catalog.product("pickled")
+    with pytest.raises(FailedPrecondition, match="manifest is invalid"):
+        catalog.product("broken")

@@ -197,6 +197,12 @@ BAD_INPUTS = [
         "request_id",
     ),
     (
+        "dot-dot request id",
+        dict(product_id="tiny-star", template_id="beach", num_images=1, request_id=".."),
+        INVALID,
+        "request_id",
+    ),
+    (
         "long prompt",
         dict(product_id="tiny-star", template_id="beach", num_images=1, prompt="x" * 2001),
         INVALID,

@@ -80,7 +80,7 @@ class LocalImageStore(ImageStore):
         path = self._uri_path(uri)
         try:
             return await asyncio.to_thread(path.read_bytes)
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
             raise NotFound("image", uri) from None
 
     async def metadata(self, uri: str) -> dict[str, str]:

@@ -16,7 +16,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,10 @@ class Entry:
         return f"{self.id}@{stat.st_mtime_ns}-{stat.st_size}"
 
 
-def scan_folder(root: Path, kinds: tuple[str, ...]) -> dict[str, Entry]:
+def scan_folder(root: Path, kinds: tuple[str, ...], problems: dict[str, str] | None = None) -> dict[str, Entry]:
+    """Entries of `kinds` under `root`; folders that cannot be served go to `problems` with the reason."""
     entries: dict[str, Entry] = {}
+    problems = {} if problems is None else problems
     if not root.is_dir():
         return entries
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -82,12 +84,17 @@ def scan_folder(root: Path, kinds: tuple[str, ...]) -> dict[str, Entry]:
         try:
             manifest = Manifest.model_validate(yaml.safe_load(path.read_text()) or {})
         except (yaml.YAMLError, ValidationError, OSError) as exc:
+            problems[folder.name] = f"its manifest is invalid: {str(exc).splitlines()[0]}"
             log.warning("skipping %s: bad manifest: %s", folder, exc)
             continue
         if manifest.kind not in kinds:
             continue
-        if manifest.adapter.endswith(PICKLE_SUFFIXES) or not (folder / manifest.adapter).is_file():
-            log.warning("skipping %s: adapter %s missing or not safetensors", folder, manifest.adapter)
+        if manifest.adapter.endswith(PICKLE_SUFFIXES):
+            problems[folder.name] = f"its adapter {manifest.adapter} is a pickle file; only .safetensors are accepted"
+        elif not (folder / manifest.adapter).is_file():
+            problems[folder.name] = f"its adapter file {manifest.adapter} is missing"
+        if folder.name in problems:
+            log.warning("skipping %s: %s", folder, problems[folder.name])
             continue
         entries[folder.name] = Entry(folder.name, manifest, folder)
     return entries
@@ -193,8 +200,9 @@ class Catalog:
         self.refresh()
 
     def refresh(self) -> None:
-        self.products = scan_folder(self.products_dir, ("product",))
-        self.adapters = scan_folder(self.adapters_dir, ("style", "background"))
+        self.problems: dict[str, str] = {}
+        self.products = scan_folder(self.products_dir, ("product",), self.problems)
+        self.adapters = scan_folder(self.adapters_dir, ("style", "background"), self.problems)
 
     def product(self, product_id: str) -> Entry:
         if not product_id:
@@ -202,6 +210,8 @@ class Catalog:
         if not ID_PATTERN.match(product_id):
             raise InvalidArgument("product_id", f"{product_id[:80]!r} is not a valid id")
         self.refresh()
+        if product_id in self.problems and product_id not in self.products:
+            raise FailedPrecondition(f"product {product_id!r} cannot be served: {self.problems[product_id]}")
         if product_id not in self.products:
             raise NotFound("product", product_id, "see ListProducts")
         return self.products[product_id]

@@ -24,7 +24,7 @@ def set_token_embeddings(pipe, embeddings: dict[str, torch.Tensor]) -> None:
     new = [t for t in embeddings if t not in tokenizer.get_vocab()]
     if new:
         tokenizer.add_tokens(new)
-        encoder.resize_token_embeddings(len(tokenizer))
+        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows are set below
     weight = encoder.get_input_embeddings().weight
     for token, row in embeddings.items():
         if row.numel() != weight.shape[1]:

@@ -85,7 +85,8 @@ class AdapterCache:
         self.slots: OrderedDict[str, str] = OrderedDict()  # adapter key -> slot name, LRU first
         self.stats = CacheStats()
         self.hotswap = hotswap_rank > 0
-        self.loaded_tokens: dict[str, str] = {}  # token -> embeddings file it came from
+        self.loaded_tokens: dict[str, str] = {}  # token -> key of the adapter whose rows it holds
+        self.embeddings: dict[str, dict] = {}  # adapter key -> {token: embedding} it carries
         if self.hotswap:
             pipe.enable_lora_hotswap(target_rank=hotswap_rank)
 
@@ -97,32 +98,38 @@ class AdapterCache:
         for key, slot in self.slots.items():
             if key not in keep:
                 del self.slots[key]
+                self.embeddings.pop(key, None)
                 return slot, True
         raise ValueError(f"a request stacks more adapters than the cache holds ({self.capacity})")
 
     def _load(self, spec: AdapterSpec, keep: set[str]) -> str:
         # Any supported format arrives in the diffusers/PEFT form, so slots work the same for all.
         adapter = read_adapter(spec.path, self.pipe)
-        if adapter.embeddings:
-            set_token_embeddings(self.pipe, adapter.embeddings)
+        embeddings = dict(adapter.embeddings)
+        if spec.embeddings:
+            embeddings.update(read_token_embeddings(spec.embeddings, spec.tokens))
         slot, occupied = self._free_slot(keep)
         if occupied and self.hotswap:
             try:
                 self.pipe.load_lora_weights(_fresh(adapter.weights), adapter_name=slot, hotswap=True)
+                self.embeddings[spec.key] = embeddings
                 return slot
             except Exception as exc:  # layout differs from the slot's: fall back to a fresh load
                 log.info("hot-swap into %s not possible (%s); reloading the slot", slot, exc)
         if occupied:
             self.pipe.delete_adapters(slot)
         self.pipe.load_lora_weights(_fresh(adapter.weights), adapter_name=slot)
+        self.embeddings[spec.key] = embeddings
         return slot
 
     def _ensure_embeddings(self, spec: AdapterSpec) -> None:
-        if not spec.embeddings or all(self.loaded_tokens.get(t) == spec.key for t in spec.tokens):
-            return
-        set_token_embeddings(self.pipe, read_token_embeddings(spec.embeddings, spec.tokens))
-        for token in spec.tokens:
-            self.loaded_tokens[token] = spec.key
+        # Products from older trainers share token names (<s1><s2>): set the rows whenever another
+        # product's embeddings currently own them, not only when the adapter is first loaded.
+        embeddings = self.embeddings.get(spec.key) or {}
+        if embeddings and any(self.loaded_tokens.get(t) != spec.key for t in embeddings):
+            set_token_embeddings(self.pipe, embeddings)
+            for token in embeddings:
+                self.loaded_tokens[token] = spec.key
 
     def activate(self, adapters: tuple[AdapterSpec, ...]) -> None:
         """Make exactly `adapters` active with their weights."""

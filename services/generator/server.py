@@ -28,7 +28,7 @@ from services.generator.messages import SCHEDULERS, AdapterSpec, ImageResult, Pr
 from services.generator.scheduler import Failed, QueuePosition, Scheduler, Ticket
 from services.generator.settings import GeneratorSettings
 
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # no leading dot: ids become storage keys
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**63 - 1
 MIN_SIDE = 16
@@ -141,7 +141,7 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
         # 1. Identity and catalog lookups
         request_id = request.request_id or uuid.uuid4().hex[:16]
         if not REQUEST_ID.match(request_id):
-            raise InvalidArgument("request_id", "use 1-64 characters of [A-Za-z0-9._-]")
+            raise InvalidArgument("request_id", "use 1-64 characters of [A-Za-z0-9._-], not starting with . _ or -")
         product = self.catalog.product(request.product_id)
         template = self.catalog.template(request.template_id) if request.template_id else None
 
