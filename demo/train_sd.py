@@ -245,7 +245,7 @@ def train_unet(data: Dataset, work: Path, out: Path, args, judge) -> None:
     rng = np.random.default_rng(args.seed + 2)
     vae = AutoencoderKL.from_pretrained(work / "vae").eval()
     t0 = time.time()
-    cache = work / f"latents-{len(data.images)}-{args.seed}.pt"
+    cache = work / f"latents-{len(data.images)}-{args.data_seed}.pt"
     if cache.exists() and cache.stat().st_mtime > (work / "vae").stat().st_mtime:
         latents = torch.load(cache)
     else:
@@ -264,6 +264,16 @@ def train_unet(data: Dataset, work: Path, out: Path, args, judge) -> None:
 
     tokenizer = load_clip_tokenizer(work / "tokenizer", model_max_length=MAX_TOKENS)
     unet, text_encoder = build_unet(), build_text_encoder()
+    if args.init_from:
+        # Warm start (e.g. a run stopped early on a busy machine): continue from a saved pipeline's weights.
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet = UNet2DConditionModel.from_pretrained(args.init_from, subfolder="unet", torch_dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(
+            args.init_from, subfolder="text_encoder", torch_dtype=torch.float32
+        )
+        log.info("initialised UNet and text encoder from %s", args.init_from)
     log.info("UNet %.2fM params, text encoder %.2fM params", n_params(unet) / 1e6, n_params(text_encoder) / 1e6)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     for p in [*ema_unet.parameters(), *ema_text.parameters()]:
@@ -329,7 +339,7 @@ def train_unet(data: Dataset, work: Path, out: Path, args, judge) -> None:
                     "step": step,
                     "held_out_accuracy": acc,
                     "history": history,
-                    "args": vars(args) | {"out": str(args.out), "work": str(args.work)},
+                    "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                 }
                 save_pipeline(eval_pipe, out, meta)
                 log.info("saved EMA pipeline (best so far) to %s", out)
@@ -345,6 +355,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(".cache/demo-sd-work"))
     parser.add_argument("--stage", choices=["all", "vae", "unet"], default="all")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the rendered training set")
     parser.add_argument("--n-images", type=int, default=15000)
     parser.add_argument("--vae-steps", type=int, default=3000)
     parser.add_argument("--vae-batch", type=int, default=16)
@@ -359,12 +370,13 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--max-minutes", type=float, default=30.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--init-from", type=Path, default=None, help="pipeline folder to warm-start from")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     judge = load_judge(JUDGE_PATH)
-    data = load_data(args.work, args.n_images, args.seed)
+    data = load_data(args.work, args.n_images, args.data_seed)
     if args.stage in ("all", "vae"):
         train_vae(data, args.work, args, judge)
     if args.stage in ("all", "unet"):
