@@ -14,6 +14,26 @@ from demo.tokenizer import CLIP_VOCAB_SIZE, load_clip_tokenizer
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
+# Shared by the SD and SDXL builders: two UNet levels, a 2x VAE, 4 latent channels.
+UNET_LAYOUT = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+)
+VAE_LAYOUT = dict(
+    block_out_channels=(32, 64),
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    latent_channels=4,
+    sample_size=64,
+)
+
 
 def build_tiny_pipeline(out_dir: str | Path, seed: int = 0):
     """Write a tiny StableDiffusionPipeline folder (loads with from_pretrained) and return the pipeline."""
@@ -28,27 +48,12 @@ def build_tiny_pipeline(out_dir: str | Path, seed: int = 0):
     out = Path(out_dir)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **UNET_LAYOUT,
         cross_attention_dim=32,
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=64,
-    )
+    vae = AutoencoderKL(**VAE_LAYOUT, norm_num_groups=32)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=CLIP_VOCAB_SIZE,
@@ -109,13 +114,7 @@ def build_tiny_sdxl(out_dir: str | Path, seed: int = 0):
     out = Path(out_dir)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **UNET_LAYOUT,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -125,15 +124,7 @@ def build_tiny_sdxl(out_dir: str | Path, seed: int = 0):
         cross_attention_dim=64,  # both encoders' hidden states, concatenated
         norm_num_groups=1,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        sample_size=64,
-    )
+    vae = AutoencoderKL(**VAE_LAYOUT)
     config = CLIPTextConfig(
         vocab_size=CLIP_VOCAB_SIZE,
         hidden_size=32,

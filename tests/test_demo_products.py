@@ -23,12 +23,6 @@ DEMO_PRODUCTS = ("split-star", "striped-mug")
 STYLE = "night"
 SEEDS = (0, 1, 2)
 
-pytestmark = pytest.mark.skipif(
-    not (MODEL / "model_index.json").is_file()
-    or not all((ROOT / "products" / p / "manifest.yaml").is_file() for p in DEMO_PRODUCTS),
-    reason="the demo model or demo products are not built",
-)
-
 
 @pytest.fixture(scope="module")
 async def demo_stub(storage_dir):
@@ -111,3 +105,35 @@ async def test_style_adapter_changes_the_image(demo_stub):
     styled = np.stack(await images(demo_stub, adapters=[(STYLE, 1.0)], **kw)).astype(np.float32)
     assert np.abs(plain - styled).mean() > 10  # measured 18 levels
     assert styled.mean() < plain.mean() - 5  # night: darker
+
+
+SCENES = {
+    "demo-beach": "beach",
+    "demo-fire": "fire",
+    "demo-flowers": "flowers",
+    "demo-city": "city",
+    "demo-white": "white",
+    "demo-black": "black",
+}
+
+
+async def test_scene_templates_are_obeyed_through_the_stack(demo_stub):
+    # Issue 6 "through the stack": demo products in every demo scene, judged by the world's classifier.
+    from demo.judge import load_judge
+
+    judge = load_judge()
+    hits, total = 0, 0
+    for template, background in SCENES.items():
+        for product in DEMO_PRODUCTS:
+            request = generate_request(
+                product_id=product, template_id=template, num_images=3, seed=7, inline_images=True
+            )
+            rendered = [
+                np.asarray(Image.open(io.BytesIO(e.image_ready.image.png)).convert("RGB"))
+                async for e in demo_stub.Generate(request, timeout=300)
+                if e.WhichOneof("event") == "image_ready"
+            ]
+            predicted = judge.predict(np.stack(rendered))["background"]
+            hits += sum(p == background for p in predicted)
+            total += len(predicted)
+    assert hits / total >= 0.95, f"background matched in {hits}/{total} images"
