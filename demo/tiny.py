@@ -24,6 +24,18 @@ UNET_LAYOUT = dict(
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
 )
+# A 2-layer CLIP text model over the real 49,408-token vocabulary.
+CLIP_LAYOUT = dict(
+    vocab_size=CLIP_VOCAB_SIZE,
+    hidden_size=32,
+    intermediate_size=37,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    max_position_embeddings=77,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
 VAE_LAYOUT = dict(
     block_out_channels=(32, 64),
     in_channels=3,
@@ -54,19 +66,7 @@ def build_tiny_pipeline(out_dir: str | Path, seed: int = 0):
         norm_num_groups=32,
     )
     vae = AutoencoderKL(**VAE_LAYOUT, norm_num_groups=32)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=CLIP_VOCAB_SIZE,
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_LAYOUT))
     tokenizer = load_clip_tokenizer(out / "tokenizer", model_max_length=77)
     scheduler = DPMSolverMultistepScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
@@ -125,18 +125,7 @@ def build_tiny_sdxl(out_dir: str | Path, seed: int = 0):
         norm_num_groups=1,
     )
     vae = AutoencoderKL(**VAE_LAYOUT)
-    config = CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE,
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        max_position_embeddings=77,
-        projection_dim=32,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
+    config = CLIPTextConfig(**CLIP_LAYOUT, projection_dim=32)
     pipe = StableDiffusionXLPipeline(
         unet=unet,
         vae=vae,

@@ -124,3 +124,31 @@ def s3_bucket(moto_s3) -> str:
 def artifacts() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+async def render_product(stub, product: str, scale: float | None = None, seed: int = 5):
+    """One 32x32, 3-step image of `product` (int16 array), optionally at another product scale."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from productinaction.v1 import generator_pb2 as pb
+
+    request = pb.GenerateRequest(
+        product_id=product,
+        prompt="{product} on a table",
+        num_images=1,
+        seed=seed,
+        steps=3,
+        width=32,
+        height=32,
+        inline_images=True,
+        guidance_scale=1.0,
+    )
+    if scale is not None:
+        request.product_scale = scale
+    async for event in stub.Generate(request, timeout=120):
+        if event.WhichOneof("event") == "image_ready":
+            return np.asarray(Image.open(io.BytesIO(event.image_ready.image.png)).convert("RGB")).astype(np.int16)
+    raise AssertionError("no image")

@@ -7,7 +7,6 @@ weight delta of every module is computed from the file, independently of service
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,14 +18,13 @@ import pytest
 import torch
 import torch.nn as nn
 import yaml
-from PIL import Image
 from safetensors.torch import save_file
 
 from productinaction.v1 import generator_pb2 as pb
 from productinaction.v1 import generator_pb2_grpc
 from services.generator.embeddings import set_token_embeddings
 from services.generator.lora_formats import cloneofsimo_module_names, read_adapter
-from tests.conftest import generator_settings
+from tests.conftest import generator_settings, render_product
 
 UNET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj")
 TE_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -539,24 +537,8 @@ async def formats_generator(tiny_world, tiny_pipe, orders, tmp_path_factory):
     await app.stop()
 
 
-async def render(stub, product: str, scale: float | None = None, seed: int = 5) -> np.ndarray:
-    request = pb.GenerateRequest(
-        product_id=product,
-        prompt="{product} on a table",
-        num_images=1,
-        seed=seed,
-        steps=3,
-        width=32,
-        height=32,
-        inline_images=True,
-        guidance_scale=1.0,
-    )
-    if scale is not None:
-        request.product_scale = scale
-    async for event in stub.Generate(request, timeout=120):
-        if event.WhichOneof("event") == "image_ready":
-            return np.asarray(Image.open(io.BytesIO(event.image_ready.image.png)).convert("RGB")).astype(np.int16)
-    raise AssertionError("no image")
+async def render(stub, product: str, scale: float | None = None):
+    return await render_product(stub, product, scale, seed=5)
 
 
 async def test_generator_loads_every_format(formats_generator):

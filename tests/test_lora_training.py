@@ -3,7 +3,6 @@ resuming, video frames, the generator picking the product up, and every bad inpu
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import subprocess
@@ -22,7 +21,7 @@ from safetensors.torch import load_file
 
 from productinaction.v1 import generator_pb2 as pb
 from productinaction.v1 import generator_pb2_grpc
-from tests.conftest import generator_settings
+from tests.conftest import generator_settings, render_product
 from training.data import drop_near_duplicates, extract_video_frames, make_caption
 from training.lora import TrainConfig, diffusion_target, main, train
 
@@ -234,24 +233,8 @@ def test_caption_rules():
 # The generator picks the product up
 
 
-async def render(stub, product: str, scale: float | None = None) -> np.ndarray:
-    request = pb.GenerateRequest(
-        product_id=product,
-        prompt="{product} on a table",
-        num_images=1,
-        seed=3,
-        steps=3,
-        width=32,
-        height=32,
-        inline_images=True,
-        guidance_scale=1.0,
-    )
-    if scale is not None:
-        request.product_scale = scale
-    async for event in stub.Generate(request, timeout=120):
-        if event.WhichOneof("event") == "image_ready":
-            return np.asarray(Image.open(io.BytesIO(event.image_ready.image.png)).convert("RGB")).astype(np.int16)
-    raise AssertionError("no image")
+async def render(stub, product: str, scale: float | None = None):
+    return await render_product(stub, product, scale, seed=3)
 
 
 async def test_trained_product_appears_without_restart_and_changes_images(tiny_world, trained, tmp_path):
