@@ -242,3 +242,46 @@ async def test_metrics_endpoint_exposes_generator_metrics(tiny_world, tmp_path):
         'pia_adapter_cache_total{device="cpu:0",result="hit"}',
     ):
         assert name in text, name
+
+
+def _batches(record: Path) -> Counter:
+    """Seeds per job as the stand-in saw them: {batch size: jobs}."""
+    lines = [line for line in record.read_text().splitlines() if line.startswith("step")]
+    jobs = {line.split(" ", 2)[2].rsplit(" ", 1)[0] for line in lines}
+    return Counter(len(job.strip("()").rstrip(",").split(",")) for job in jobs)
+
+
+@pytest.mark.parametrize(
+    ("devices", "overrides", "size", "expected"),
+    [
+        ("cpu:1", {"max_batch": 4}, 64, {4: 1}),  # one device: the whole request is one batch
+        ("cpu:2", {"max_batch": 4}, 64, {2: 2}),  # spread first, then batch
+        ("cpu:1", {}, 64, {1: 4}),  # auto on a CPU: no batching
+    ],
+)
+async def test_micro_batches_spread_first(tiny_world, tmp_path, devices, overrides, size, expected):
+    async with standin_server(tiny_world, tmp_path, devices=devices, **overrides) as (app, stub, _h):
+        ready = images(await run(stub, request(n=4, steps=2, width=size, height=size, seed=7)))
+        assert sorted(r.seed for r in ready) == [7, 8, 9, 10]
+        assert _batches(app.record) == expected
+
+
+def test_auto_batch_follows_the_device_and_the_pixel_budget():
+    from services.generator.scheduler import Scheduler
+    from services.generator.settings import GeneratorSettings, batch_limits
+    from services.generator.worker import WorkerConfig
+
+    auto = GeneratorSettings(max_batch=0)
+    assert batch_limits(auto, ["cuda:0", "cuda:1"]) == (4, 4 * 512 * 512)
+    assert batch_limits(auto, ["cpu:0"]) == (1, 0)
+    assert batch_limits(GeneratorSettings(max_batch=3), ["cpu:0"]) == (3, 0)
+
+    scheduler = Scheduler([WorkerConfig("standin", "cuda:0")], max_batch=4, batch_pixels=4 * 512 * 512)
+    sizes = {px: scheduler.batch_size(request_settings(px)) for px in (256, 512, 640, 768, 1024)}
+    assert sizes == {256: 4, 512: 4, 640: 2, 768: 1, 1024: 1}
+
+
+def request_settings(px: int):
+    from services.generator.messages import RenderSettings
+
+    return RenderSettings("p", "", 2, 7.0, px, px, "", ())

@@ -11,7 +11,7 @@ from services.common.storage import ImageStore, open_store
 from services.generator.catalog import Catalog
 from services.generator.scheduler import Scheduler
 from services.generator.server import GeneratorService
-from services.generator.settings import GeneratorSettings, parse_devices
+from services.generator.settings import GeneratorSettings, batch_limits, parse_devices
 from services.generator.worker import WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -58,10 +58,13 @@ async def start_generator(settings: GeneratorSettings, wait_ready: bool = True) 
         if hosted is not None:
             await hosted.set_serving(serving)
 
+    configs = worker_configs(settings)
+    max_batch, batch_pixels = batch_limits(settings, [c.device for c in configs])
     scheduler = Scheduler(
-        worker_configs(settings),
+        configs,
         max_queue=settings.max_queue,
-        max_batch=settings.max_batch,
+        max_batch=max_batch,
+        batch_pixels=batch_pixels,
         on_health=on_health,
         start_timeout_s=settings.start_timeout_s,
     )

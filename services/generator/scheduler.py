@@ -118,6 +118,7 @@ class Scheduler:
         configs: list[WorkerConfig],
         max_queue: int = 64,
         max_batch: int = 1,
+        batch_pixels: int = 0,
         on_health: Callable[[bool], Awaitable[None]] | None = None,
         start_timeout_s: float = 900.0,
     ):
@@ -126,6 +127,7 @@ class Scheduler:
         self.workers = [WorkerSlot(i, c) for i, c in enumerate(configs)]
         self.max_queue = max_queue
         self.max_batch = max(1, max_batch)
+        self.batch_pixels = batch_pixels
         self.on_health = on_health
         self.start_timeout_s = start_timeout_s
         self.tickets: OrderedDict[str, Ticket] = OrderedDict()
@@ -303,6 +305,11 @@ class Scheduler:
             return ticket
         return None
 
+    def batch_size(self, settings: RenderSettings) -> int:
+        if not self.batch_pixels:
+            return self.max_batch
+        return max(1, min(self.max_batch, self.batch_pixels // (settings.width * settings.height)))
+
     def _dispatch(self) -> None:
         ready = self.ready_workers
         idle = [w for w in ready if w.job is None]
@@ -310,8 +317,10 @@ class Scheduler:
             ticket = self._next_ticket()
             if ticket is None:
                 break
-            # Spread first, batch second: never take more than this request's share of devices.
-            take = min(self.max_batch, max(1, math.ceil(len(ticket.pending) / max(1, len(ready)))))
+            # Spread first, batch second: never take more than this request's share of the devices
+            # it is not already running on.
+            free_for_it = max(1, len(ready) - len(ticket.inflight))
+            take = min(self.batch_size(ticket.settings), math.ceil(len(ticket.pending) / free_for_it))
             units = [ticket.pending.popleft() for _ in range(min(take, len(ticket.pending)))]
             job = Job(
                 request_id=ticket.key,
