@@ -41,7 +41,12 @@ def a1111_parameters(params: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def encode_png(image: Image.Image, params: dict[str, Any] | None = None, extra: dict[str, str] | None = None) -> bytes:
+def encode_png(
+    image: Image.Image,
+    params: dict[str, Any] | None = None,
+    extra: dict[str, str] | None = None,
+    compress_level: int = 4,
+) -> bytes:
     info = PngImagePlugin.PngInfo()
     if params is not None:
         info.add_text("parameters", a1111_parameters(params))
@@ -49,7 +54,7 @@ def encode_png(image: Image.Image, params: dict[str, Any] | None = None, extra: 
     for key, value in (extra or {}).items():
         info.add_text(key, value)
     buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info, compress_level=4)
+    image.save(buf, format="PNG", pnginfo=info, compress_level=compress_level)
     return buf.getvalue()
 
 

@@ -13,10 +13,11 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+import torch
 from PIL import Image
 
 from services.generator.messages import RenderSettings
-from services.generator.pipeline import CacheStats, JobCancelled
+from services.generator.pipeline import CacheStats, JobCancelled, PreviewFrames
 
 
 class _Adapters:
@@ -75,7 +76,8 @@ class StandInPipeline:
                 os._exit(17)  # like an OOM kill: no goodbye message
             if on_step is not None:
                 want = preview_every > 0 and step % preview_every == 0
-                on_step(step, settings.steps, [Image.new("RGB", (8, 8))] * len(seeds) if want else None)
+                frames = PreviewFrames(torch.zeros((len(seeds), 8, 8, 3), dtype=torch.uint8)) if want else None
+                on_step(step, settings.steps, frames)
         images = []
         for seed in seeds:
             noise = np.random.default_rng(seed).integers(0, 255, (8, 8, 3), dtype=np.uint8)

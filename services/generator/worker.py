@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -107,18 +108,20 @@ def run_job(pipe, job: Job, send, inbox: _Inbox) -> None:
     started = time.perf_counter()
     hits, misses = pipe.adapters.stats.hits, pipe.adapters.stats.misses
 
-    def on_step(step: int, total: int, previews) -> None:
-        encoded = tuple(encode_png(p) for p in previews) if previews else ()
+    def report_step(step: int, total: int, frames) -> None:
+        # Fast PNG settings: a preview lives for one step on screen.
+        encoded = tuple(encode_png(im, compress_level=1) for im in frames.images()) if frames else ()
         send(Progress(job.request_id, job.job_id, job.indices, step, total, encoded))
 
     try:
-        images = pipe(
-            job.settings,
-            job.seeds,
-            on_step=on_step,
-            preview_every=job.preview_every,
-            should_stop=lambda: inbox.is_cancelled(job.request_id),
-        )
+        with _InOrder() as progress:
+            images = pipe(
+                job.settings,
+                job.seeds,
+                on_step=lambda *step: progress.submit(report_step, *step),
+                preview_every=job.preview_every,
+                should_stop=lambda: inbox.is_cancelled(job.request_id),
+            )
         compute = time.perf_counter() - started
         for index, seed, image in zip(job.indices, job.seeds, images, strict=True):
             png = encode_png(image, {**job.metadata, "seed": seed})
@@ -149,6 +152,26 @@ def run_job(pipe, job: Job, send, inbox: _Inbox) -> None:
         )
     )
     request_id_var.set("-")
+
+
+class _InOrder:
+    """Runs step reports on one thread, in order, off the denoising loop; leaving waits for all.
+
+    Encoding a preview (and waiting for its copy off the GPU) then overlaps the next step.
+    """
+
+    def __enter__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="progress")
+        self._last: Future | None = None
+        return self
+
+    def submit(self, fn, *args) -> None:
+        self._last = self._pool.submit(fn, *args)
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True)
+        if self._last is not None and exc[0] is None:
+            self._last.result()  # surface a failed report
 
 
 def _empty_device_cache() -> None:
