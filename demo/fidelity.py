@@ -129,7 +129,7 @@ def measure(n: int, steps: int = 20, guidance: float = 6.0) -> dict:
     from services.generator.embeddings import read_token_embeddings, set_token_embeddings
 
     torch.set_num_threads(2)
-    pipe = StableDiffusionPipeline.from_pretrained(ROOT / "models" / "demo-sd", torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(ROOT / "models" / "demo-sd", dtype=torch.float32)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     products = scan_folder(ROOT / "products", ("product",))

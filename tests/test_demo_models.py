@@ -39,7 +39,7 @@ def sd_pipe():
 
     assert (SD_DIR / "model_index.json").exists(), "demo SD missing: python -m demo.train_sd"
     torch.set_num_threads(2)
-    pipe = AutoPipelineForText2Image.from_pretrained(str(SD_DIR), torch_dtype=torch.float32, local_files_only=True)
+    pipe = AutoPipelineForText2Image.from_pretrained(str(SD_DIR), dtype=torch.float32, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -104,7 +104,7 @@ def test_swin2sr_beats_bicubic() -> None:
     from transformers import Swin2SRForImageSuperResolution, Swin2SRImageProcessor
 
     assert folder_mb(SR_DIR) <= 5, folder_mb(SR_DIR)
-    model = Swin2SRForImageSuperResolution.from_pretrained(str(SR_DIR), torch_dtype=torch.float32).eval()
+    model = Swin2SRForImageSuperResolution.from_pretrained(str(SR_DIR), dtype=torch.float32).eval()
     processor = Swin2SRImageProcessor.from_pretrained(str(SR_DIR))
     lr, hr = make_pairs(32, seed=777_000, workers=1)
     gain = psnr(upscale(model, processor, lr), hr) - psnr(bicubic(lr), hr)

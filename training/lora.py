@@ -209,15 +209,11 @@ def load_base(base: str) -> Base:
         kind = json.loads(index.read_text()).get("_class_name", "")
         if kind not in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", ""):
             raise TrainingError(f"--base: {base} is a {kind}; only Stable Diffusion 1.x/2.x-style bases are supported")
-    import diffusers
-    from packaging.version import Version
-
     # Files stored in fp16 (the demo model) are upcast: LoRA training wants fp32 master weights.
-    dtype_arg = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             str(local if local.exists() else base),
-            **{dtype_arg: torch.float32},
+            dtype=torch.float32,
             safety_checker=None,
             requires_safety_checker=False,
             local_files_only=local.exists(),
