@@ -1,22 +1,30 @@
 """Generator benchmarks (not tests): JSON with side-by-side measurements from one run.
 
-    python -m benchmarks.generator --out bench-results/generator.json
+    python -m benchmarks.generator --out bench-results/generator.json            # tiny model, CPU
+    python -m benchmarks.generator --fullsize --device cuda:0                     # SD 1.5 size, GPU
 
 - scheduler efficiency with 4 simulated devices (stand-in pipeline, fixed time per step);
 - throughput alternating 2 products vs 1 product, and the cost of reloading on every switch;
 - time to first image for n=4 on one device;
-- micro-batching (max_batch 1 vs 4) and step-preview overhead.
+- micro-batching (max_batch 1 vs 4) and step-preview overhead;
+- the parts behind those figures, timed in-process: an adapter switch, a reload, one preview.
+
+Conditions that are compared run interleaved on the same server (A B A B ...), so drift in a shared
+machine's speed falls on both sides instead of on whichever ran second.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -27,6 +35,7 @@ from services.generator.app import start_generator
 from services.generator.settings import GeneratorSettings
 
 ROOT = Path(__file__).resolve().parent.parent
+ARGS = argparse.Namespace(template="beach", size=0)  # request defaults; main() replaces them
 STANDIN = "services.generator.standin:StandInPipeline"
 
 
@@ -37,6 +46,9 @@ async def _serve(settings: GeneratorSettings):
 
 
 async def _request(stub, **fields) -> dict:
+    fields.setdefault("template_id", ARGS.template)
+    fields.setdefault("width", ARGS.size or None)
+    fields.setdefault("height", ARGS.size or None)
     started = time.perf_counter()
     first = None
     async for event in stub.Generate(generate_request(**fields), timeout=3600):
@@ -73,10 +85,9 @@ async def simulated_devices(args, out: Path) -> dict:
             _settings(args, out, model=f"standin:step={step}", worker_pipeline=STANDIN, devices=devices, cpu_threads=1)
         )
         try:
-            await _request(stub, product_id=args.product, template_id="beach", num_images=4, steps=2)  # warm
-            results[devices] = await _request(
-                stub, product_id=args.product, template_id="beach", num_images=16, steps=10
-            )
+            plain = dict(product_id=args.product, width=None, height=None)
+            await _request(stub, **plain, num_images=4, steps=2)  # warm
+            results[devices] = await _request(stub, **plain, num_images=16, steps=10)
         finally:
             await channel.close()
             await app.stop()
@@ -93,66 +104,89 @@ async def simulated_devices(args, out: Path) -> dict:
     }
 
 
+async def _interleaved(rounds: int, conditions: dict) -> dict:
+    """Run each condition's block once per round, in turn; return per-condition lists of block results."""
+    results = {name: [] for name in conditions}
+    for _ in range(rounds):
+        for name, block in conditions.items():
+            results[name].append(await block())
+    return results
+
+
+async def _seconds_per_image(stub, products: list[str], block: int, seed0: int = 0) -> float:
+    """One block of 1-image requests, cycling through `products`; mean server-side seconds per image."""
+    runs = [
+        await _request(stub, product_id=products[i % len(products)], num_images=1, seed=seed0 + i) for i in range(block)
+    ]
+    return statistics.fmean(r["total_s"] for r in runs)
+
+
 async def product_switching(args, out: Path) -> dict:
-    other = args.other_product
-    rounds = args.rounds
+    one, two = [args.product], [args.product, args.other_product]
     runs = {}
     for label, cache in (("cached", 8), ("reload_every_switch", 1)):
         app, channel, stub = await _serve(_settings(args, out, adapter_cache_size=cache))
         try:
-            for product in (args.product, other):
-                await _request(stub, product_id=product, template_id="beach", num_images=1, seed=1)
-            same = [
-                await _request(stub, product_id=args.product, template_id="beach", num_images=1, seed=i)
-                for i in range(rounds)
-            ]
-            alternating = [
-                await _request(stub, product_id=(args.product, other)[i % 2], template_id="beach", num_images=1, seed=i)
-                for i in range(rounds)
-            ]
+            for product in two:
+                await _request(stub, product_id=product, num_images=1, seed=1)
+            blocks = await _interleaved(
+                args.rounds,
+                {
+                    "single": partial(_seconds_per_image, stub, one, args.block),
+                    "alternating": partial(_seconds_per_image, stub, two, args.block),
+                },
+            )
         finally:
             await channel.close()
             await app.stop()
-        one = statistics.median(r["total_s"] for r in same)
-        two = statistics.median(r["total_s"] for r in alternating)
-        runs[label] = {"seconds_per_image_1_product": one, "seconds_per_image_alternating": two, "ratio": one / two}
+        single, alternating = statistics.median(blocks["single"]), statistics.median(blocks["alternating"])
+        runs[label] = {
+            "seconds_per_image_1_product": single,
+            "seconds_per_image_alternating": alternating,
+            # Median over neighbouring block pairs: robust to the machine's speed drifting.
+            "ratio": statistics.median(a / b for a, b in zip(blocks["single"], blocks["alternating"], strict=True)),
+            "blocks": blocks,
+        }
+    reload = runs["reload_every_switch"]
     return {
-        "requests_per_mode": rounds,
+        "requests_per_block": args.block,
+        "blocks_per_condition": args.rounds,
         "throughput_ratio_alternating_vs_single": runs["cached"]["ratio"],
         "goal": ">= 0.95",
         "cached": runs["cached"],
-        "reload_every_switch": runs["reload_every_switch"],
-        "reload_cost_s_per_switch": runs["reload_every_switch"]["seconds_per_image_alternating"]
-        - runs["cached"]["seconds_per_image_alternating"],
+        "reload_every_switch": reload,
+        # Every alternating request is a switch, so the per-image difference is the per-switch cost.
+        "reload_cost_s_per_switch": statistics.median(
+            a - b for a, b in zip(reload["blocks"]["alternating"], reload["blocks"]["single"], strict=True)
+        ),
     }
 
 
 async def first_image_and_batching(args, out: Path) -> dict:
+    four = dict(product_id=args.product, num_images=4)
     result = {}
     for label, overrides in (("batch_1", {"max_batch": 1}), ("batch_4", {"max_batch": 4})):
         app, channel, stub = await _serve(_settings(args, out, **overrides))
         try:
-            await _request(stub, product_id=args.product, template_id="beach", num_images=4, seed=0)
-            runs = [
-                await _request(stub, product_id=args.product, template_id="beach", num_images=4, seed=i)
-                for i in range(args.repeats)
-            ]
+            await _request(stub, **four, seed=0)
+            conditions = {"off": partial(_request, stub, **four, seed=1)}
             if label == "batch_1":
-                previews = [
-                    await _request(
-                        stub, product_id=args.product, template_id="beach", num_images=4, seed=i, preview_every=1
-                    )
-                    for i in range(args.repeats)
-                ]
+                conditions["every_step"] = partial(_request, stub, **four, seed=1, preview_every=1)
+            runs = await _interleaved(args.repeats, conditions)
         finally:
             await channel.close()
             await app.stop()
         result[label] = {
-            "seconds_4_images": statistics.median(r["total_s"] for r in runs),
-            "first_image_s": statistics.median(r["first_s"] for r in runs),
+            "seconds_4_images": statistics.median(r["total_s"] for r in runs["off"]),
+            "first_image_s": statistics.median(r["first_s"] for r in runs["off"]),
         }
         if label == "batch_1":
-            result["previews_every_step_seconds_4_images"] = statistics.median(r["total_s"] for r in previews)
+            ratios = [on["total_s"] / off["total_s"] for on, off in zip(runs["every_step"], runs["off"], strict=True)]
+            result["previews"] = {
+                "seconds_4_images_every_step": statistics.median(r["total_s"] for r in runs["every_step"]),
+                "overhead_per_pair": [r - 1 for r in ratios],
+                "overhead": statistics.median(ratios) - 1,
+            }
     b1 = result["batch_1"]
     return {
         "time_to_first_image": {
@@ -166,29 +200,93 @@ async def first_image_and_batching(args, out: Path) -> dict:
             "seconds_4_images_batch_1": b1["seconds_4_images"],
             "seconds_4_images_batch_4": result["batch_4"]["seconds_4_images"],
             "speedup": b1["seconds_4_images"] / result["batch_4"]["seconds_4_images"],
+            "first_image_s_batch_1": b1["first_image_s"],
             "first_image_s_batch_4": result["batch_4"]["first_image_s"],
         },
         "step_previews": {
             "seconds_4_images_off": b1["seconds_4_images"],
-            "seconds_4_images_every_step": result["previews_every_step_seconds_4_images"],
-            "overhead": result["previews_every_step_seconds_4_images"] / b1["seconds_4_images"] - 1,
+            **result["previews"],
             "goal": "<= 0.05",
         },
     }
 
 
+def components(args, catalog_dirs: tuple[str, str]) -> dict:
+    """The parts behind the end-to-end figures, timed in this process on the benchmark's device."""
+    import torch
+
+    from services.common.pngmeta import encode_png
+    from services.generator.catalog import Catalog
+    from services.generator.pipeline import ProductPipeline, latents_to_preview
+
+    def pipe_device(name: str) -> str:
+        return name if name.startswith("cuda") else "cpu"
+
+    def sync() -> None:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def timed(fn, n: int) -> float:
+        sync()
+        started = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync()
+        return (time.perf_counter() - started) / n
+
+    catalog = Catalog(*catalog_dirs, ROOT / "templates" / "catalog.yaml")
+    specs = [catalog.product(p).spec(1.0) for p in (args.product, args.other_product)]
+    report = {}
+    with torch.inference_mode():
+        for label, capacity in (("cached", 8), ("reload", 1)):
+            cache = ProductPipeline(args.model, args.device, adapter_cache_size=capacity).adapters
+            for spec in reversed(specs):  # specs[0] last: "same" starts from a hit
+                cache.activate((spec,))
+            n = 20 if label == "cached" else 6
+            report[f"activate_same_s_{label}"] = timed(partial(cache.activate, (specs[0],)), n)
+            pair = itertools.cycle(specs)
+            report[f"activate_switch_s_{label}"] = timed(lambda c=cache, p=pair: c.activate((next(p),)), n)
+            del cache
+        size = args.size or 512
+        latents = torch.randn(1, 4, size // 8, size // 8, device=pipe_device(args.device))
+        report["preview_s"] = timed(lambda: latents_to_preview(latents), 50)
+        image = latents_to_preview(latents)[0]
+        report["preview_png_s"] = timed(lambda: encode_png(image), 50)
+        report["preview_png_bytes"] = len(encode_png(image))
+    return report
+
+
 async def main_async(args) -> dict:
+    import torch
+
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         report = {
-            "machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine()},
+            "machine": {
+                "python": platform.python_version(),
+                "processor": platform.processor() or platform.machine(),
+                "torch": torch.__version__,
+                "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            },
             "model": args.model,
             "device": args.device,
             "steps": args.steps,
+            "size": args.size or "model default",
+            "template": args.template,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        report["simulated_devices"] = await simulated_devices(args, out)
-        report["product_switching"] = await product_switching(args, out)
-        report.update(await first_image_and_batching(args, out))
+        for name, section in (
+            ("simulated_devices", simulated_devices),
+            ("product_switching", product_switching),
+            ("first_image_and_batching", first_image_and_batching),
+        ):
+            if name not in args.skip:
+                started = time.perf_counter()
+                found = await section(args, out)
+                report.update(found if name == "first_image_and_batching" else {name: found})
+                print(f"{name}: {time.perf_counter() - started:.0f}s", file=sys.stderr, flush=True)
+        if "components" not in args.skip:
+            report["components"] = components(args, (args.products_dir, args.adapters_dir))
     return report
 
 
@@ -196,20 +294,47 @@ def main(argv: list[str] | None = None) -> dict:
     embedded = ROOT / ".cache" / "embedded"
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "bench-results" / "generator.json")
+    p.add_argument(
+        "--fullsize",
+        type=Path,
+        nargs="?",
+        const=ROOT / ".cache" / "sd15-random",
+        help="SD 1.5-sized random model built in this folder (benchmarks.fullsize); 512², 25 steps",
+    )
     p.add_argument("--model", default=str(embedded / "tiny-sd"))
     p.add_argument("--products-dir", default=str(embedded / "products"))
     p.add_argument("--adapters-dir", default=str(embedded / "adapters"))
     p.add_argument("--product", default="tiny-star")
     p.add_argument("--other-product", default="tiny-mug")
+    p.add_argument("--template", default="beach")
     p.add_argument("--device", default="cpu:1", help="device of the real-model benches: cpu:1 or cuda:0")
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--size", type=int, default=0, help="width and height (0: the model's own)")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved blocks per switching condition")
+    p.add_argument("--block", type=int, default=4, help="1-image requests per block (even)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved 4-image requests per condition")
+    p.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["simulated_devices", "product_switching", "first_image_and_batching", "components"],
+    )
     args = p.parse_args(argv)
+    if args.fullsize:
+        from benchmarks import fullsize
+
+        args.model = str(fullsize.ensure(args.fullsize))
+        args.products_dir, args.adapters_dir = str(args.fullsize / "products"), str(args.fullsize / "adapters")
+        args.product, args.other_product = fullsize.PRODUCTS[0][0], fullsize.PRODUCTS[1][0]
+        if args.steps == p.get_default("steps"):
+            args.steps = 25
+        args.size = args.size or 512
+    ARGS.template, ARGS.size = args.template, args.size
     from services.common.logs import configure_logging
 
     configure_logging("WARNING", "bench")
     report = asyncio.run(main_async(args))
+    report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

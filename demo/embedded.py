@@ -24,17 +24,22 @@ def write_manifest(folder: Path, **fields) -> None:
     (folder / "manifest.yaml").write_text(yaml.safe_dump(fields, sort_keys=False))
 
 
-def build(out: Path) -> None:
-    pipe = build_tiny_pipeline(out / "tiny-sd")
-    for ident, kind, name, category, token, seed in PRODUCTS:
+def write_adapters(pipe, out: Path, entries, rank: int = 4, strength: float = 3.0) -> None:
+    """Random LoRAs for `pipe` as product folders (out/products) and style folders (out/adapters)."""
+    for ident, kind, name, category, token, seed in entries:
         folder = out / ("products" if kind == "product" else "adapters") / ident
-        weights = write_random_lora(pipe, folder, seed=seed, strength=3.0)
+        weights = write_random_lora(pipe, folder, seed=seed, rank=rank, strength=strength)
         fields = dict(display_name=name, kind=kind, adapter=weights.name, default_scale=1.0)
         if kind == "product":
             fields.update(category=category, tokens=[token], prompt_phrase=token)
         else:
             fields.update(tokens=[token])
         write_manifest(folder, **fields)
+
+
+def build(out: Path) -> None:
+    pipe = build_tiny_pipeline(out / "tiny-sd")
+    write_adapters(pipe, out, PRODUCTS)
     from demo.tiny_sr import build_tiny_swin2sr
 
     build_tiny_swin2sr(out / "tiny-sr")

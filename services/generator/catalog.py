@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.generator.messages import AdapterSpec
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,16 @@ class Entry:
         # Changes when the adapter file is replaced, so worker caches never serve stale weights.
         stat = self.adapter_path.stat()
         return f"{self.id}@{stat.st_mtime_ns}-{stat.st_size}"
+
+    def spec(self, weight: float) -> AdapterSpec:
+        """What a worker needs to load and apply this adapter at `weight`."""
+        return AdapterSpec(
+            key=self.version,
+            path=str(self.adapter_path),
+            weight=float(weight),
+            embeddings=str(self.embeddings_path) if self.embeddings_path else None,
+            tokens=tuple(self.manifest.tokens) if self.embeddings_path else (),
+        )
 
 
 def scan_folder(root: Path, kinds: tuple[str, ...], problems: dict[str, str] | None = None) -> dict[str, Entry]:

@@ -24,7 +24,7 @@ from services.common.logs import request_id_var
 from services.common.storage import ImageStore
 from services.generator import metrics
 from services.generator.catalog import Catalog, Entry, Template, compose_prompt
-from services.generator.messages import SCHEDULERS, AdapterSpec, ImageResult, Progress, RenderSettings
+from services.generator.messages import SCHEDULERS, ImageResult, Progress, RenderSettings
 from services.generator.scheduler import Failed, QueuePosition, Scheduler, Ticket
 from services.generator.settings import GeneratorSettings
 
@@ -183,7 +183,7 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
         else:
             product_scale = product.manifest.default_scale
         stacked: list[Entry] = []
-        specs = [_spec(product, product_scale)]
+        specs = [product.spec(product_scale)]
         weights: list[generator_pb2.AdapterWeight] = []
         if len(request.adapters) >= s.adapter_cache_size:
             raise InvalidArgument("adapters", f"at most {s.adapter_cache_size - 1} adapters can be stacked")
@@ -194,7 +194,7 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
                 raise InvalidArgument(f"{field}.adapter_id", f"{entry.id!r} is listed twice")
             weight = _finite(f"{field}.weight", aw.weight, -MAX_WEIGHT, MAX_WEIGHT) or entry.manifest.default_scale
             stacked.append(entry)
-            specs.append(_spec(entry, weight))
+            specs.append(entry.spec(weight))
             weights.append(generator_pb2.AdapterWeight(adapter_id=entry.id, weight=weight))
 
         # 4. Prompt
@@ -343,16 +343,6 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
 
 def _key(request_id: str, index: int) -> str:
     return f"{request_id}/{index}.png"
-
-
-def _spec(entry: Entry, weight: float) -> AdapterSpec:
-    return AdapterSpec(
-        key=entry.version,
-        path=str(entry.adapter_path),
-        weight=float(weight),
-        embeddings=str(entry.embeddings_path) if entry.embeddings_path else None,
-        tokens=tuple(entry.manifest.tokens) if entry.embeddings_path else (),
-    )
 
 
 def _params_dict(params: generator_pb2.GenerationParameters) -> dict:
