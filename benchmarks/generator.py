@@ -253,7 +253,37 @@ def components(args, catalog_dirs: tuple[str, str]) -> dict:
         image = latents_to_preview(latents)[0]
         report["preview_png_s"] = timed(lambda: encode_png(image), 50)
         report["preview_png_bytes"] = len(encode_png(image))
+        report["batch_sweep"] = batch_sweep(args, specs[0], timed)
     return report
+
+
+def batch_sweep(args, spec, timed) -> list[dict]:
+    """Seconds per image and peak memory by batch size and image size: what --max-batch and
+    --batch-pixels are chosen from."""
+    import torch
+
+    from services.generator.messages import RenderSettings
+    from services.generator.pipeline import ProductPipeline
+
+    pipe = ProductPipeline(args.model, args.device)
+    cuda = args.device.startswith("cuda")
+    base = args.size or pipe.default_size
+    rows = []
+    for scale, batches in ((1.0, (1, 2, 4, 8)), (1.5, (1, 2, 4))):
+        size = int(base * scale) // pipe.size_multiple * pipe.size_multiple
+        settings = RenderSettings("a photo on the beach", "", args.steps, 7.0, size, size, "", (spec,))
+        for batch in batches:
+            seeds = tuple(range(batch))
+            pipe(settings, seeds)  # warm this shape
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            seconds = timed(lambda s=settings, b=seeds: pipe(s, b), 2)
+            row = {"size": size, "batch": batch, "seconds": seconds, "seconds_per_image": seconds / batch}
+            if cuda:
+                row["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
 
 
 async def main_async(args) -> dict:

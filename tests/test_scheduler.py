@@ -272,13 +272,13 @@ def test_auto_batch_follows_the_device_and_the_pixel_budget():
     from services.generator.worker import WorkerConfig
 
     auto = GeneratorSettings(max_batch=0)
-    assert batch_limits(auto, ["cuda:0", "cuda:1"]) == (4, 4 * 512 * 512)
+    assert batch_limits(auto, ["cuda:0", "cuda:1"]) == (4, 2 * 768 * 768)
     assert batch_limits(auto, ["cpu:0"]) == (1, 0)
     assert batch_limits(GeneratorSettings(max_batch=3), ["cpu:0"]) == (3, 0)
 
-    scheduler = Scheduler([WorkerConfig("standin", "cuda:0")], max_batch=4, batch_pixels=4 * 512 * 512)
+    scheduler = Scheduler([WorkerConfig("standin", "cuda:0")], max_batch=4, batch_pixels=2 * 768 * 768)
     sizes = {px: scheduler.batch_size(request_settings(px)) for px in (256, 512, 640, 768, 1024)}
-    assert sizes == {256: 4, 512: 4, 640: 2, 768: 1, 1024: 1}
+    assert sizes == {256: 4, 512: 4, 640: 2, 768: 2, 1024: 1}
 
 
 def request_settings(px: int):

@@ -29,7 +29,7 @@ class GeneratorSettings(ServiceSettings):
         description="Images of one request a device may render as one batch (0: auto, 4 on CUDA and 1 on CPU).",
     )
     batch_pixels: int = Field(
-        4 * 512 * 512, ge=0, description="Upper bound of width*height*images in one auto-sized batch."
+        2 * 768 * 768, ge=0, description="Upper bound of width*height*images in one auto-sized batch."
     )
     adapter_cache_size: int = Field(8, description="LoRA adapters each worker keeps loaded (LRU).")
     hotswap_rank: int = Field(
@@ -67,8 +67,9 @@ def parse_devices(spec: str) -> list[tuple[str, int]]:
     return [(d, 0) for d in devices]
 
 
-# A batch of 4 at 512² gave 3.2x the images per second of batch 1 on an H200, with the first image
-# only 12% later; on a CPU batching gains little and delays the first image 3x (docs/PERFORMANCE.md).
+# On an H200 (SD 1.5 size, eager PyTorch) a batch of 4 at 512² takes about as long as one image, and
+# 2 at 768² 16% longer: the pixel budget sits at that knee. On a CPU batching delays the first image
+# 2.5x for 1.55x throughput, so no batching there (docs/PERFORMANCE.md).
 CUDA_AUTO_BATCH = 4
 
 
