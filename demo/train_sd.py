@@ -270,9 +270,7 @@ def train_unet(data: Dataset, work: Path, out: Path, args, judge) -> None:
         from transformers import CLIPTextModel
 
         unet = UNet2DConditionModel.from_pretrained(args.init_from, subfolder="unet", dtype=torch.float32)
-        text_encoder = CLIPTextModel.from_pretrained(
-            args.init_from, subfolder="text_encoder", dtype=torch.float32
-        )
+        text_encoder = CLIPTextModel.from_pretrained(args.init_from, subfolder="text_encoder", dtype=torch.float32)
         log.info("initialised UNet and text encoder from %s", args.init_from)
     log.info("UNet %.2fM params, text encoder %.2fM params", n_params(unet) / 1e6, n_params(text_encoder) / 1e6)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
