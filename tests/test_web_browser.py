@@ -1,38 +1,27 @@
 """The web page in a real browser: Debian's chromium driven by Playwright, the page served by
 `python -m client.web` in a subprocess, against real generator and upscaler servers.
 
-Screenshots go to artifacts/; a good full-page one is copied to docs/screenshot.png.
+Screenshots go to artifacts/ (docs/screenshot.png comes from `python -m tools.screenshot`, on the demo model).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
 
 from tests.conftest import ROOT, free_port
+from tools.browser import CHROMIUM, choose, local_page
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 # Enough steps that 3 images take a while, so the first one can be seen before the last exists.
 STEPS = 5
 
@@ -83,39 +72,12 @@ async def serve_page(generator: str, upscaler: str, tmp_path: Path) -> AsyncIter
 
 
 @pytest.fixture
-async def browser_page(artifacts) -> AsyncIterator:
+async def browser_page() -> AsyncIterator:
     """A fresh headless chromium page; requests leaving this machine are blocked and recorded."""
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: run `make browser` (apt-get install chromium)")
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        context = await browser.new_context(viewport={"width": 1400, "height": 1000})
-        external: list[str] = []
-
-        async def local_only(route):
-            host = urlparse(route.request.url).hostname
-            if route.request.url.startswith(("data:", "blob:")) or host in ("127.0.0.1", "localhost"):
-                await route.continue_()
-            else:
-                external.append(route.request.url)
-                await route.abort()
-
-        await context.route("**/*", local_only)
-        page = await context.new_page()
-        page.set_default_timeout(60_000)
-        try:
-            yield page, external
-        finally:
-            await context.close()
-            await browser.close()
-
-
-async def choose(page, elem_id: str, option: str) -> None:
-    """Pick an option of a Gradio dropdown the way a user does: open it, click the option."""
-    await page.locator(f"#{elem_id} input").click()
-    await page.get_by_role("option", name=option, exact=True).click()
+    async with local_page() as (page, external):
+        yield page, external
 
 
 async def gallery_count(page) -> int:
@@ -176,8 +138,6 @@ async def test_generate_stream_and_upscale_in_a_browser(generator, upscaler, bro
         assert width == 256
         await page.locator("#download").wait_for()
         await page.screenshot(path=str(artifacts / "web-upscaled.png"), full_page=True)
-        (ROOT / "docs").mkdir(exist_ok=True)
-        shutil.copyfile(artifacts / "web-upscaled.png", ROOT / "docs" / "screenshot.png")
     assert external == [], "the page must not need the internet"
 
 
