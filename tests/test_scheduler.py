@@ -266,6 +266,14 @@ async def test_micro_batches_spread_first(tiny_world, tmp_path, devices, overrid
         assert _batches(app.record) == expected
 
 
+async def test_batch_out_of_device_memory_is_split_not_failed(tiny_world, tmp_path):
+    async with standin_server(tiny_world, tmp_path, max_batch=4) as (app, stub, _h):
+        events = await run(stub, request(n=4, prompt="oom-batch", steps=2, seed=3))
+    assert events[-1].WhichOneof("event") == "completed"
+    assert sorted(r.seed for r in images(events)) == [3, 4, 5, 6]
+    assert _batches(app.record) == {1: 4}  # 4 -> 2 + 2 -> 1 + 1 + 1 + 1
+
+
 def test_auto_batch_follows_the_device_and_the_pixel_budget():
     from services.generator.scheduler import Scheduler
     from services.generator.settings import GeneratorSettings, batch_limits

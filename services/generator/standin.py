@@ -3,7 +3,7 @@
 Used by scheduling tests and benchmarks to exercise the real workers, scheduler and server
 without diffusion. The "model" string configures it: `standin:step=0.02,load=0,record=/tmp/log`.
 Prompts can ask for trouble: "fail" raises ValueError, "crash" kills the process on cpu:0,
-"crash-always" kills it on every device.
+"crash-always" kills it on every device, "oom-batch" runs out of memory on any batch above 1.
 """
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ from PIL import Image
 
 from services.generator.messages import RenderSettings
 from services.generator.pipeline import CacheStats, JobCancelled, PreviewFrames
+
+
+class OutOfMemoryError(RuntimeError):
+    """Named like torch's, which is how the worker recognises it."""
 
 
 class _Adapters:
@@ -64,6 +68,8 @@ class StandInPipeline:
     ) -> list[Image.Image]:
         if "fail" in settings.prompt:
             raise ValueError("prompt: the stand-in refuses prompts containing 'fail'")
+        if "oom-batch" in settings.prompt and len(seeds) > 1:
+            raise OutOfMemoryError(f"stand-in: no memory for a batch of {len(seeds)}")
         crash = "crash-always" in settings.prompt or ("crash" in settings.prompt and self.device_name == "cpu:0")
         self.adapters.activate(settings.adapters)
         for step in range(1, settings.steps + 1):

@@ -89,9 +89,13 @@ class _Inbox:
             return request_id in self.cancelled
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    return "OutOfMemory" in type(exc).__name__  # torch.cuda.OutOfMemoryError, torch.OutOfMemoryError
+
+
 def _error_kind(exc: BaseException) -> tuple[str, str]:
     name = type(exc).__name__
-    if "OutOfMemory" in name:
+    if _out_of_memory(exc):
         return "resource_exhausted", "device out of memory; try fewer or smaller images"
     if isinstance(exc, FileNotFoundError):
         return "not_found", str(exc)
@@ -108,27 +112,40 @@ def run_job(pipe, job: Job, send, inbox: _Inbox) -> None:
     started = time.perf_counter()
     hits, misses = pipe.adapters.stats.hits, pipe.adapters.stats.misses
 
-    def report_step(step: int, total: int, frames) -> None:
+    def report_step(indices: tuple[int, ...], step: int, total: int, frames) -> None:
         # Fast PNG settings: a preview lives for one step on screen.
         encoded = tuple(encode_png(im, compress_level=1) for im in frames.images()) if frames else ()
-        send(Progress(job.request_id, job.job_id, job.indices, step, total, encoded))
+        send(Progress(job.request_id, job.job_id, indices, step, total, encoded))
 
-    try:
-        with _InOrder() as progress:
-            images = pipe(
-                job.settings,
-                job.seeds,
-                on_step=lambda *step: progress.submit(report_step, *step),
-                preview_every=job.preview_every,
-                should_stop=lambda: inbox.is_cancelled(job.request_id),
-            )
-        compute = time.perf_counter() - started
-        for index, seed, image in zip(job.indices, job.seeds, images, strict=True):
+    def render(indices: tuple[int, ...], seeds: tuple[int, ...]) -> None:
+        """Render and send these images; a batch that runs out of device memory is split in two."""
+        begun = time.perf_counter()
+        try:
+            with _InOrder() as progress:
+                images = pipe(
+                    job.settings,
+                    seeds,
+                    on_step=lambda *step: progress.submit(report_step, indices, *step),
+                    preview_every=job.preview_every,
+                    should_stop=lambda: inbox.is_cancelled(job.request_id),
+                )
+        except Exception as exc:
+            if len(seeds) == 1 or not _out_of_memory(exc):
+                raise
+            _empty_device_cache()
+            log.warning("a batch of %d ran out of device memory; rendering it in halves", len(seeds))
+            half = len(seeds) // 2
+            render(indices[:half], seeds[:half])
+            render(indices[half:], seeds[half:])
+            return
+        compute = (time.perf_counter() - begun) / len(images)
+        for index, seed, image in zip(indices, seeds, images, strict=True):
             png = encode_png(image, {**job.metadata, "seed": seed})
             w, h = image.size
-            send(
-                ImageResult(job.request_id, job.job_id, index, seed, png, w, h, compute / len(images), pipe.device_name)
-            )
+            send(ImageResult(job.request_id, job.job_id, index, seed, png, w, h, compute, pipe.device_name))
+
+    try:
+        render(job.indices, job.seeds)
         cancelled = False
     except JobCancelled:
         cancelled = True
