@@ -254,7 +254,38 @@ def components(args, catalog_dirs: tuple[str, str]) -> dict:
         report["preview_png_s"] = timed(lambda: encode_png(image), 50)
         report["preview_png_bytes"] = len(encode_png(image))
         report["batch_sweep"] = batch_sweep(args, specs[0], timed)
+        if args.probe_compile:
+            report["compile_probe"] = compile_probe(args, specs[0], timed)
     return report
+
+
+def compile_probe(args, spec, timed) -> dict:
+    """Experiment, not a service path yet: the UNet under torch.compile, against eager.
+
+    PEFT layers stay unmerged (as the service runs them); mode reduce-overhead adds CUDA graphs,
+    which is what a launch-bound batch 1 needs.
+    """
+    import torch
+
+    from services.generator.messages import RenderSettings
+    from services.generator.pipeline import ProductPipeline
+
+    pipe = ProductPipeline(args.model, args.device)
+    size = args.size or pipe.default_size
+    settings = RenderSettings("a photo on the beach", "", args.steps, 7.0, size, size, "", (spec,))
+    result: dict = {"mode": args.probe_compile, "size": size, "steps": args.steps}
+    for label in ("eager", "compiled"):
+        if label == "compiled":
+            started = time.perf_counter()
+            pipe.pipe.unet = torch.compile(pipe.pipe.unet, mode=args.probe_compile)
+            for batch in (1, 4):
+                pipe(settings, tuple(range(batch)))  # compile both shapes
+            result["compile_s"] = time.perf_counter() - started
+        for batch in (1, 4):
+            pipe(settings, tuple(range(batch)))
+            result[f"{label}_batch_{batch}_s"] = timed(lambda b=batch: pipe(settings, tuple(range(b))), 3)
+    print(json.dumps(result), file=sys.stderr, flush=True)
+    return result
 
 
 def batch_sweep(args, spec, timed) -> list[dict]:
@@ -343,6 +374,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=4, help="interleaved blocks per switching condition")
     p.add_argument("--block", type=int, default=4, help="1-image requests per block (even)")
     p.add_argument("--repeats", type=int, default=5, help="interleaved 4-image requests per condition")
+    p.add_argument(
+        "--probe-compile",
+        default="",
+        metavar="MODE",
+        help="also time the UNet under torch.compile(mode=MODE), e.g. reduce-overhead (an experiment)",
+    )
     p.add_argument(
         "--skip",
         nargs="*",
