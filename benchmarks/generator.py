@@ -35,20 +35,19 @@ from services.generator.app import start_generator
 from services.generator.settings import GeneratorSettings
 
 ROOT = Path(__file__).resolve().parent.parent
-ARGS = argparse.Namespace(template="beach", size=0)  # request defaults; main() replaces them
 STANDIN = "services.generator.standin:StandInPipeline"
 
 
-async def _serve(settings: GeneratorSettings):
+async def _serve(args, settings: GeneratorSettings):
+    """Start a generator; return it, its channel, and `request(**fields)` with the run's defaults."""
     app = await start_generator(settings)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
-    return app, channel, generator_pb2_grpc.GeneratorStub(channel)
+    stub = generator_pb2_grpc.GeneratorStub(channel)
+    size = args.size or None
+    return app, channel, partial(_request, stub, template_id=args.template, width=size, height=size)
 
 
 async def _request(stub, **fields) -> dict:
-    fields.setdefault("template_id", ARGS.template)
-    fields.setdefault("width", ARGS.size or None)
-    fields.setdefault("height", ARGS.size or None)
     started = time.perf_counter()
     first = None
     async for event in stub.Generate(generate_request(**fields), timeout=3600):
@@ -81,13 +80,14 @@ async def simulated_devices(args, out: Path) -> dict:
     step = 0.05
     results = {}
     for devices in ("cpu:1", "cpu:4"):
-        app, channel, stub = await _serve(
-            _settings(args, out, model=f"standin:step={step}", worker_pipeline=STANDIN, devices=devices, cpu_threads=1)
+        app, channel, request = await _serve(
+            args,
+            _settings(args, out, model=f"standin:step={step}", worker_pipeline=STANDIN, devices=devices, cpu_threads=1),
         )
         try:
             plain = dict(product_id=args.product, width=None, height=None)
-            await _request(stub, **plain, num_images=4, steps=2)  # warm
-            results[devices] = await _request(stub, **plain, num_images=16, steps=10)
+            await request(**plain, num_images=4, steps=2)  # warm
+            results[devices] = await request(**plain, num_images=16, steps=10)
         finally:
             await channel.close()
             await app.stop()
@@ -113,11 +113,9 @@ async def _interleaved(rounds: int, conditions: dict) -> dict:
     return results
 
 
-async def _seconds_per_image(stub, products: list[str], block: int, seed0: int = 0) -> float:
+async def _seconds_per_image(request, products: list[str], block: int, seed0: int = 0) -> float:
     """One block of 1-image requests, cycling through `products`; mean server-side seconds per image."""
-    runs = [
-        await _request(stub, product_id=products[i % len(products)], num_images=1, seed=seed0 + i) for i in range(block)
-    ]
+    runs = [await request(product_id=products[i % len(products)], num_images=1, seed=seed0 + i) for i in range(block)]
     return statistics.fmean(r["total_s"] for r in runs)
 
 
@@ -125,15 +123,15 @@ async def product_switching(args, out: Path) -> dict:
     one, two = [args.product], [args.product, args.other_product]
     runs = {}
     for label, cache in (("cached", 8), ("reload_every_switch", 1)):
-        app, channel, stub = await _serve(_settings(args, out, adapter_cache_size=cache))
+        app, channel, request = await _serve(args, _settings(args, out, adapter_cache_size=cache))
         try:
             for product in two:
-                await _request(stub, product_id=product, num_images=1, seed=1)
+                await request(product_id=product, num_images=1, seed=1)
             blocks = await _interleaved(
                 args.rounds,
                 {
-                    "single": partial(_seconds_per_image, stub, one, args.block),
-                    "alternating": partial(_seconds_per_image, stub, two, args.block),
+                    "single": partial(_seconds_per_image, request, one, args.block),
+                    "alternating": partial(_seconds_per_image, request, two, args.block),
                 },
             )
         finally:
@@ -166,12 +164,12 @@ async def first_image_and_batching(args, out: Path) -> dict:
     four = dict(product_id=args.product, num_images=4)
     result = {}
     for label, overrides in (("batch_1", {"max_batch": 1}), ("batch_4", {"max_batch": 4})):
-        app, channel, stub = await _serve(_settings(args, out, **overrides))
+        app, channel, request = await _serve(args, _settings(args, out, **overrides))
         try:
-            await _request(stub, **four, seed=0)
-            conditions = {"off": partial(_request, stub, **four, seed=1)}
+            await request(**four, seed=0)
+            conditions = {"off": partial(request, **four, seed=1)}
             if label == "batch_1":
-                conditions["every_step"] = partial(_request, stub, **four, seed=1, preview_every=1)
+                conditions["every_step"] = partial(request, **four, seed=1, preview_every=1)
             runs = await _interleaved(args.repeats, conditions)
         finally:
             await channel.close()
@@ -238,28 +236,32 @@ def components(args, catalog_dirs: tuple[str, str]) -> dict:
     specs = [catalog.product(p).spec(1.0) for p in (args.product, args.other_product)]
     report = {}
     with torch.inference_mode():
+        pipe = None  # the cache-of-8 pipeline, kept for the sweep and the probe
         for label, capacity in (("cached", 8), ("reload", 1)):
-            cache = ProductPipeline(args.model, args.device, adapter_cache_size=capacity).adapters
+            loaded = ProductPipeline(args.model, args.device, adapter_cache_size=capacity)
+            cache = loaded.adapters
             for spec in reversed(specs):  # specs[0] last: "same" starts from a hit
                 cache.activate((spec,))
             n = 20 if label == "cached" else 6
             report[f"activate_same_s_{label}"] = timed(partial(cache.activate, (specs[0],)), n)
             pair = itertools.cycle(specs)
             report[f"activate_switch_s_{label}"] = timed(lambda c=cache, p=pair: c.activate((next(p),)), n)
-            del cache
+            if pipe is None:
+                pipe = loaded
+            del loaded, cache
         size = args.size or 512
         latents = torch.randn(1, 4, size // 8, size // 8, device=pipe_device(args.device))
         report["preview_s"] = timed(lambda: latents_to_preview(latents), 50)
         image = latents_to_preview(latents)[0]
         report["preview_png_s"] = timed(lambda: encode_png(image), 50)
         report["preview_png_bytes"] = len(encode_png(image))
-        report["batch_sweep"] = batch_sweep(args, specs[0], timed)
-        if args.probe_compile:
-            report["compile_probe"] = compile_probe(args, specs[0], timed)
+        report["batch_sweep"] = batch_sweep(args, pipe, specs[0], timed)
+        if args.probe_compile:  # last: it compiles the pipeline's UNet in place
+            report["compile_probe"] = compile_probe(args, pipe, specs[0], timed)
     return report
 
 
-def compile_probe(args, spec, timed) -> dict:
+def compile_probe(args, pipe, spec, timed) -> dict:
     """Experiment, not a service path yet: the UNet under torch.compile, against eager.
 
     PEFT layers stay unmerged (as the service runs them); mode reduce-overhead adds CUDA graphs,
@@ -268,9 +270,7 @@ def compile_probe(args, spec, timed) -> dict:
     import torch
 
     from services.generator.messages import RenderSettings
-    from services.generator.pipeline import ProductPipeline
 
-    pipe = ProductPipeline(args.model, args.device)
     size = args.size or pipe.default_size
     settings = RenderSettings("a photo on the beach", "", args.steps, 7.0, size, size, "", (spec,))
     result: dict = {"mode": args.probe_compile, "size": size, "steps": args.steps}
@@ -288,15 +288,13 @@ def compile_probe(args, spec, timed) -> dict:
     return result
 
 
-def batch_sweep(args, spec, timed) -> list[dict]:
+def batch_sweep(args, pipe, spec, timed) -> list[dict]:
     """Seconds per image and peak memory by batch size and image size: what --max-batch and
     --batch-pixels are chosen from."""
     import torch
 
     from services.generator.messages import RenderSettings
-    from services.generator.pipeline import ProductPipeline
 
-    pipe = ProductPipeline(args.model, args.device)
     cuda = args.device.startswith("cuda")
     base = args.size or pipe.default_size
     rows = []
@@ -396,7 +394,6 @@ def main(argv: list[str] | None = None) -> dict:
         if args.steps == p.get_default("steps"):
             args.steps = 25
         args.size = args.size or 512
-    ARGS.template, ARGS.size = args.template, args.size
     from services.common.logs import configure_logging
 
     configure_logging("WARNING", "bench")

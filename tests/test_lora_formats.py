@@ -20,6 +20,7 @@ import torch.nn as nn
 import yaml
 from safetensors.torch import save_file
 
+from demo.sd15 import SD15_TEXT, SD15_UNET
 from productinaction.v1 import generator_pb2 as pb
 from productinaction.v1 import generator_pb2_grpc
 from services.generator.embeddings import set_token_embeddings
@@ -387,15 +388,7 @@ def _sd15_unet():
     # Built on the meta device then given (uninitialised) memory: the LoRA deltas do not depend on
     # the base weights, and this takes a fraction of a second instead of a random init of 860M weights.
     with torch.device("meta"):
-        unet = UNet2DConditionModel(
-            sample_size=64,
-            block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-            cross_attention_dim=768,
-            attention_head_dim=8,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        )
+        unet = UNet2DConditionModel(**SD15_UNET)
     return unet.to_empty(device="cpu")
 
 
@@ -407,17 +400,7 @@ def sd15(tmp_path_factory):
 
     from demo.tokenizer import load_clip_tokenizer
 
-    config = CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=768,
-        intermediate_size=3072,
-        num_attention_heads=12,
-        num_hidden_layers=12,
-        max_position_embeddings=77,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-    )
+    config = CLIPTextConfig(**SD15_TEXT)
     with torch.device("meta"):
         text_encoder = CLIPTextModel(config)
     text_encoder = text_encoder.to_empty(device="cpu")
