@@ -272,13 +272,22 @@ async def test_bad_requests_do_not_hurt_the_worker(generator_stub):
     assert kinds(events)[-1] == "completed"
 
 
-async def test_s3_storage_round_trip_through_moto(tiny_world, moto_s3, s3_bucket):
-    import boto3
+def _http_status(url: str) -> int:
+    import urllib.error
+    import urllib.request
 
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+async def test_s3_storage_round_trip_through_a_real_s3_server(tiny_world, s3_server, s3_bucket):
     from services.generator.app import start_generator
     from tests.conftest import generator_settings
 
-    settings = generator_settings(tiny_world, f"s3://{s3_bucket}/renders", s3_endpoint_url=moto_s3)
+    settings = generator_settings(tiny_world, f"s3://{s3_bucket}/renders", s3_endpoint_url=s3_server.endpoint)
     app = await start_generator(settings)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
@@ -293,15 +302,24 @@ async def test_s3_storage_round_trip_through_moto(tiny_world, moto_s3, s3_bucket
         await app.stop()
     images = ready(events)
     assert [e for e in events[0].accepted.image_uris] == [f"s3://{s3_bucket}/renders/s3req/{i}.png" for i in range(2)]
-    s3 = boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1")
+    s3 = s3_server.client()
     for r in images:
         assert r.image.uri == f"s3://{s3_bucket}/renders/s3req/{r.index}.png"
-        assert r.image.url.startswith(moto_s3) and "X-Amz-Signature" in r.image.url
-        data = fetch_bytes(r.image.url)  # the presigned URL works
+        assert r.image.url.startswith(s3_server.endpoint) and "X-Amz-Signature" in r.image.url
+        data = await asyncio.to_thread(fetch_bytes, r.image.url)  # the presigned URL works
         assert read_parameters(data)["seed"] == r.seed
         head = s3.head_object(Bucket=s3_bucket, Key=f"renders/s3req/{r.index}.png")
         assert head["ContentType"] == "image/png"
         assert head["Metadata"]["seed"] == str(r.seed) and "Seed%3A" not in head["Metadata"]["parameters"]
+
+    # A real server checks the signature: tampered, moved to another key, or unsigned gets 403.
+    url = images[0].image.url
+    signature = url.split("X-Amz-Signature=")[1].split("&")[0]
+    tampered = url.replace(signature, ("0" if signature[0] != "0" else "1") + signature[1:])
+    other_key = url.replace(f"/s3req/{images[0].index}.png", f"/s3req/{images[1].index}.png")
+    unsigned = url.split("?")[0]
+    statuses = [await asyncio.to_thread(_http_status, u) for u in (url, tampered, other_key, unsigned)]
+    assert statuses == [200, 403, 403, 403]
 
 
 async def run_cmd(*cmd: str, timeout: float = 120) -> tuple[int, str, str]:

@@ -1,4 +1,4 @@
-"""Storage round trips through the real moto S3 server: read the source from the bucket, store the
+"""Storage round trips through a real S3 server (SeaweedFS): read the source from the bucket, store the
 result next to it, with S3 metadata and PNG text linking back to the source."""
 
 from __future__ import annotations
@@ -25,11 +25,14 @@ def _fetch(url: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-async def s3_upscaler(s3_bucket, moto_s3):
+async def s3_upscaler(s3_bucket, s3_server):
     from services.upscaler.app import start_upscaler
 
     settings = upscaler_settings(
-        "bicubic", f"s3://{s3_bucket}/{PREFIX}", s3_endpoint_url=moto_s3, engine="tests.fixtures_upscaler:BicubicEngine"
+        "bicubic",
+        f"s3://{s3_bucket}/{PREFIX}",
+        s3_endpoint_url=s3_server.endpoint,
+        engine="tests.fixtures_upscaler:BicubicEngine",
     )
     app = await start_upscaler(settings)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
@@ -38,9 +41,9 @@ async def s3_upscaler(s3_bucket, moto_s3):
 
 
 @pytest.fixture(scope="module")
-async def source_store(s3_bucket, moto_s3):
+async def source_store(s3_bucket, s3_server):
     """The generator's view of the same bucket and prefix."""
-    store = open_store(f"s3://{s3_bucket}/{PREFIX}", endpoint_url=moto_s3)
+    store = open_store(f"s3://{s3_bucket}/{PREFIX}", endpoint_url=s3_server.endpoint)
     yield store
     await store.close()
 
