@@ -17,12 +17,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.ids import ID_PATTERN, is_valid_id  # noqa: F401  (ID_PATTERN: training imports it from here)
 from services.generator.messages import AdapterSpec
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.yaml"
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -90,7 +90,7 @@ def scan_folder(root: Path, kinds: tuple[str, ...], problems: dict[str, str] | N
         return entries
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         path = folder / MANIFEST
-        if not path.is_file() or not ID_PATTERN.match(folder.name):
+        if not path.is_file() or not is_valid_id(folder.name):
             continue
         try:
             manifest = Manifest.model_validate(yaml.safe_load(path.read_text()) or {})
@@ -218,7 +218,7 @@ class Catalog:
     def product(self, product_id: str) -> Entry:
         if not product_id:
             raise InvalidArgument("product_id", "is required")
-        if not ID_PATTERN.match(product_id):
+        if not is_valid_id(product_id):
             raise InvalidArgument("product_id", f"{product_id[:80]!r} is not a valid id")
         self.refresh()
         if product_id in self.problems and product_id not in self.products:
@@ -228,7 +228,7 @@ class Catalog:
         return self.products[product_id]
 
     def adapter(self, adapter_id: str, field: str = "adapters") -> Entry:
-        if not adapter_id or not ID_PATTERN.match(adapter_id):
+        if not adapter_id or not is_valid_id(adapter_id):
             raise InvalidArgument(f"{field}.adapter_id", f"{adapter_id[:80]!r} is not a valid id")
         if adapter_id not in self.adapters:
             raise NotFound("adapter", adapter_id, "see ListAdapters")

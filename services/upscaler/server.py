@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 import urllib.parse
 import uuid
@@ -22,6 +21,7 @@ from PIL import Image
 
 from productinaction.v1 import common_pb2, upscaler_pb2, upscaler_pb2_grpc
 from services.common.errors import InvalidArgument, NotFound, ServiceError, Unavailable
+from services.common.ids import check_id
 from services.common.logs import request_id_var
 from services.common.storage import ImageStore, LocalImageStore, S3ImageStore
 from services.upscaler import images, metrics
@@ -31,8 +31,6 @@ from services.upscaler.replicate_backend import ReplicateBackend
 from services.upscaler.runner import DeviceRunner
 from services.upscaler.settings import UpscalerSettings
 
-# As the generator's, but not starting with a dot: the id names a storage folder ("..", ".tmp-*").
-REQUEST_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
 BACKENDS = {
     upscaler_pb2.UPSCALE_BACKEND_LOCAL: "local",
     upscaler_pb2.UPSCALE_BACKEND_REPLICATE: "replicate",
@@ -105,8 +103,7 @@ class UpscalerService(upscaler_pb2_grpc.UpscalerServicer):
         if source == "image" and len(request.image) > s.max_input_bytes:
             raise InvalidArgument("image", f"{len(request.image)} bytes; this server takes at most {s.max_input_bytes}")
         request_id = request.request_id or uuid.uuid4().hex[:16]
-        if not REQUEST_ID.match(request_id):
-            raise InvalidArgument("request_id", "use 1-64 characters of [A-Za-z0-9._-], not starting with a dot")
+        check_id(request_id, "request_id")
 
         # 2. Backend and scale
         if request.backend == upscaler_pb2.UPSCALE_BACKEND_UNSPECIFIED:
