@@ -23,12 +23,12 @@ help:
 	@echo "make bench  run the benchmarks, JSON results in bench-results/"
 	@echo "make lint   ruff"
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): $(wildcard requirements/*.txt)
 	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }
 	$(PY) -m venv $(VENV)
-	# torch first and pinned: anything looser pulls a multi-GB CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
+	# torch first and pinned (requirements/torch.txt): anything looser pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q -r requirements/torch.txt
+	$(BIN)/pip install -q -r requirements/dev.txt
 	# Only for its CLIP BPE vocabulary file; never imported (it needs torchvision).
 	$(BIN)/pip install -q --no-deps open-clip-torch
 	touch $@
