@@ -1,0 +1,182 @@
+"""Two generator processes behind one client target (`ipv4:127.0.0.1:p1,127.0.0.1:p2`): calls spread over
+both (round robin), a killed replica costs no new request, a stream that had started is not replayed
+behind the caller's back, and the web page's banner says which replicas are up.
+
+Requests are counted per replica by each server's own Prometheus counters. The figures (how the calls
+split, what completed) go to artifacts/replicas.json for docs/DEPLOYMENT.md; nothing here is timed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from client import cli
+from client.api import GeneratorClient, generate_request
+from client.balancing import replica_health, split_target
+from client.web_logic import Backends, Session, check_health
+from tests.conftest import ROOT, free_port
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Replica:
+    proc: subprocess.Popen
+    port: int
+    metrics_port: int
+    log: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def counters(self) -> dict[str, float]:
+        """{'images': stored images, 'ok': Generate requests completed} from its /metrics."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        images = sum(float(v) for v in re.findall(r"^pia_images_generated_total\{[^}]*\} (\S+)$", text, re.M))
+        ok = re.search(r'^pia_requests_total\{outcome="ok"\} (\S+)$', text, re.M)
+        return {"images": images, "ok": float(ok[1]) if ok else 0.0}
+
+    def kill(self) -> None:
+        # The whole process group: the server and its worker process, as when a node dies.
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+def _start(world: Path, storage: Path, log: Path) -> Replica:
+    port, metrics_port = free_port(), free_port()
+    args = {
+        "host": "127.0.0.1",
+        "port": port,
+        "metrics-port": metrics_port,
+        "model": world / "tiny-sd",
+        "products-dir": world / "products",
+        "adapters-dir": world / "adapters",
+        "templates-file": ROOT / "templates" / "catalog.yaml",
+        "storage": storage,
+        "devices": "cpu:1",
+        "cpu-threads": 1,
+        "default-steps": 2,
+        "default-size": 32,
+        "log-level": "WARNING",
+    }
+    cmd = [sys.executable, "-m", "services.generator", *(f"--{k}={v}" for k, v in args.items())]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    return Replica(proc, port, metrics_port, log)
+
+
+@pytest.fixture(scope="module")
+async def replicas(tiny_world, tmp_path_factory):
+    base = tmp_path_factory.mktemp("replicas")
+    started = [_start(tiny_world, base / "images", base / f"replica-{i}.log") for i in range(2)]
+    target = "ipv4:" + ",".join(r.address for r in started)
+    try:
+        for _ in range(600):
+            if list((await replica_health(target)).values()) == ["SERVING", "SERVING"]:
+                break
+            for r in started:
+                assert r.proc.poll() is None, r.log.read_text()[-3000:]
+            await asyncio.sleep(0.5)
+        assert list((await replica_health(target)).values()) == ["SERVING", "SERVING"]
+        yield started
+    finally:
+        for r in started:
+            if r.proc.poll() is None:
+                r.kill()
+
+
+def _request(**overrides):
+    fields = dict(product_id="tiny-star", template_id="minimal", num_images=1, steps=2, width=32, height=32, seed=3)
+    fields.update(overrides)
+    return generate_request(**fields)
+
+
+async def _complete(client: GeneratorClient, request) -> str:
+    kinds = [event.WhichOneof("event") async for event in client.generate(request, timeout=120)]
+    return kinds[-1]
+
+
+async def _counters(replicas: list[Replica]) -> list[dict[str, float]]:
+    return [await asyncio.to_thread(r.counters) for r in replicas]
+
+
+def test_targets_parse():
+    assert split_target("ipv4:127.0.0.1:5001,127.0.0.1:5002") == ("ipv4", [("127.0.0.1", 5001), ("127.0.0.1", 5002)])
+    assert split_target("dns:///generator-headless:50051") == ("dns", [("generator-headless", 50051)])
+    assert split_target("dns://8.8.8.8/gen.example:443") == ("dns", [("gen.example", 443)])
+    assert split_target("ipv6:[::1]:5001") == ("ipv6", [("::1", 5001)])
+    assert split_target("localhost:50051") == ("dns", [("localhost", 50051)])
+
+
+async def test_requests_spread_and_survive_a_killed_replica(replicas, tmp_path, capsys, artifacts):
+    target = "ipv4:" + ",".join(r.address for r in replicas)
+    backends = Backends(target, f"127.0.0.1:{free_port()}", tmp_path / "files")
+    client = GeneratorClient(target)
+    figures: dict = {"target": "ipv4:<replica 1>,<replica 2>", "replicas": 2}
+    try:
+        # 1. Both up: the banner lists both, and sequential calls alternate between them.
+        health = await check_health(backends, Session())
+        assert "Generator replicas: 2 of 2 up" in health.banner, health.banner
+        before = await _counters(replicas)
+        n = 8
+        start = time.perf_counter()
+        assert [await _complete(client, _request(seed=i)) for i in range(n)] == ["completed"] * n
+        figures["both_up"] = {"requests": n, "seconds": round(time.perf_counter() - start, 2)}
+        after = await _counters(replicas)
+        per_replica = [int(a["ok"] - b["ok"]) for a, b in zip(after, before, strict=True)]
+        figures["both_up"]["per_replica"] = per_replica
+        assert sum(per_replica) == n and min(per_replica) >= n // 2 - 1, per_replica
+
+        # 2. A stream that has started, then its replica dies: the CLI says what happened, and the
+        #    request is not replayed on the other replica.
+        before = await _counters(replicas)
+        long = _request(num_images=6, steps=60, width=64, height=64, seed=11)
+        task = asyncio.create_task(cli._generate(client, long, tmp_path / "cli", 300))
+        serving = None
+        while serving is None:
+            assert not task.done(), task
+            now = await _counters(replicas)
+            moved = [i for i, (a, b) in enumerate(zip(now, before, strict=True)) if a["images"] > b["images"]]
+            serving = moved[0] if moved else None
+            await asyncio.sleep(0.05)
+        replicas[serving].kill()
+        survivor = replicas[1 - serving]
+        with pytest.raises(grpc.aio.AioRpcError) as broken:
+            await task
+        assert broken.value.code() == grpc.StatusCode.UNAVAILABLE
+        err = capsys.readouterr().err
+        assert "stopped part-way" in err and "not retried automatically" in err and "of 6 images arrived" in err, err
+        saved = sorted((tmp_path / "cli").glob("*.png"))
+        assert 1 <= len(saved) < 6  # what arrived is kept
+        assert (await asyncio.to_thread(survivor.counters))["images"] == before[1 - serving]["images"]
+        figures["killed_mid_stream"] = {"images_kept": len(saved), "of": 6, "replayed_on_survivor": 0}
+
+        # 3. One replica down: every new request completes (on the survivor), and the banner says so.
+        ok_before = (await asyncio.to_thread(survivor.counters))["ok"]
+        start = time.perf_counter()
+        results = [await _complete(client, _request(seed=100 + i)) for i in range(n)]
+        figures["one_killed"] = {"requests": n, "completed": results.count("completed")}
+        figures["one_killed"]["seconds"] = round(time.perf_counter() - start, 2)
+        assert results == ["completed"] * n
+        assert (await asyncio.to_thread(survivor.counters))["ok"] - ok_before == n
+        health = await check_health(backends, Session())
+        killed = replicas[serving].address
+        assert "Generator replicas: 1 of 2 up" in health.banner, health.banner
+        assert f"{killed} unreachable" in health.banner and f"{survivor.address} up" in health.banner
+    finally:
+        await client.close()
+    (artifacts / "replicas.json").write_text(json.dumps(figures, indent=2) + "\n")
