@@ -62,7 +62,9 @@ test: protos browser
 test-fast: protos
 	$(PYTHON) -m pytest -q -ra -m "not slow and not browser"
 
-run: protos embedded
+# The random embedded pipeline only when the trained demo models do not ship (tools/run_stack.py picks the same way).
+SHIPPED := $(and $(wildcard models/demo-sd/model_index.json),$(wildcard products/*/manifest.yaml),$(wildcard models/demo-swin2sr/config.json))
+run: protos $(if $(SHIPPED),,embedded)
 	$(PYTHON) -m tools.run_stack
 
 bench: protos

@@ -109,16 +109,13 @@ class Swin2SREngine:
 
 
 def _load_processor(model: str, local: bool):
-    """The checkpoint's Swin2SRImageProcessor (its PIL variant when torchvision is absent), or None."""
-    from transformers.utils import is_torchvision_available
+    """The checkpoint's Swin2SR processor config (only its pad divisor is used), or None.
 
-    try:
-        if is_torchvision_available():
-            from transformers import Swin2SRImageProcessor as Processor
-        else:
-            from transformers import Swin2SRImageProcessorPil as Processor
-    except ImportError:
-        from transformers import Swin2SRImageProcessor as Processor
+    Always the PIL variant: it reads the same config, and the torchvision one would warn about its
+    fallback on machines without torchvision (ours: it does not import beside this torch).
+    """
+    from transformers import Swin2SRImageProcessorPil as Processor
+
     try:
         return Processor.from_pretrained(model, local_files_only=local)
     except OSError:
