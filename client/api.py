@@ -16,17 +16,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from client.channel import ChannelSecurity
 from productinaction.v1 import generator_pb2, generator_pb2_grpc, upscaler_pb2, upscaler_pb2_grpc
 
 GenerateEvent = generator_pb2.GenerateEvent
 UpscaleEvent = upscaler_pb2.UpscaleEvent
-
-_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    # Cap reconnect backoff (default: up to 120 s) so a long-lived client notices a restarted service quickly.
-    ("grpc.initial_reconnect_backoff_ms", 1000),
-    ("grpc.max_reconnect_backoff_ms", 5000),
-]
 
 
 def describe_error(exc: BaseException) -> str:
@@ -39,9 +33,9 @@ def describe_error(exc: BaseException) -> str:
 
 
 class _Client:
-    def __init__(self, address: str):
+    def __init__(self, address: str, security: ChannelSecurity | None = None):
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
+        self.channel = (security or ChannelSecurity()).open(address)
 
     async def serving(self, service: str = "", timeout: float = 2.0) -> bool:
         """True when the service's health check says SERVING."""
@@ -68,8 +62,8 @@ class _Client:
 
 
 class GeneratorClient(_Client):
-    def __init__(self, address: str = "localhost:50051"):
-        super().__init__(address)
+    def __init__(self, address: str = "localhost:50051", security: ChannelSecurity | None = None):
+        super().__init__(address, security)
         self.stub = generator_pb2_grpc.GeneratorStub(self.channel)
 
     async def products(self, timeout: float = 5.0) -> list[generator_pb2.Product]:
@@ -95,8 +89,8 @@ class GeneratorClient(_Client):
 
 
 class UpscalerClient(_Client):
-    def __init__(self, address: str = "localhost:50052"):
-        super().__init__(address)
+    def __init__(self, address: str = "localhost:50052", security: ChannelSecurity | None = None):
+        super().__init__(address, security)
         self.stub = upscaler_pb2_grpc.UpscalerStub(self.channel)
 
     def upscale(self, request: upscaler_pb2.UpscaleRequest, timeout: float | None = None):

@@ -17,11 +17,13 @@ from pathlib import Path
 import grpc
 
 from client.api import GeneratorClient, describe_error, fetch_bytes_async, generate_request
+from client.channel import add_security_flags, security_from_args
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m client.cli", description=__doc__.split("\n\n")[0])
     p.add_argument("--generator", default=os.environ.get("PIA_GENERATOR_ADDRESS", "localhost:50051"))
+    add_security_flags(p)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("products", help="list products")
     sub.add_parser("adapters", help="list style/background adapters")
@@ -119,7 +121,7 @@ def rerun_request(image: Path) -> tuple[str, object]:
 
 
 async def _main(args: argparse.Namespace) -> int:
-    client = GeneratorClient(args.generator)
+    client = GeneratorClient(args.generator, security_from_args(args))
     try:
         if args.command == "products":
             for p in await client.products():

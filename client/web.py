@@ -9,22 +9,25 @@ controls do lives in client.web_logic; this module is layout and the widget <-> 
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, Self
 
 # Before gradio is imported: no telemetry, no version check over the network.
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 import gradio as gr
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr
+from pydantic_settings import SettingsConfigDict
 
 from client import web_logic as logic
+from client.channel import ChannelSettings
 from client.web_logic import Backends, Form, Session
 
 log = logging.getLogger(__name__)
@@ -40,7 +43,7 @@ CSS = """
 """
 
 
-class WebSettings(BaseSettings):
+class WebSettings(ChannelSettings):  # token and TLS fields (PIA_WEB_TOKEN, ...) come from ChannelSettings
     """Every field is a `--kebab-case` flag and a `PIA_WEB_<NAME>` environment variable."""
 
     model_config = SettingsConfigDict(
@@ -64,6 +67,25 @@ class WebSettings(BaseSettings):
         None, description="Where fetched images are kept for the browser (default: a temp dir)."
     )
     log_level: str = Field("INFO", description="Logging level.")
+    auth_users: SecretStr | None = Field(
+        None, description="Gradio login for the page: 'user:password', comma-separated (prefer the env variable)."
+    )
+    auth_file: str | None = Field(None, description="Gradio login: a file of 'user:password' lines.")
+
+    def login(self) -> Callable[[str, str], bool] | None:
+        """Gradio's auth callable (constant-time check), or None when no login is configured."""
+        lines = self.auth_users.get_secret_value().split(",") if self.auth_users else []
+        if self.auth_file:
+            lines += Path(self.auth_file).read_text().splitlines()
+        users = dict(line.strip().split(":", 1) for line in lines if ":" in line and not line.startswith("#"))
+        if not users:
+            return None
+
+        def check(user: str, password: str) -> bool:
+            expected = users.get(user, "")
+            return hmac.compare_digest(password.encode(), expected.encode()) and user in users
+
+        return check
 
     @classmethod
     def from_cli(cls, argv: Sequence[str] | None = None) -> Self:
@@ -85,7 +107,7 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
     """The page; `backends` defaults to the addresses in `settings`."""
     if backends is None:
         files_dir = settings.files_dir or tempfile.mkdtemp(prefix="pia-web-")
-        backends = Backends(settings.generator, settings.upscaler, files_dir)
+        backends = Backends(settings.generator, settings.upscaler, files_dir, settings.channel_security())
 
     # Gradio's own copies of served files: swept hourly once a day old (ours go with each tab's state).
     with gr.Blocks(title="Product in Action", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
@@ -391,6 +413,7 @@ def launch(settings: WebSettings, backends: Backends | None = None, block: bool 
         server_name=settings.host,
         server_port=settings.port,
         share=False,
+        auth=settings.login(),
         show_error=False,
         prevent_thread_lock=not block,
         quiet=True,

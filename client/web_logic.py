@@ -22,6 +22,7 @@ import grpc
 from PIL import Image
 
 from client.api import GeneratorClient, UpscalerClient, describe_error, fetch_bytes_async, generate_request
+from client.channel import ChannelSecurity
 from productinaction.v1 import generator_pb2, upscaler_pb2
 
 # Only fills the menu; the generator validates the name.
@@ -37,8 +38,9 @@ class Backends:
     (Gradio's server loop in production, the test's loop in tests).
     """
 
-    def __init__(self, generator: str, upscaler: str, files_dir: str | Path):
+    def __init__(self, generator: str, upscaler: str, files_dir: str | Path, security: ChannelSecurity | None = None):
         self.generator_address = generator
+        self.security = security
         self.upscaler_address = upscaler
         self.files_dir = Path(files_dir)
         self.files_dir.mkdir(parents=True, exist_ok=True)
@@ -47,7 +49,10 @@ class Backends:
     def _for_loop(self) -> tuple[GeneratorClient, UpscalerClient]:
         loop = asyncio.get_running_loop()
         if loop not in self._clients:
-            self._clients[loop] = (GeneratorClient(self.generator_address), UpscalerClient(self.upscaler_address))
+            self._clients[loop] = (
+                GeneratorClient(self.generator_address, self.security),
+                UpscalerClient(self.upscaler_address, self.security),
+            )
         return self._clients[loop]
 
     def generator(self) -> GeneratorClient:

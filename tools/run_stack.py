@@ -33,6 +33,9 @@ def default_environment() -> dict[str, str]:
         env.setdefault("PIA_GENERATOR_DEFAULT_STEPS", "10")
     demo_sr = ROOT / "models" / "demo-swin2sr"
     env.setdefault("PIA_UPSCALER_MODEL", str(demo_sr if (demo_sr / "config.json").exists() else EMBEDDED / "tiny-sr"))
+    # Loopback only: `make run` is for this machine. Serving beyond it needs a token (docs/SECURITY.md).
+    for name in ("GENERATOR", "UPSCALER", "WEB"):
+        env.setdefault(f"PIA_{name}_HOST", "127.0.0.1")
     storage = str(ROOT / "outputs")
     env.setdefault("PIA_GENERATOR_STORAGE", storage)
     env.setdefault("PIA_UPSCALER_STORAGE", storage)

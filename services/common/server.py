@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.auth import ServerSecurity
 from services.common.errors import ErrorBoundary
 
 log = logging.getLogger(__name__)
@@ -33,12 +34,22 @@ class Service:
 
 
 class HostedServer:
-    """A grpc.aio server with the error boundary, health (NOT_SERVING until told) and reflection."""
+    """A grpc.aio server with the error boundary, health (NOT_SERVING until told) and reflection.
 
-    def __init__(self, services: Iterable[Service], interceptors: Iterable[grpc.aio.ServerInterceptor] = ()):
+    `security` adds the token check (inside the error boundary, so refusals are deliberate statuses)
+    and TLS; without it the server is open plaintext, as tests on loopback want.
+    """
+
+    def __init__(
+        self,
+        services: Iterable[Service],
+        interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+        security: ServerSecurity | None = None,
+    ):
         self.services = list(services)
+        self.security = security or ServerSecurity()
         self.server = grpc.aio.server(
-            interceptors=[ErrorBoundary(), *interceptors],
+            interceptors=[ErrorBoundary(), *self.security.interceptors(), *interceptors],
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -55,7 +66,11 @@ class HostedServer:
         self.port = 0
 
     async def start(self, host: str, port: int) -> int:
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        address = f"{host}:{port}"
+        credentials = self.security.credentials
+        self.port = (
+            self.server.add_secure_port(address, credentials) if credentials else self.server.add_insecure_port(address)
+        )
         if self.port == 0:
             raise RuntimeError(f"could not bind {host}:{port}")
         await self.server.start()
@@ -95,10 +110,11 @@ async def serve_until_signal(
     log.info("stopped")
 
 
-def start_metrics(port: int | None) -> None:
+def start_metrics(port: int | None, host: str = "127.0.0.1") -> None:
+    """Prometheus endpoint, on the service's own interface (it has no token check: keep it private)."""
     if port is None:
         return
     from prometheus_client import start_http_server
 
-    start_http_server(port)
-    log.info("metrics on :%d/metrics", port)
+    start_http_server(port, addr=host)
+    log.info("metrics on %s:%d/metrics", host, port)

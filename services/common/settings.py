@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Self
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -14,7 +14,10 @@ class ServiceSettings(BaseSettings):
 
     model_config = SettingsConfigDict(cli_kebab_case=True, cli_implicit_flags=True, extra="ignore")
 
-    host: str = Field("0.0.0.0", description="Interface to bind.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Interface to bind (0.0.0.0: every interface, which needs a token or --insecure).",
+    )
     port: int = Field(0, description="gRPC port (0: any free port).")
     storage: str = Field(
         "outputs",
@@ -27,6 +30,22 @@ class ServiceSettings(BaseSettings):
     grace_period_s: float = Field(30.0, description="On SIGTERM, how long running requests may finish.")
     metrics_port: int | None = Field(None, description="Prometheus metrics port (unset: no endpoint).")
     log_level: str = Field("INFO", description="Logging level.")
+
+    # Security (docs/SECURITY.md). Tokens are SecretStr so that printing the settings never shows them.
+    token: SecretStr | None = Field(
+        None,
+        description="Bearer token(s) callers must send, comma-separated (several: rotation). Prefer the "
+        "environment variable or --token-file: a flag's value shows in the process list.",
+    )
+    token_file: str | None = Field(None, description="File of accepted bearer tokens, one a line (# comments).")
+    tls_cert_file: str | None = Field(None, description="TLS certificate chain (PEM); with --tls-key-file: TLS on.")
+    tls_key_file: str | None = Field(None, description="TLS private key (PEM).")
+    tls_client_ca_file: str | None = Field(
+        None, description="CA (PEM) that must have signed client certificates: mutual TLS."
+    )
+    insecure: bool = Field(
+        False, description="Serve a non-loopback host without a token (private network or authenticating proxy)."
+    )
 
     @classmethod
     def from_cli(cls, argv: Sequence[str] | None = None) -> Self:

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from productinaction.v1 import generator_pb2, generator_pb2_grpc
+from services.common.auth import ServerSecurity
 from services.common.server import HostedServer, Service, serve_until_signal, start_metrics
 from services.common.storage import ImageStore, open_store
 from services.generator.catalog import Catalog
@@ -50,6 +51,7 @@ def worker_configs(settings: GeneratorSettings) -> list[WorkerConfig]:
 
 async def start_generator(settings: GeneratorSettings, wait_ready: bool = True) -> GeneratorApp:
     """Spawn workers, start the server (NOT_SERVING), and, if asked, wait until it is SERVING."""
+    security = ServerSecurity.from_settings(settings)  # refuses an open public port before spawning anything
     catalog = Catalog(settings.products_dir, settings.adapters_dir, settings.templates_file)
     store = open_store(settings.storage, settings.s3_endpoint_url, settings.s3_region, settings.presign_expiry_s)
     hosted: HostedServer | None = None
@@ -70,7 +72,9 @@ async def start_generator(settings: GeneratorSettings, wait_ready: bool = True) 
     )
     scheduler.spawn_all()
     servicer = GeneratorService(settings, catalog, scheduler, store)
-    hosted = HostedServer([Service(SERVICE_NAME, servicer, generator_pb2_grpc.add_GeneratorServicer_to_server)])
+    hosted = HostedServer(
+        [Service(SERVICE_NAME, servicer, generator_pb2_grpc.add_GeneratorServicer_to_server)], security=security
+    )
     app = GeneratorApp(settings, hosted, scheduler, store)
     app.port = await hosted.start(settings.host, settings.port)
     log.info(
@@ -90,7 +94,7 @@ async def start_generator(settings: GeneratorSettings, wait_ready: bool = True) 
 
 
 async def serve(settings: GeneratorSettings) -> None:
-    start_metrics(settings.metrics_port)
+    start_metrics(settings.metrics_port, settings.host)
     app = await start_generator(settings)
     log.info("serving")
     await serve_until_signal(app.hosted, settings.grace_period_s, on_stop=app.store.close, drain=app.scheduler.drain)

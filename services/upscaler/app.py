@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass
 
 from productinaction.v1 import upscaler_pb2, upscaler_pb2_grpc
+from services.common.auth import ServerSecurity
 from services.common.server import HostedServer, Service, serve_until_signal, start_metrics
 from services.common.storage import ImageStore, open_store
 from services.upscaler.engine import Engine
@@ -54,11 +55,14 @@ async def start_upscaler(settings: UpscalerSettings, wait_ready: bool = True) ->
 
     With wait_ready=False it returns once the port is bound; `app.ready` finishes when SERVING.
     """
+    security = ServerSecurity.from_settings(settings)  # refuses an open public port before loading anything
     store = open_store(settings.storage, settings.s3_endpoint_url, settings.s3_region, settings.presign_expiry_s)
     runner = DeviceRunner(build_engine(settings), settings.max_queue)
     replicate = ReplicateBackend(settings)
     servicer = UpscalerService(settings, store, runner, replicate)
-    hosted = HostedServer([Service(SERVICE_NAME, servicer, upscaler_pb2_grpc.add_UpscalerServicer_to_server)])
+    hosted = HostedServer(
+        [Service(SERVICE_NAME, servicer, upscaler_pb2_grpc.add_UpscalerServicer_to_server)], security=security
+    )
     port = await hosted.start(settings.host, settings.port)
 
     async def load() -> None:
@@ -79,7 +83,7 @@ async def start_upscaler(settings: UpscalerSettings, wait_ready: bool = True) ->
 
 
 async def serve(settings: UpscalerSettings) -> None:
-    start_metrics(settings.metrics_port)
+    start_metrics(settings.metrics_port, settings.host)
     app = await start_upscaler(settings)
     log.info("serving")
 
