@@ -111,6 +111,16 @@ def scan_folder(root: Path, kinds: tuple[str, ...], problems: dict[str, str] | N
     return entries
 
 
+class TemplatePlacement(BaseModel):
+    """Where placement mode puts the product by default (fractions of the frame)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    center_x: float = Field(0.5, ge=0, le=1)
+    center_y: float = Field(0.5, ge=0, le=1)
+    height: float = Field(0.6, gt=0, le=1)
+
+
 class Template(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -126,6 +136,8 @@ class Template(BaseModel):
     guidance_scale: float | None = None
     width: int | None = None
     height: int | None = None
+    # Placement mode: the default placement, or None where the template does not suit it.
+    placement: TemplatePlacement | None = None
 
     def fits(self, category: str) -> bool:
         return "*" in self.categories or not category or category in self.categories
@@ -143,7 +155,12 @@ class TemplateCatalog(BaseModel):
         defaults = Template(id="defaults", name="defaults", **(raw.get("defaults") or {}))
         templates = []
         for item in raw.get("templates") or []:
-            merged = {"prompt": defaults.prompt, "negative_prompt": defaults.negative_prompt, **item}
+            merged = {
+                "prompt": defaults.prompt,
+                "negative_prompt": defaults.negative_prompt,
+                "placement": defaults.placement,
+                **item,
+            }
             templates.append(Template.model_validate(merged))
         return cls(defaults=defaults, templates=templates, exclusive_categories=raw.get("exclusive_categories") or [])
 
@@ -169,8 +186,12 @@ class ComposedPrompt:
     negative_prompt: str
 
 
+# What stands for the product in prompts in placement mode without a product adapter.
+PLACEMENT_PHRASE = "the product"
+
+
 def compose_prompt(
-    product: Entry,
+    product: Entry | None,
     template: Template | None,
     user_text: str,
     negative: str | None,
@@ -183,7 +204,7 @@ def compose_prompt(
     - free-text template ("custom"): the user's text is the scene;
     - no template: the user's text is the prompt; `{product}` marks the product, else it leads.
     """
-    phrase = product.phrase
+    phrase = product.phrase if product is not None else PLACEMENT_PHRASE
     user_text = user_text.strip()
     if template is not None:
         scene = user_text if template.free_text else ", ".join(s for s in (template.scene, user_text) if s)

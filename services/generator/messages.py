@@ -35,6 +35,22 @@ class AdapterSpec:
 
 
 @dataclass(frozen=True)
+class PlacedProduct:
+    """Placement mode: the product placed in the frame (services/generator/placement.py makes it).
+
+    The pixels travel once per job. Equality (for batching) goes by digest and geometry, not by bytes.
+    """
+
+    width: int
+    height: int
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 of the product in the frame
+    feather: int  # width of the blended edge inside the mask; pixels further in are kept exactly
+    digest: str  # sha256 of the uploaded image (and mask) bytes
+    rgb: bytes = field(compare=False, repr=False)  # (height, width, 3) uint8; the product inside the mask
+    mask: bytes = field(compare=False, repr=False)  # (height, width) uint8; 1 inside the mask
+
+
+@dataclass(frozen=True)
 class RenderSettings:
     """Everything but the seed. Jobs with equal settings may share a batch."""
 
@@ -46,6 +62,8 @@ class RenderSettings:
     height: int
     scheduler: str
     adapters: tuple[AdapterSpec, ...]
+    # Placement mode: inpaint the scene around these pixels, then composite them back.
+    placement: PlacedProduct | None = None
 
 
 # Parent -> worker

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from services.generator import placement
 from services.generator.embeddings import read_token_embeddings, set_token_embeddings
 from services.generator.lora_formats import read_adapter
 from services.generator.messages import SCHEDULERS, AdapterSpec, RenderSettings
@@ -63,6 +64,15 @@ def load_text2image(model: str, device: torch.device, dtype: torch.dtype):
         pipe = AutoPipelineForText2Image.from_pretrained(str(model), safety_checker=None, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def inpainting_from(pipe):
+    """Inpainting on the loaded text-to-image weights (`from_pipe`: the same modules, no second copy)."""
+    from diffusers import AutoPipelineForInpainting
+
+    inpaint = AutoPipelineForInpainting.from_pipe(pipe)
+    inpaint.set_progress_bar_config(disable=True)
+    return inpaint
 
 
 @dataclass
@@ -218,6 +228,7 @@ class ProductPipeline:
         self.device, self.dtype = resolve_device(device)
         started = time.perf_counter()
         self.pipe = load_text2image(model, self.device, self.dtype)
+        self.inpaint = inpainting_from(self.pipe)
         self.load_seconds = time.perf_counter() - started
         self.base_scheduler_config = self.pipe.scheduler.config
         self.adapters = AdapterCache(self.pipe, adapter_cache_size, hotswap_rank)
@@ -231,6 +242,9 @@ class ProductPipeline:
             value = getattr(settings, name)
             if value % scale:
                 raise ValueError(f"{name}: {value} is not a multiple of {scale} for this model")
+        placed = settings.placement
+        if placed is not None and (placed.width, placed.height) != (settings.width, settings.height):
+            raise ValueError("placement: the product frame's size differs from the image size")
         if settings.scheduler and settings.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler: unknown {settings.scheduler!r}")
         if batch < 1:
@@ -261,7 +275,7 @@ class ProductPipeline:
         self.adapters.activate(settings.adapters)
 
         # 3. Fresh scheduler; one generator per image so results do not depend on batching
-        self.pipe.scheduler = self.make_scheduler(settings.scheduler)
+        self.pipe.scheduler = self.inpaint.scheduler = self.make_scheduler(settings.scheduler)
         gen_device = "cpu" if self.device.type != "cuda" else self.device
         generators = [torch.Generator(gen_device).manual_seed(int(s)) for s in seeds]
 
@@ -276,8 +290,16 @@ class ProductPipeline:
                 on_step(done, settings.steps, frames)
             return kwargs
 
-        # 5. Denoise and decode
-        out = self.pipe(
+        # 5. Denoise and decode; placement mode inpaints around the product, then composites it back
+        placed = settings.placement
+        extra = {}
+        if placed is not None:
+            extra = {
+                "image": placement.init_image(placed),
+                "mask_image": placement.repaint_mask(placed),
+                "strength": 1.0,
+            }
+        out = (self.inpaint if placed is not None else self.pipe)(
             prompt=settings.prompt,
             negative_prompt=settings.negative_prompt or None,
             num_images_per_prompt=len(seeds),
@@ -288,7 +310,10 @@ class ProductPipeline:
             generator=generators,
             callback_on_step_end=callback,
             callback_on_step_end_tensor_inputs=["latents"],
+            **extra,
         )
+        if placed is not None:
+            return [placement.composite(image, placed) for image in out.images]
         return list(out.images)
 
     def warmup(self, size: int = 64) -> float:

@@ -8,6 +8,7 @@ compute in the workers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import re
 import secrets
@@ -17,12 +18,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.json_format import ParseDict
 
 from productinaction.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 from services.common.errors import InvalidArgument, ServiceError, Unavailable
 from services.common.logs import request_id_var
 from services.common.storage import ImageStore
-from services.generator import metrics
+from services.generator import metrics, placement
 from services.generator.catalog import Catalog, Entry, Template, compose_prompt
 from services.generator.messages import SCHEDULERS, ImageResult, Progress, RenderSettings
 from services.generator.scheduler import Failed, QueuePosition, Scheduler, Ticket
@@ -93,6 +95,8 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
                     negative_prompt=t.negative_prompt or "",
                     categories=t.categories,
                     free_text=t.free_text,
+                    supports_placement=t.placement is not None,
+                    default_placement=generator_pb2.Placement(**t.placement.model_dump()) if t.placement else None,
                 )
                 for t in self.catalog.templates.for_category(category)
             ]
@@ -115,7 +119,7 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
         )
 
     async def ComposePrompt(self, request, context) -> generator_pb2.ComposedPrompt:
-        product = self.catalog.product(request.product_id)
+        product = self._product(request)
         template = self.catalog.template(request.template_id) if request.template_id else None
         stacked = [self.catalog.adapter(a.adapter_id, f"adapters[{i}]") for i, a in enumerate(request.adapters)]
         composed = self._compose(request, product, template, stacked)
@@ -123,7 +127,13 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
 
     # Validation
 
-    def _compose(self, request, product: Entry, template: Template | None, stacked: list[Entry]):
+    def _product(self, request) -> Entry | None:
+        # Placement mode: the product's adapter is optional ("instead of, or together with" the photo).
+        if request.HasField("product_image") and not request.product_id:
+            return None
+        return self.catalog.product(request.product_id)
+
+    def _compose(self, request, product: Entry | None, template: Template | None, stacked: list[Entry]):
         if len(request.prompt) > MAX_PROMPT_CHARS:
             raise InvalidArgument("prompt", f"longer than {MAX_PROMPT_CHARS} characters")
         if not template and not request.prompt.strip():
@@ -136,13 +146,28 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
         extra = [t for a in stacked for t in a.manifest.tokens]
         return compose_prompt(product, template, request.prompt, negative, self.catalog.templates.defaults, extra)
 
+    def _frame(self, request, template: Template | None) -> tuple[int, int]:
+        """Image width and height: the request's, else the template's, else the model's."""
+        s = self.settings
+        info = self.scheduler.model_info
+        multiple = info.size_multiple if info else 8
+        native = s.default_size or (info.default_size if info else 512)
+        width = request.width or (template.width if template and template.width else native)
+        height = request.height or (template.height if template and template.height else native)
+        for name, value in (("width", width), ("height", height)):
+            if value < MIN_SIDE or value % multiple:
+                raise InvalidArgument(name, f"must be a multiple of {multiple} and at least {MIN_SIDE}, got {value}")
+        if width * height > s.max_pixels:
+            raise InvalidArgument("width", f"{width}x{height} exceeds the {s.max_pixels}-pixel limit")
+        return width, height
+
     def plan(self, request: generator_pb2.GenerateRequest) -> Plan:
         s = self.settings
         # 1. Identity and catalog lookups
         request_id = request.request_id or uuid.uuid4().hex[:16]
         if not REQUEST_ID.match(request_id):
             raise InvalidArgument("request_id", "use 1-64 characters of [A-Za-z0-9._-], not starting with . _ or -")
-        product = self.catalog.product(request.product_id)
+        product = self._product(request)
         template = self.catalog.template(request.template_id) if request.template_id else None
 
         # 2. Numbers
@@ -155,16 +180,7 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
             guidance = _finite("guidance_scale", request.guidance_scale, 0.0, 50.0)
         else:
             guidance = template.guidance_scale if template and template.guidance_scale else s.default_guidance
-        info = self.scheduler.model_info
-        multiple = info.size_multiple if info else 8
-        native = s.default_size or (info.default_size if info else 512)
-        width = request.width or (template.width if template and template.width else native)
-        height = request.height or (template.height if template and template.height else native)
-        for name, value in (("width", width), ("height", height)):
-            if value < MIN_SIDE or value % multiple:
-                raise InvalidArgument(name, f"must be a multiple of {multiple} and at least {MIN_SIDE}, got {value}")
-        if width * height > s.max_pixels:
-            raise InvalidArgument("width", f"{width}x{height} exceeds the {s.max_pixels}-pixel limit")
+        width, height = self._frame(request, template)
         if request.scheduler and request.scheduler not in SCHEDULERS:
             raise InvalidArgument("scheduler", f"unknown {request.scheduler!r}; known: {', '.join(SCHEDULERS)}")
         if request.preview_every > s.max_steps:
@@ -181,9 +197,9 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
         if request.HasField("product_scale"):
             product_scale = _finite("product_scale", request.product_scale, -MAX_WEIGHT, MAX_WEIGHT)
         else:
-            product_scale = product.manifest.default_scale
+            product_scale = product.manifest.default_scale if product else 0.0
         stacked: list[Entry] = []
-        specs = [product.spec(product_scale)]
+        specs = [product.spec(product_scale)] if product else []
         weights: list[generator_pb2.AdapterWeight] = []
         if len(request.adapters) >= s.adapter_cache_size:
             raise InvalidArgument("adapters", f"at most {s.adapter_cache_size - 1} adapters can be stacked")
@@ -210,7 +226,7 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
             adapters=tuple(specs),
         )
         params = generator_pb2.GenerationParameters(
-            product_id=product.id,
+            product_id=product.id if product else "",
             template_id=request.template_id,
             prompt=composed.prompt,
             negative_prompt=composed.negative_prompt,
@@ -227,12 +243,53 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
         )
         return Plan(request_id, render, seeds, params, request.preview_every, request.inline_images)
 
+    # Placement mode (services/generator/placement.py)
+
+    async def _placed(self, message, template_id: str, width: int, height: int):
+        template = self.catalog.template(template_id) if template_id else None
+        if template is not None and template.placement is None:
+            raise InvalidArgument("template_id", f"template {template.id!r} does not suit placement mode")
+        default = template.placement if template else self.catalog.templates.defaults.placement
+        return await placement.from_request(
+            message,
+            self.store,
+            width=width,
+            height=height,
+            default=placement.Placement(**default.model_dump()) if default else None,
+            max_bytes=self.settings.max_product_bytes,
+            max_pixels=self.settings.max_product_pixels,
+        )
+
+    async def _place(self, request: generator_pb2.GenerateRequest, plan: Plan) -> Plan:
+        """The plan with the product placed in its frame, when the request carries a product image."""
+        if not request.HasField("product_image"):
+            return plan
+        r = plan.settings
+        placed, record = await self._placed(request.product_image, request.template_id, r.width, r.height)
+        plan.params.placement.CopyFrom(ParseDict(record, generator_pb2.PlacementRecord()))
+        return dataclasses.replace(plan, settings=dataclasses.replace(r, placement=placed))
+
+    async def PreviewPlacement(self, request, context) -> generator_pb2.PlacementPreview:
+        if not request.HasField("product_image"):
+            raise InvalidArgument("product_image", "is required")
+        template = self.catalog.template(request.template_id) if request.template_id else None
+        width, height = self._frame(request, template)
+        placed, record = await self._placed(request.product_image, request.template_id, width, height)
+        mask_png, preview_png = await asyncio.to_thread(placement.preview_pngs, placed)
+        return generator_pb2.PlacementPreview(
+            mask_png=mask_png,
+            preview_png=preview_png,
+            width=width,
+            height=height,
+            placement=ParseDict(record, generator_pb2.PlacementRecord()),
+        )
+
     # Generate
 
     async def Generate(
         self, request: generator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generator_pb2.GenerateEvent]:
-        plan = self.plan(request)
+        plan = await self._place(request, self.plan(request))
         request_id_var.set(plan.request_id)
         metadata = _params_dict(plan.params)
         ticket = self.scheduler.submit(plan.request_id, plan.settings, plan.seeds, metadata, plan.preview_every)

@@ -40,6 +40,13 @@ class GeneratorSettings(ServiceSettings):
     default_guidance: float = Field(7.0, description="Guidance scale when a request gives none.")
     default_size: int = Field(0, description="Width/height when a request gives none (0: the model's own).")
     max_pixels: int = Field(1536 * 1536, description="Upper bound of width*height.")
+    max_product_bytes: int = Field(
+        12 * 1024 * 1024,
+        description="Largest product image plus its mask (placement mode), in bytes; below max_request_bytes.",
+    )
+    max_product_pixels: int = Field(
+        4096 * 4096, description="Largest product image (placement mode) in pixels, checked before decoding."
+    )
     start_timeout_s: float = Field(900.0, description="How long workers may take to load and warm up.")
     worker_pipeline: str = Field(
         "services.generator.pipeline:ProductPipeline", description="Pipeline factory (stand-ins for tests)."
