@@ -290,6 +290,34 @@ def test_web_login_from_settings(tmp_path, monkeypatch):
     assert WebSettings.from_cli([]).login() is None
 
 
+def test_web_page_behind_gradio_login(tmp_path):
+    import http.cookiejar
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from client.web import launch
+
+    closed = f"127.0.0.1:{free_port()}"
+    port = free_port()
+    settings = WebSettings(
+        host="127.0.0.1", port=port, generator=closed, upscaler=closed, auth_users="ann:s3cret", files_dir=str(tmp_path)
+    )
+    demo = launch(settings, block=False)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{base}/config", timeout=10)
+        assert refused.value.code == 401
+        browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        with pytest.raises(urllib.error.HTTPError):
+            browser.open(f"{base}/login", urllib.parse.urlencode({"username": "ann", "password": "no"}).encode())
+        browser.open(f"{base}/login", urllib.parse.urlencode({"username": "ann", "password": "s3cret"}).encode())
+        assert browser.open(f"{base}/config", timeout=10).status == 200
+    finally:
+        demo.close()
+
+
 def test_token_sources_and_constant_time_check(tmp_path):
     path = tmp_path / "tokens"
     path.write_text(f"\n# old one below\n{OLD}\n  {NEW}  \n")
