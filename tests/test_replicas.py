@@ -25,11 +25,10 @@ import pytest
 
 from client import cli
 from client.api import GeneratorClient, generate_request
-from client.balancing import replica_health, split_target
+from client.balancing import replica_health, reporting_interruption, split_target
 from client.web_logic import Backends, Session, check_health
+from productinaction.v1 import generator_pb2, generator_pb2_grpc
 from tests.conftest import ROOT, free_port
-
-pytestmark = pytest.mark.slow
 
 
 @dataclass
@@ -122,6 +121,7 @@ def test_targets_parse():
     assert split_target("localhost:50051") == ("dns", [("localhost", 50051)])
 
 
+@pytest.mark.slow
 async def test_requests_spread_and_survive_a_killed_replica(replicas, tmp_path, capsys, artifacts):
     target = "ipv4:" + ",".join(r.address for r in replicas)
     backends = Backends(target, f"127.0.0.1:{free_port()}", tmp_path / "files")
@@ -180,3 +180,61 @@ async def test_requests_spread_and_survive_a_killed_replica(replicas, tmp_path, 
     finally:
         await client.close()
     (artifacts / "replicas.json").write_text(json.dumps(figures, indent=2) + "\n")
+
+
+class _Replica(generator_pb2_grpc.GeneratorServicer):
+    """A generator that only lists products, or answers UNAVAILABLE as a draining one does."""
+
+    def __init__(self, draining: bool):
+        self.draining, self.calls = draining, 0
+
+    async def ListProducts(self, request, context):
+        self.calls += 1
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "draining: shutting down")
+        return generator_pb2.ListProductsResponse(products=[generator_pb2.Product(id="p")])
+
+
+async def test_unavailable_is_retried_on_the_other_replica():
+    servers, replicas, ports = [], [_Replica(draining=True), _Replica(draining=False)], []
+    for replica in replicas:
+        server = grpc.aio.server()
+        generator_pb2_grpc.add_GeneratorServicer_to_server(replica, server)
+        ports.append(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        servers.append(server)
+    client = GeneratorClient("ipv4:" + ",".join(f"127.0.0.1:{p}" for p in ports))
+    try:
+        calls = 0
+        while replicas[0].calls < 3 and calls < 100:  # until round robin has sent a few to the draining one
+            assert [p.id for p in await client.products()] == ["p"]  # never the draining replica's error
+            calls += 1
+        assert replicas[0].calls >= 3 and replicas[1].calls == calls
+    finally:
+        await client.close()
+        for server in servers:
+            await server.stop(None)
+
+
+def _unavailable() -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "Socket closed")
+
+
+async def test_a_started_stream_is_reported_not_replayed():
+    async def stream(events: int):
+        for i in range(events):
+            yield i
+        raise _unavailable()
+
+    reports: list[str] = []
+    received = []
+    with pytest.raises(grpc.aio.AioRpcError):
+        async for event in reporting_interruption(stream(2), lambda: len(received), 4, reports.append):
+            received.append(event)
+    assert received == [0, 1] and len(reports) == 1
+    assert "2 of 4 images arrived and are kept" in reports[0] and "not retried automatically" in reports[0]
+    # Broken before anything arrived: nothing to report beyond the error itself (gRPC retried it already).
+    with pytest.raises(grpc.aio.AioRpcError):
+        async for _ in reporting_interruption(stream(0), lambda: 0, 4, reports.append):
+            pass
+    assert len(reports) == 1
