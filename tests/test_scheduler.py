@@ -23,6 +23,7 @@ from grpc_status import rpc_status
 from client.api import generate_request
 from productinaction.v1 import generator_pb2_grpc
 from services.generator.app import start_generator
+from services.generator.scheduler import WorkerState
 from tests.conftest import free_port, generator_settings
 
 STANDIN = "services.generator.standin:StandInPipeline"
@@ -34,7 +35,7 @@ async def standin_server(world: Path, tmp_path: Path, devices: str = "cpu:1", st
     settings = generator_settings(
         world,
         str(tmp_path / "images"),
-        model=f"standin:step={step},record={record}",
+        model=overrides.pop("model", f"standin:step={step},record={record}"),
         worker_pipeline=STANDIN,
         devices=devices,
         **overrides,
@@ -164,7 +165,7 @@ async def test_dead_worker_images_are_retried_elsewhere_and_worker_respawned(tin
         assert {r.device for r in ready} == {"cpu:1"}  # cpu:0 dies on these prompts
         assert len(images(await other)) == 4  # unaffected
         assert app.scheduler.workers[0].respawns >= 1
-        while app.scheduler.workers[0].state != "ready":
+        while app.scheduler.workers[0].state is not WorkerState.READY:
             await asyncio.sleep(0.1)
         reply = await health.Check(health_pb2.HealthCheckRequest())
         assert reply.status == health_pb2.HealthCheckResponse.SERVING

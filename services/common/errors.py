@@ -11,6 +11,7 @@ import collections
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -84,6 +85,10 @@ class Unauthenticated(ServiceError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class AlreadyExists(ServiceError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class FailedPrecondition(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
@@ -128,9 +133,38 @@ def _is_abort(exc: BaseException) -> bool:
     return type(exc).__name__ == "AbortError" or isinstance(exc, asyncio.CancelledError)
 
 
+@dataclass(frozen=True)
+class _Malformed:
+    """A request whose bytes did not decode; the handler answers it with INVALID_ARGUMENT."""
+
+    problem: str
+
+
+def _safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    # grpc decodes before any handler or interceptor code runs, and a decode error there becomes
+    # UNKNOWN with a traceback; decoding to a marker brings it inside the boundary.
+    if deserialize is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:
+            return _Malformed(f"{type(exc).__name__}: {exc}")
+
+    return decode
+
+
+def _check_decoded(request: Any) -> None:
+    if isinstance(request, _Malformed):
+        log.warning("malformed request refused: %s", request.problem)
+        raise InvalidArgument("request", f"not a valid protobuf message of this method ({request.problem})")
+
+
 def _wrap_unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            _check_decoded(request)
             return await fn(request, context)
         except BaseException as exc:
             if _is_abort(exc):
@@ -143,6 +177,7 @@ def _wrap_unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[An
 def _wrap_stream(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
+            _check_decoded(request)
             async for item in fn(request, context):
                 yield item
         except BaseException as exc:
@@ -154,22 +189,33 @@ def _wrap_stream(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIt
 
 
 class ErrorBoundary(grpc.aio.ServerInterceptor):
-    """Wraps every handler, unary and streaming, so exceptions become deliberate statuses."""
+    """Wraps every handler, unary and streaming, so exceptions become deliberate statuses.
+
+    Streaming handlers may be async generators or coroutines that call `context.write` (the
+    generator's Generate does, to bound how long a write may wait for a stalled reader).
+    """
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
+        deserialize = _safe_deserializer(handler.request_deserializer)
         if handler.unary_unary and inspect.iscoroutinefunction(handler.unary_unary):
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserialize,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
             return grpc.unary_stream_rpc_method_handler(
                 _wrap_stream(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserialize,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream and inspect.iscoroutinefunction(handler.unary_stream):
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_unary(handler.unary_stream),
+                request_deserializer=deserialize,
                 response_serializer=handler.response_serializer,
             )
         return handler

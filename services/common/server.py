@@ -45,6 +45,7 @@ class HostedServer:
         services: Iterable[Service],
         interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
         security: ServerSecurity | None = None,
+        max_receive_bytes: int = MAX_MESSAGE_BYTES,
     ):
         self.services = list(services)
         self.security = security or ServerSecurity()
@@ -52,7 +53,8 @@ class HostedServer:
             interceptors=[ErrorBoundary(), *self.security.interceptors(), *interceptors],
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                # Sized per service to what a request can need: a bigger one costs memory before any check.
+                ("grpc.max_receive_message_length", max_receive_bytes),
                 ("grpc.so_reuseport", 0),
             ],
         )
@@ -102,9 +104,12 @@ async def serve_until_signal(
     await stop.wait()
     log.info("shutting down: draining for up to %.0fs", grace_s)
     await hosted.set_serving(False)
+    deadline = loop.time() + grace_s
     if drain is not None:
         await drain(grace_s)
-    await hosted.stop(grace_s)
+    # One grace period in all: the server gets what the drain left, then cuts streams still open
+    # (a client that stopped reading would otherwise hold the exit for a second grace period).
+    await hosted.stop(max(0.0, deadline - loop.time()))
     if on_stop is not None:
         await on_stop()
     log.info("stopped")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from services.common.storage import StorageLimits
 
 
 class ServiceSettings(BaseSettings):
@@ -46,6 +49,16 @@ class ServiceSettings(BaseSettings):
     insecure: bool = Field(
         False, description="Serve a non-loopback host without a token (private network or authenticating proxy)."
     )
+
+    # Reliability (docs/RELIABILITY.md): every storage call is bounded.
+    storage_timeout_s: float = Field(5.0, gt=0, description="Storage: limit of one attempt (connect, send, answer).")
+    storage_deadline_s: float = Field(15.0, gt=0, description="Storage: limit of one call, all attempts included.")
+    storage_attempts: int = Field(3, ge=1, description="Storage: attempts per call, with backoff between them.")
+
+    def storage_limits(self) -> StorageLimits:
+        from services.common.storage import StorageLimits
+
+        return StorageLimits(self.storage_timeout_s, self.storage_deadline_s, self.storage_attempts)
 
     @classmethod
     def from_cli(cls, argv: Sequence[str] | None = None) -> Self:

@@ -1,19 +1,56 @@
 """ImageStore: where generated images live. Local directory (default) or S3 via aioboto3.
 
 Keys look like `{prefix}/{request_id}/{index}.png`. `put` returns only after the object is
-durably written, so an `image_ready` announced afterwards is always readable.
+durably written, so an `image_ready` announced afterwards is always readable. `put(...,
+overwrite=False)` never replaces an existing object (the generator's images are create-only).
+
+Every call is bounded (`StorageLimits`): a timeout per attempt, a few attempts with backoff, and
+one deadline for them all. A store that fails or never answers becomes UNAVAILABLE naming the
+storage, a log line and `pia_storage_failures_total`, never a request that hangs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import random
 import tempfile
+import time
 import urllib.parse
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-from services.common.errors import InvalidArgument, NotFound, Unavailable
+from prometheus_client import Counter, Gauge
+
+from services.common.errors import AlreadyExists, InvalidArgument, NotFound, ServiceError, Unavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+FAILURES = Counter("pia_storage_failures_total", "Storage calls that failed after all their attempts.", ["operation"])
+RETRIES = Counter("pia_storage_retries_total", "Storage attempts that failed and were retried.", ["operation"])
+HEALTHY = Gauge("pia_storage_ok", "1 if the last storage call succeeded, 0 if it failed.")
+
+
+@dataclass(frozen=True)
+class StorageLimits:
+    """Bounds of every storage call."""
+
+    timeout_s: float = 5.0  # one attempt: connect, send and answer
+    deadline_s: float = 15.0  # all attempts of one call, backoff included
+    attempts: int = 3
+    backoff_s: float = 0.25  # before attempt 2; doubles, with jitter
+
+
+class _Permanent(Exception):
+    """A failure that a retry cannot fix (refused, not found, already exists)."""
+
+    def __init__(self, error: ServiceError):
+        super().__init__(error.message)
+        self.error = error
 
 
 @dataclass(frozen=True)
@@ -24,6 +61,52 @@ class StoredObject:
 
 class ImageStore:
     """Interface of both backends."""
+
+    name = "storage"
+    limits = StorageLimits()
+
+    async def _bounded(self, operation: str, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """`call()` with a timeout per attempt, retries with backoff, and one overall deadline."""
+        limits = self.limits
+        deadline = time.monotonic() + limits.deadline_s
+        problem = "no attempt made"
+        for attempt in range(1, limits.attempts + 1):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                result = await asyncio.wait_for(call(), min(limits.timeout_s, remaining))
+            except _Permanent as exc:
+                HEALTHY.set(1)  # the storage answered
+                raise exc.error from None
+            except TimeoutError:
+                problem = f"no answer within {min(limits.timeout_s, remaining):.1f}s"
+            except ServiceError:
+                raise
+            except Exception as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            else:
+                HEALTHY.set(1)
+                return result
+            if attempt < limits.attempts:
+                RETRIES.labels(operation).inc()
+                pause = limits.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
+                await asyncio.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+        FAILURES.labels(operation).inc()
+        HEALTHY.set(0)
+        log.error(
+            "storage %s of %s failed: %s (%d attempts, %.0fs limit)",
+            operation,
+            what,
+            problem,
+            attempt,
+            limits.deadline_s,
+        )
+        raise Unavailable(f"storage {self.name} failed to {operation} {what}: {problem}")
+
+    async def exists(self, prefix: str) -> bool:
+        """Whether any object's key starts with `prefix`."""
+        raise NotImplementedError
 
     def uri_for(self, key: str) -> str:
         raise NotImplementedError
@@ -45,9 +128,11 @@ class ImageStore:
 
 
 class LocalImageStore(ImageStore):
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, limits: StorageLimits | None = None):
         self.root = Path(root).expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.name = str(self.root)
+        self.limits = limits or StorageLimits()
 
     def _path(self, key: str) -> Path:
         path = (self.root / key).resolve()
@@ -70,18 +155,36 @@ class LocalImageStore(ImageStore):
             raise NotFound("image", uri, "it is outside this server's storage")
         return path
 
-    async def put(self, key: str, data: bytes, metadata: dict[str, str]) -> StoredObject:
+    async def put(self, key: str, data: bytes, metadata: dict[str, str], overwrite: bool = True) -> StoredObject:
         path = self._path(key)
-        await asyncio.to_thread(_atomic_write, path, data)
+
+        async def write() -> None:
+            try:
+                await asyncio.to_thread(_atomic_write, path, data, overwrite)
+            except FileExistsError:
+                raise _Permanent(AlreadyExists(f"{key!r} is already stored; images are never overwritten")) from None
+
+        # A local disk that hangs (a stuck network mount) is bounded too; the thread is left behind.
+        await self._bounded("write", key, write)
         uri = path.as_uri()
         return StoredObject(uri=uri, url=uri)
 
+    async def exists(self, prefix: str) -> bool:
+        path = self._path(prefix.rstrip("/"))
+        if prefix.endswith("/"):
+            return await asyncio.to_thread(lambda: path.is_dir() and any(path.iterdir()))
+        return await asyncio.to_thread(path.exists)
+
     async def get(self, uri: str) -> bytes:
         path = self._uri_path(uri)
-        try:
-            return await asyncio.to_thread(path.read_bytes)
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
-            raise NotFound("image", uri) from None
+
+        async def read() -> bytes:
+            try:
+                return await asyncio.to_thread(path.read_bytes)
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
+                raise _Permanent(NotFound("image", uri)) from None
+
+        return await self._bounded("read", uri, read)
 
     async def metadata(self, uri: str) -> dict[str, str]:
         from services.common.pngmeta import read_text_chunks
@@ -89,8 +192,9 @@ class LocalImageStore(ImageStore):
         return read_text_chunks(await self.get(uri))
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    # Write, fsync, then rename: readers never see a partial PNG.
+def _atomic_write(path: Path, data: bytes, overwrite: bool = True) -> None:
+    # Write, fsync, then rename: readers never see a partial PNG. Without overwrite, link instead
+    # of rename: it fails if the name exists, atomically, so two writers never replace each other.
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     try:
@@ -98,10 +202,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class S3ImageStore(ImageStore):
@@ -114,6 +220,7 @@ class S3ImageStore(ImageStore):
         endpoint_url: str | None = None,
         region: str = "us-east-1",
         presign_expiry_s: int = 3600,
+        limits: StorageLimits | None = None,
     ):
         import aioboto3
         from botocore.config import Config
@@ -121,11 +228,19 @@ class S3ImageStore(ImageStore):
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.presign_expiry_s = presign_expiry_s
+        self.limits = limits or StorageLimits()
+        self.name = f"s3://{bucket}" + (f" at {endpoint_url}" if endpoint_url else "")
         self._session = aioboto3.Session()
         self._client_kwargs = dict(
             endpoint_url=endpoint_url,
             region_name=region,
-            config=Config(signature_version="s3v4", s3={"addressing_style": "path"}, retries={"max_attempts": 3}),
+            config=Config(
+                signature_version="s3v4",
+                s3={"addressing_style": "path"},
+                connect_timeout=self.limits.timeout_s,
+                read_timeout=self.limits.timeout_s,
+                retries={"total_max_attempts": 1},  # _bounded retries, under one deadline
+            ),
         )
         self._client = None
         self._client_cm = None
@@ -134,8 +249,13 @@ class S3ImageStore(ImageStore):
     async def _s3(self):
         async with self._lock:
             if self._client is None:
+                from botocore.handlers import add_expect_header
+
                 self._client_cm = self._session.client("s3", **self._client_kwargs)
                 self._client = await self._client_cm.__aenter__()
+                # "Expect: 100-continue" waits for the server's go-ahead with no timeout of its own: an
+                # endpoint that accepts connections but never answers held a put for over 400 s.
+                self._client.meta.events.unregister("before-call.s3", add_expect_header)
         return self._client
 
     def _key(self, key: str) -> str:
@@ -152,46 +272,79 @@ class S3ImageStore(ImageStore):
             raise NotFound("image", uri, f"this server stores images in s3://{self.bucket}/")
         return uri[len(f"s3://{self.bucket}/") :]
 
-    async def put(self, key: str, data: bytes, metadata: dict[str, str]) -> StoredObject:
-        from botocore.exceptions import BotoCoreError, ClientError
+    async def put(self, key: str, data: bytes, metadata: dict[str, str], overwrite: bool = True) -> StoredObject:
+        from botocore.exceptions import ClientError
 
-        s3 = await self._s3()
         full = self._key(key)
         # S3 metadata must be ASCII and is capped at 2 KB in all: keep what fits, quoted.
         meta = {k: urllib.parse.quote(v, safe=" ,:=()<>")[:1024] for k, v in metadata.items()}
-        try:
-            await s3.put_object(Bucket=self.bucket, Key=full, Body=data, ContentType="image/png", Metadata=meta)
-            url = await s3.generate_presigned_url(
+        # Create-only: S3 refuses the write (412) if the key exists, atomically.
+        condition = {} if overwrite else {"IfNoneMatch": "*"}
+
+        async def write() -> str:
+            s3 = await self._s3()
+            try:
+                await s3.put_object(
+                    Bucket=self.bucket, Key=full, Body=data, ContentType="image/png", Metadata=meta, **condition
+                )
+            except ClientError as exc:
+                code = _error_code(exc)
+                if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                    raise _Permanent(
+                        AlreadyExists(f"{key!r} is already stored; images are never overwritten")
+                    ) from None
+                if code in ("AccessDenied", "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                    raise _Permanent(Unavailable(f"storage {self.name} refused to write {full}: {code}")) from None
+                raise
+            return await s3.generate_presigned_url(
                 "get_object", Params={"Bucket": self.bucket, "Key": full}, ExpiresIn=self.presign_expiry_s
             )
-        except (BotoCoreError, ClientError) as exc:
-            raise Unavailable(f"storage write to s3://{self.bucket}/{full} failed: {exc}") from exc
+
+        url = await self._bounded("write", full, write)
         return StoredObject(uri=f"s3://{self.bucket}/{full}", url=url)
 
-    async def get(self, uri: str) -> bytes:
-        from botocore.exceptions import BotoCoreError, ClientError
+    async def exists(self, prefix: str) -> bool:
+        async def listing() -> bool:
+            s3 = await self._s3()
+            reply = await s3.list_objects_v2(Bucket=self.bucket, Prefix=self._key(prefix), MaxKeys=1)
+            return reply.get("KeyCount", 0) > 0
 
-        s3 = await self._s3()
-        try:
-            obj = await s3.get_object(Bucket=self.bucket, Key=self._split(uri))
-            async with obj["Body"] as body:
-                return await body.read()
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NoSuchBucket"):
-                raise NotFound("image", uri) from None
-            raise Unavailable(f"storage read of {uri} failed: {exc}") from exc
-        except BotoCoreError as exc:
-            raise Unavailable(f"storage read of {uri} failed: {exc}") from exc
+        return await self._bounded("list", self._key(prefix), listing)
+
+    async def get(self, uri: str) -> bytes:
+        from botocore.exceptions import ClientError
+
+        key = self._split(uri)
+
+        async def read() -> bytes:
+            s3 = await self._s3()
+            try:
+                obj = await s3.get_object(Bucket=self.bucket, Key=key)
+                async with obj["Body"] as body:
+                    return await body.read()
+            except ClientError as exc:
+                if _error_code(exc) in ("NoSuchKey", "404", "NoSuchBucket"):
+                    raise _Permanent(NotFound("image", uri)) from None
+                raise
+
+        return await self._bounded("read", uri, read)
 
     async def metadata(self, uri: str) -> dict[str, str]:
         from botocore.exceptions import ClientError
 
-        s3 = await self._s3()
-        try:
-            head = await s3.head_object(Bucket=self.bucket, Key=self._split(uri))
-        except ClientError:
-            raise NotFound("image", uri) from None
-        return {k: urllib.parse.unquote(v) for k, v in head.get("Metadata", {}).items()}
+        key = self._split(uri)
+
+        async def head() -> dict:
+            s3 = await self._s3()
+            try:
+                return await s3.head_object(Bucket=self.bucket, Key=key)
+            except ClientError as exc:
+                if _error_code(exc) in ("NoSuchKey", "404", "NoSuchBucket", "403"):
+                    raise _Permanent(NotFound("image", uri)) from None
+                raise
+
+        reply = await self._bounded("read", uri, head)
+        return {k: urllib.parse.unquote(v) for k, v in reply.get("Metadata", {}).items()}
 
     async def close(self) -> None:
         if self._client_cm is not None:
@@ -199,18 +352,23 @@ class S3ImageStore(ImageStore):
             self._client = self._client_cm = None
 
 
+def _error_code(exc) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
 def open_store(
     location: str,
     endpoint_url: str | None = None,
     region: str = "us-east-1",
     presign_expiry_s: int = 3600,
+    limits: StorageLimits | None = None,
 ) -> ImageStore:
     """`s3://bucket/prefix` -> S3ImageStore; a directory or `file:///dir` -> LocalImageStore."""
     if location.startswith("s3://"):
         bucket, _, prefix = location[len("s3://") :].partition("/")
         if len(bucket) < 3:
             raise ValueError(f"storage: bad S3 bucket in {location!r}")
-        return S3ImageStore(bucket, prefix, endpoint_url, region, presign_expiry_s)
+        return S3ImageStore(bucket, prefix, endpoint_url, region, presign_expiry_s, limits)
     if location.startswith("file://"):
         location = urllib.parse.unquote(urllib.parse.urlparse(location).path)
-    return LocalImageStore(location)
+    return LocalImageStore(location, limits)

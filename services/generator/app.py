@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -26,11 +27,13 @@ class GeneratorApp:
     hosted: HostedServer
     scheduler: Scheduler
     store: ImageStore
+    servicer: GeneratorService
     port: int = 0
 
     async def stop(self, grace_s: float = 0.0) -> None:
         await self.hosted.stop(grace_s)
         await self.scheduler.stop()
+        await self.servicer.close()
         await self.store.close()
 
 
@@ -53,7 +56,13 @@ async def start_generator(settings: GeneratorSettings, wait_ready: bool = True) 
     """Spawn workers, start the server (NOT_SERVING), and, if asked, wait until it is SERVING."""
     security = ServerSecurity.from_settings(settings)  # refuses an open public port before spawning anything
     catalog = Catalog(settings.products_dir, settings.adapters_dir, settings.templates_file)
-    store = open_store(settings.storage, settings.s3_endpoint_url, settings.s3_region, settings.presign_expiry_s)
+    store = open_store(
+        settings.storage,
+        settings.s3_endpoint_url,
+        settings.s3_region,
+        settings.presign_expiry_s,
+        settings.storage_limits(),
+    )
     hosted: HostedServer | None = None
 
     async def on_health(serving: bool) -> None:
@@ -69,13 +78,17 @@ async def start_generator(settings: GeneratorSettings, wait_ready: bool = True) 
         batch_pixels=batch_pixels,
         on_health=on_health,
         start_timeout_s=settings.start_timeout_s,
+        policy=settings.worker_policy(),
+        max_progress=settings.max_buffered_progress,
     )
     scheduler.spawn_all()
     servicer = GeneratorService(settings, catalog, scheduler, store)
     hosted = HostedServer(
-        [Service(SERVICE_NAME, servicer, generator_pb2_grpc.add_GeneratorServicer_to_server)], security=security
+        [Service(SERVICE_NAME, servicer, generator_pb2_grpc.add_GeneratorServicer_to_server)],
+        security=security,
+        max_receive_bytes=settings.max_request_bytes,
     )
-    app = GeneratorApp(settings, hosted, scheduler, store)
+    app = GeneratorApp(settings, hosted, scheduler, store, servicer)
     app.port = await hosted.start(settings.host, settings.port)
     log.info(
         "generator on :%d (model %s, devices %s, %d products)",
@@ -97,4 +110,23 @@ async def serve(settings: GeneratorSettings) -> None:
     start_metrics(settings.metrics_port, settings.host)
     app = await start_generator(settings)
     log.info("serving")
-    await serve_until_signal(app.hosted, settings.grace_period_s, on_stop=app.store.close, drain=app.scheduler.drain)
+    unrecoverable = asyncio.Event()
+    app.scheduler.on_unrecoverable = lambda _why: unrecoverable.set()
+
+    async def on_stop() -> None:
+        await app.servicer.close()
+        await app.store.close()
+
+    serving = asyncio.create_task(
+        serve_until_signal(app.hosted, settings.grace_period_s, on_stop=on_stop, drain=app.scheduler.drain)
+    )
+    failed = asyncio.create_task(unrecoverable.wait())
+    await asyncio.wait({serving, failed}, return_when=asyncio.FIRST_COMPLETED)
+    if not serving.done():
+        # No worker can ever serve again: a restart by the orchestrator is the way back.
+        log.critical("%s; exiting so that the process is restarted", app.scheduler.unrecoverable)
+        serving.cancel()
+        await app.stop()
+        raise SystemExit(1)
+    failed.cancel()
+    serving.result()

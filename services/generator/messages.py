@@ -1,4 +1,5 @@
-"""Typed messages between the parent (server + scheduler) and the per-device workers.
+"""Typed messages: between the parent (server + scheduler) and the per-device workers, and, inside
+the parent, from the scheduler and storage to a request's stream.
 
 Every message is a small frozen dataclass tagged with the request id; nothing here imports
 torch, so the parent can build and read them without touching CUDA.
@@ -102,6 +103,8 @@ class Ready:
     # The model's native image size and the multiple sizes must be of.
     default_size: int = 512
     size_multiple: int = 8
+    # Size of the warm-up's one image (2 steps): the first yardstick of the hang watchdog.
+    warmup_megapixels: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -157,3 +160,33 @@ class JobDone:
     cancelled: bool = False
     cache_hits: int = 0
     cache_misses: int = 0
+
+
+# Scheduler and storage -> a request's stream (inside the parent)
+
+
+@dataclass(frozen=True)
+class QueuePosition:
+    """Requests served before this one's next image (0: next)."""
+
+    position: int
+
+
+@dataclass(frozen=True)
+class Stored:
+    """An image is durably stored: only now may the stream announce it."""
+
+    result: ImageResult
+    uri: str
+    url: str
+    storage_seconds: float
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The request cannot finish: the one failure path of a stream (worker, storage or shutdown)."""
+
+    error: Exception
+
+
+StreamEvent = QueuePosition | Progress | Stored | Failed

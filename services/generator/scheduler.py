@@ -2,16 +2,25 @@
 them fairly, retry images lost to a dead worker, and cancel on request.
 
 Runs on the server's event loop; worker pipes and process sentinels are watched with
-`loop.add_reader`, so no threads and no polling.
+`loop.add_reader`, so no threads and no polling (but for the once-a-second hang watchdog).
+
+Workers that die, at any time, come back after a backoff that resets once they have been healthy
+for a while; a job that runs far past its expected time has its worker killed, and its images go
+elsewhere. Only a worker that cannot start (its model fails to load, or it dies while starting
+`max_start_failures` times in a row) is given up; when every worker is given up the process
+cannot serve again, and `on_unrecoverable` tells the app to exit non-zero.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import itertools
 import logging
 import math
 import multiprocessing as mp
+import os
+import signal
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
@@ -19,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.errors import (
+    AlreadyExists,
     Internal,
     InvalidArgument,
     NotFound,
@@ -29,21 +39,41 @@ from services.common.errors import (
 from services.generator import metrics
 from services.generator.messages import (
     Cancel,
+    Failed,
     Fatal,
     ImageResult,
     Job,
     JobDone,
     JobError,
     Progress,
+    QueuePosition,
     Ready,
     RenderSettings,
     Shutdown,
+    StreamEvent,
 )
 from services.generator.worker import WorkerConfig, worker_main
 
 log = logging.getLogger(__name__)
 
-MAX_RESPAWNS = 5
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"  # spawned, loading and warming up
+    READY = "ready"
+    RESTARTING = "restarting"  # died; respawns after its backoff
+    STOPPED = "stopped"  # shut down, or given up: it cannot start
+
+
+@dataclass(frozen=True)
+class WorkerPolicy:
+    """How dead and hung workers are handled."""
+
+    backoff_s: float = 1.0  # before the 2nd respawn in a row (the 1st is immediate); doubles
+    backoff_max_s: float = 30.0
+    healthy_s: float = 60.0  # ready this long: the backoff starts over
+    max_start_failures: int = 5  # deaths before Ready, in a row, after which a worker is given up
+    watchdog_factor: float = 10.0  # a job may run this many times its expected time
+    watchdog_min_s: float = 60.0  # ... and at least this long (adapter loads, first-call overheads)
 
 
 @dataclass
@@ -55,14 +85,47 @@ class Unit:
     attempts: int = 0
 
 
-@dataclass(frozen=True)
-class QueuePosition:
-    position: int
+class StreamEvents:
+    """What a request's stream has yet to send, bounded whether or not its client reads.
 
+    Progress is a notification: beyond `max_progress` unsent ones the oldest are dropped, and only
+    the latest queue position is kept. Stored images (one per image) and the failure are kept.
+    """
 
-@dataclass(frozen=True)
-class Failed:
-    error: ServiceError
+    def __init__(self, max_progress: int = 32):
+        self.max_progress = max_progress
+        self._items: deque[StreamEvent] = deque()
+        self._progress = 0
+        self._ready = asyncio.Event()
+
+    def put_nowait(self, item: StreamEvent) -> None:
+        if isinstance(item, QueuePosition):
+            self._drop(lambda x: isinstance(x, QueuePosition))
+        elif isinstance(item, Progress):
+            if self._progress >= self.max_progress:
+                self._drop(lambda x: isinstance(x, Progress), first_only=True)
+            self._progress += 1
+        self._items.append(item)
+        self._ready.set()
+
+    def _drop(self, match: Callable[[StreamEvent], bool], first_only: bool = False) -> None:
+        for item in list(self._items):
+            if match(item):
+                self._items.remove(item)
+                self._progress -= isinstance(item, Progress)
+                if first_only:
+                    return
+
+    async def get(self) -> StreamEvent:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        item = self._items.popleft()
+        self._progress -= isinstance(item, Progress)
+        return item
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 @dataclass
@@ -76,7 +139,9 @@ class Ticket:
     preview_every: int
     pending: deque[Unit]
     total: int
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    # Called with each image as soon as a worker sends it: storing never waits for the stream.
+    on_image: Callable[[ImageResult], None] = lambda _: None
+    events: StreamEvents = field(default_factory=StreamEvents)
     inflight: dict[int, tuple[Job, WorkerSlot]] = field(default_factory=dict)
     units: dict[int, Unit] = field(default_factory=dict)
     delivered: set[int] = field(default_factory=set)
@@ -93,11 +158,17 @@ class WorkerSlot:
     config: WorkerConfig
     process: Any = None
     conn: Any = None
-    state: str = "starting"  # starting -> ready -> dead
+    state: WorkerState = WorkerState.STARTING
     job: Job | None = None
     job_started: float = 0.0
-    respawns: int = 0
-    ready_future: asyncio.Future | None = None
+    job_limit: float = math.inf  # seconds the watchdog lets the current job run
+    ready_since: float = 0.0
+    respawns: int = 0  # over the process's life (a metric too)
+    failures: int = 0  # deaths since it was last healthy for policy.healthy_s
+    start_failures: int = 0  # deaths before Ready, in a row
+    fatal: str = ""  # why it cannot start at all
+    hung: bool = False  # killed by the watchdog
+    respawn_timer: asyncio.TimerHandle | None = None
 
     @property
     def device(self) -> str:
@@ -121,6 +192,9 @@ class Scheduler:
         batch_pixels: int = 0,
         on_health: Callable[[bool], Awaitable[None]] | None = None,
         start_timeout_s: float = 900.0,
+        policy: WorkerPolicy | None = None,
+        on_unrecoverable: Callable[[str], None] | None = None,
+        max_progress: int = 32,
     ):
         if not configs:
             raise ValueError("no devices configured")
@@ -130,6 +204,9 @@ class Scheduler:
         self.batch_pixels = batch_pixels
         self.on_health = on_health
         self.start_timeout_s = start_timeout_s
+        self.policy = policy or WorkerPolicy()
+        self.on_unrecoverable = on_unrecoverable
+        self.max_progress = max_progress
         self.tickets: OrderedDict[str, Ticket] = OrderedDict()
         self._rr: deque[str] = deque()
         self._job_ids = itertools.count(1)
@@ -141,6 +218,12 @@ class Scheduler:
         self.accepting = True
         self._stopping = False
         self._image_seconds = 1.0  # running estimate, for retry hints
+        # Seconds per denoising step of one image per megapixel: the watchdog's yardstick.
+        self._step_cost: float | None = None
+        self._changed = asyncio.Event()
+        self._start_error = ""
+        self.unrecoverable = ""
+        self._watchdog: asyncio.Task | None = None
         self.model_info: Ready | None = None
 
     # Lifecycle
@@ -155,12 +238,17 @@ class Scheduler:
         self._loop = asyncio.get_running_loop()
         for w in self.workers:
             self._spawn(w)
+        self._watchdog = self._loop.create_task(self._watch_jobs())
 
     async def wait_ready(self) -> None:
+        """Wait until every worker is ready; raise if one cannot start (its start-up error)."""
         try:
-            await asyncio.wait_for(
-                asyncio.gather(*(w.ready_future for w in self.workers)), timeout=self.start_timeout_s
-            )
+            async with asyncio.timeout(self.start_timeout_s):
+                while not all(w.state is WorkerState.READY for w in self.workers):
+                    if self._start_error:
+                        raise RuntimeError(self._start_error)
+                    self._changed.clear()
+                    await self._changed.wait()
         except BaseException:
             await self.stop()
             raise
@@ -168,22 +256,29 @@ class Scheduler:
         await self._update_health()
 
     def _spawn(self, w: WorkerSlot) -> None:
+        w.respawn_timer = None
+        if self._stopping:
+            return
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         w.process = self._ctx.Process(
             target=worker_main, args=(w.config, child_conn), name=f"worker-{w.device}", daemon=True
         )
         w.process.start()
         child_conn.close()
-        w.conn, w.state, w.job = parent_conn, "starting", None
-        w.ready_future = self._loop.create_future()
+        w.conn, w.state, w.job, w.hung = parent_conn, WorkerState.STARTING, None, False
         self._loop.add_reader(parent_conn.fileno(), self._on_readable, w)
         self._loop.add_reader(w.process.sentinel, self._on_exit, w, w.process)
+        self._changed.set()
 
     async def stop(self, timeout: float = 10.0) -> None:
         self.accepting = False  # also stops respawns
         self._stopping = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         for w in self.workers:
-            if w.state != "dead" and w.conn is not None:
+            if w.respawn_timer is not None:
+                w.respawn_timer.cancel()
+            if w.state is not WorkerState.STOPPED and w.conn is not None:
                 try:
                     w.conn.send(Shutdown())
                 except (OSError, ValueError):
@@ -195,20 +290,21 @@ class Scheduler:
             while w.process.is_alive() and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             if w.process.is_alive():
-                w.process.terminate()
+                w.process.kill()  # past its time: a hung worker ignores SIGTERM as readily as Shutdown
             self._detach(w)
-            w.state = "dead"
+            w.state = WorkerState.STOPPED
         self._serving = False
+        self._changed.set()
 
     async def drain(self, grace_s: float) -> None:
-        """Stop accepting; let running requests finish for up to `grace_s`, then cancel the rest."""
+        """Stop accepting; let running requests finish, then cancel the rest: all within `grace_s`."""
         self.accepting = False
         deadline = time.monotonic() + grace_s
         while self.tickets and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for key in list(self.tickets):
             self._fail(self.tickets[key], Unavailable("server shut down before the request finished"))
-        await self.stop()
+        await self.stop(timeout=max(1.0, deadline - time.monotonic()))
 
     # Requests
 
@@ -218,7 +314,12 @@ class Scheduler:
 
     @property
     def ready_workers(self) -> list[WorkerSlot]:
-        return [w for w in self.workers if w.state == "ready"]
+        return [w for w in self.workers if w.state is WorkerState.READY]
+
+    @property
+    def live_workers(self) -> list[WorkerSlot]:
+        """Workers that serve, or will once started or respawned."""
+        return [w for w in self.workers if w.state is not WorkerState.STOPPED]
 
     def submit(
         self,
@@ -227,13 +328,14 @@ class Scheduler:
         seeds: list[int],
         metadata: dict[str, Any],
         preview_every: int = 0,
+        on_image: Callable[[ImageResult], None] = lambda _: None,
     ) -> Ticket:
         if not self.accepting:
             raise Unavailable("server is shutting down")
-        if not self.ready_workers and not any(w.state == "starting" for w in self.workers):
-            raise Unavailable("no generator worker is alive")
+        if not self.live_workers:
+            raise Unavailable("no generator worker can run; see the server log")
         if any(t.request_id == request_id for t in self.tickets.values()):
-            raise InvalidArgument("request_id", f"{request_id!r} is already running")
+            raise AlreadyExists(f"request_id {request_id!r} is already running; request ids are single-use")
         queued = self.queued_images
         if queued + len(seeds) > self.max_queue:
             workers = max(1, len(self.ready_workers))
@@ -251,6 +353,8 @@ class Scheduler:
             pending=deque(units),
             total=len(units),
             units={u.index: u for u in units},
+            on_image=on_image,
+            events=StreamEvents(self.max_progress),
         )
         self.tickets[ticket.key] = ticket
         self._rr.append(ticket.key)
@@ -332,7 +436,7 @@ class Scheduler:
                 metadata=ticket.metadata,
             )
             w = idle.pop(0)
-            w.job, w.job_started = job, time.perf_counter()
+            w.job, w.job_started, w.job_limit = job, time.perf_counter(), self._job_limit(job)
             ticket.inflight[job.job_id] = (job, w)
             if ticket.started_at is None:
                 ticket.started_at = time.perf_counter()
@@ -367,18 +471,18 @@ class Scheduler:
 
     def _handle(self, w: WorkerSlot, msg: Any) -> None:
         if isinstance(msg, Ready):
-            w.state = "ready"
+            w.state, w.ready_since, w.start_failures = WorkerState.READY, time.monotonic(), 0
             self.model_info = msg
-            if w.ready_future and not w.ready_future.done():
-                w.ready_future.set_result(msg)
+            if self._step_cost is None and msg.warmup_seconds > 0:
+                # The warm-up (2 steps, one small image) overestimates: fine for a watchdog.
+                self._step_cost = msg.warmup_seconds / 2 / max(msg.warmup_megapixels, 1e-3)
+            self._changed.set()
             self._loop.create_task(self._update_health())
             self._dispatch()
             return
         if isinstance(msg, Fatal):
             log.error("worker %s cannot start: %s", w.device, msg.message)
-            if w.ready_future and not w.ready_future.done():
-                w.ready_future.set_exception(RuntimeError(f"worker {msg.device} failed to start: {msg.message}"))
-            w.respawns = MAX_RESPAWNS  # a model that fails to load will not load on retry
+            w.fatal = msg.message  # a model that fails to load will not load on retry
             return
         ticket = self.tickets.get(msg.request_id)
         if isinstance(msg, JobDone):
@@ -391,14 +495,18 @@ class Scheduler:
         elif isinstance(msg, ImageResult):
             if msg.index not in ticket.delivered:
                 ticket.delivered.add(msg.index)
-                ticket.events.put_nowait(msg)
+                ticket.on_image(msg)
                 metrics.IMAGES.labels(w.device).inc()
         elif isinstance(msg, JobError):
             self._fail(ticket, _ERRORS[msg.kind](msg))
 
     def _job_done(self, w: WorkerSlot, msg: JobDone, ticket: Ticket | None) -> None:
-        if w.job is not None and w.job.job_id == msg.job_id:
-            w.job = None
+        job = w.job if w.job is not None and w.job.job_id == msg.job_id else None
+        if job is not None:
+            w.job, w.job_limit = None, math.inf
+            if not msg.cancelled and msg.compute_seconds > 0:
+                cost = msg.compute_seconds / (job.settings.steps * _megapixels(job))
+                self._step_cost = cost if self._step_cost is None else 0.8 * self._step_cost + 0.2 * cost
         metrics.DEVICE_BUSY.labels(w.device).inc(msg.compute_seconds)
         metrics.ADAPTER_CACHE.labels(w.device, "hit").inc(msg.cache_hits)
         metrics.ADAPTER_CACHE.labels(w.device, "miss").inc(msg.cache_misses)
@@ -411,6 +519,37 @@ class Scheduler:
             self._forget_if_idle(ticket)
         self._dispatch()
 
+    # Hung workers
+
+    def _job_limit(self, job: Job) -> float:
+        """How long `job` may run: its steps x the measured time per step x a factor, with a floor."""
+        p = self.policy
+        if self._step_cost is None:
+            return 10 * p.watchdog_min_s  # nothing measured yet: generous
+        expected = job.settings.steps * _megapixels(job) * self._step_cost
+        return max(p.watchdog_min_s, p.watchdog_factor * expected)
+
+    async def _watch_jobs(self) -> None:
+        interval = min(1.0, self.policy.watchdog_min_s / 4)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.perf_counter()
+            for w in self.workers:
+                if w.job is None or w.hung or w.state is not WorkerState.READY:
+                    continue
+                if now - w.job_started > w.job_limit:
+                    log.error(
+                        "worker %s hung: job %d has run %.0fs, limit %.0fs; killing it",
+                        w.device,
+                        w.job.job_id,
+                        now - w.job_started,
+                        w.job_limit,
+                    )
+                    metrics.WORKER_HANGS.labels(w.device).inc()
+                    w.hung = True
+                    # Its exit takes the usual path: images requeued, worker respawned.
+                    _kill(w.process)
+
     # Worker death
 
     def _on_exit(self, w: WorkerSlot, process: Any) -> None:
@@ -418,27 +557,53 @@ class Scheduler:
             return
         self._on_readable(w)  # whatever it sent before dying still counts
         self._detach(w)
+        process.join(timeout=1.0)  # reap it, so its exit code is known
         if self._stopping:
-            w.state = "dead"
+            w.state = WorkerState.STOPPED
             return
-        was_starting = w.state == "starting"
-        w.state = "dead"
-        log.error("worker %s exited (code %s)", w.device, process.exitcode)
-        if w.ready_future and not w.ready_future.done():
-            w.ready_future.set_exception(RuntimeError(f"worker {w.device} exited during start-up"))
-        job, w.job = w.job, None
+        was_ready = w.state is WorkerState.READY
+        cause = "was killed by the watchdog" if w.hung else _describe_exit(process.exitcode)
+        log.error("worker %s %s%s", w.device, cause, "" if was_ready else " while starting")
+        job, w.job, w.job_limit = w.job, None, math.inf
         if job is not None:
             self._requeue(job, w)
-        if self.accepting and self._started and w.respawns < MAX_RESPAWNS and not was_starting:
+        if was_ready and time.monotonic() - w.ready_since >= self.policy.healthy_s:
+            w.failures = 0
+        w.failures += 1
+        w.start_failures = 0 if was_ready else w.start_failures + 1
+        if w.fatal or w.start_failures >= self.policy.max_start_failures:
+            self._give_up(w, w.fatal or f"it died {w.start_failures} times in a row while starting")
+        elif self.accepting:
+            delay = self._backoff(w.failures)
+            w.state = WorkerState.RESTARTING
             w.respawns += 1
             metrics.WORKER_RESTARTS.labels(w.device).inc()
-            log.warning("respawning worker %s (%d/%d)", w.device, w.respawns, MAX_RESPAWNS)
-            self._spawn(w)
-        elif not any(x.state in ("ready", "starting") for x in self.workers):
-            for ticket in list(self.tickets.values()):
-                self._fail(ticket, Unavailable("every generator worker died; see the server log"))
+            log.warning("respawning worker %s in %.1fs (respawn %d)", w.device, delay, w.respawns)
+            w.respawn_timer = self._loop.call_later(delay, self._spawn, w)
+        else:
+            w.state = WorkerState.STOPPED
+        self._changed.set()
         self._loop.create_task(self._update_health())
         self._dispatch()
+
+    def _backoff(self, failures: int) -> float:
+        if failures <= 1:
+            return 0.0
+        return min(self.policy.backoff_max_s, self.policy.backoff_s * 2 ** (failures - 2))
+
+    def _give_up(self, w: WorkerSlot, why: str) -> None:
+        w.state = WorkerState.STOPPED
+        log.error("worker %s is given up: %s", w.device, why)
+        if not self._started:
+            self._start_error = f"worker {w.device} cannot start: {why}"
+        if self.live_workers:
+            return
+        # Nothing can serve again: fail what waits, and let the orchestrator restart the process.
+        self.unrecoverable = f"every generator worker is given up (last: {w.device}: {why})"
+        for ticket in list(self.tickets.values()):
+            self._fail(ticket, Unavailable("no generator worker can run; see the server log"))
+        if self._started and self.on_unrecoverable is not None:
+            self.on_unrecoverable(self.unrecoverable)
 
     def _requeue(self, job: Job, w: WorkerSlot) -> None:
         ticket = self.tickets.get(job.request_id)
@@ -452,9 +617,10 @@ class Scheduler:
         for unit in lost:
             unit.attempts += 1
         if any(u.attempts > 1 for u in lost):
-            self._fail(ticket, Unavailable(f"worker {w.device} died twice while rendering this request"))
+            how = "hung" if w.hung else "died"
+            self._fail(ticket, Unavailable(f"a worker {how} twice while rendering this request (last: {w.device})"))
             return
-        log.warning("worker %s died; retrying images %s elsewhere", w.device, [u.index for u in lost])
+        log.warning("worker %s lost images %s; retrying them", w.device, [u.index for u in lost])
         ticket.pending.extendleft(reversed(lost))
         if ticket.key not in self._rr:
             self._rr.appendleft(ticket.key)
@@ -482,3 +648,25 @@ class Scheduler:
             self._serving = serving
             if self.on_health is not None:
                 await self.on_health(serving)
+
+
+def _megapixels(job: Job) -> float:
+    return len(job.indices) * job.settings.width * job.settings.height / 1e6
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "exited (code unknown)"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _kill(process: Any) -> None:
+    try:
+        os.kill(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, TypeError):
+        pass

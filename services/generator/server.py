@@ -10,27 +10,40 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
-import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
 from google.protobuf.json_format import ParseDict
 
 from productinaction.v1 import common_pb2, generator_pb2, generator_pb2_grpc
-from services.common.errors import InvalidArgument, ServiceError, Unavailable
+from services.common.errors import (
+    AlreadyExists,
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    ServiceError,
+    Unavailable,
+)
+from services.common.ids import check_id
 from services.common.logs import request_id_var
 from services.common.storage import ImageStore
 from services.generator import metrics, placement
 from services.generator.catalog import Catalog, Entry, Template, compose_prompt
-from services.generator.messages import SCHEDULERS, ImageResult, Progress, RenderSettings
-from services.generator.scheduler import Failed, QueuePosition, Scheduler, Ticket
+from services.generator.messages import (
+    SCHEDULERS,
+    Failed,
+    ImageResult,
+    Progress,
+    QueuePosition,
+    RenderSettings,
+    Stored,
+)
+from services.generator.scheduler import Scheduler, Ticket
 from services.generator.settings import GeneratorSettings
 
-REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # no leading dot: ids become storage keys
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**63 - 1
 MIN_SIDE = 16
@@ -61,6 +74,7 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
         self.catalog = catalog
         self.scheduler = scheduler
         self.store = store
+        self._uploads: set[asyncio.Task] = set()
 
     # Listing
 
@@ -139,7 +153,8 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
         if not template and not request.prompt.strip():
             raise InvalidArgument("prompt", "give a template_id, a prompt, or both")
         if template and template.free_text and not request.prompt.strip():
-            raise InvalidArgument("prompt", f"template {template.id!r} is free text: describe the scene")
+            # Read by people (the web page shows it as is): the scene's name, not its id.
+            raise InvalidArgument("prompt", f"describe the scene for {template.name or template.id!r}")
         negative = request.negative_prompt if request.HasField("negative_prompt") else None
         if negative is not None and len(negative) > MAX_PROMPT_CHARS:
             raise InvalidArgument("negative_prompt", f"longer than {MAX_PROMPT_CHARS} characters")
@@ -150,8 +165,10 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
         """Image width and height: the request's, else the template's, else the model's."""
         s = self.settings
         info = self.scheduler.model_info
-        multiple = info.size_multiple if info else 8
-        native = s.default_size or (info.default_size if info else 512)
+        if info is None:
+            raise Unavailable("the model is still loading; retry when health reports SERVING")
+        multiple = info.size_multiple
+        native = s.default_size or info.default_size
         width = request.width or (template.width if template and template.width else native)
         height = request.height or (template.height if template and template.height else native)
         for name, value in (("width", width), ("height", height)):
@@ -164,9 +181,11 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
     def plan(self, request: generator_pb2.GenerateRequest) -> Plan:
         s = self.settings
         # 1. Identity and catalog lookups
-        request_id = request.request_id or uuid.uuid4().hex[:16]
-        if not REQUEST_ID.match(request_id):
-            raise InvalidArgument("request_id", "use 1-64 characters of [A-Za-z0-9._-], not starting with . _ or -")
+        request_id = check_id(request.request_id or uuid.uuid4().hex[:16], "request_id")
+        info = self.scheduler.model_info
+        if info is None:
+            # Defaults come from the model, which no worker has reported yet: never guess them.
+            raise Unavailable("the model is still loading; retry when health reports SERVING")
         product = self._product(request)
         template = self.catalog.template(request.template_id) if request.template_id else None
 
@@ -286,116 +305,166 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
 
     # Generate
 
-    async def Generate(
-        self, request: generator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[generator_pb2.GenerateEvent]:
-        plan = await self._place(request, self.plan(request))
-        request_id_var.set(plan.request_id)
-        metadata = _params_dict(plan.params)
-        ticket = self.scheduler.submit(plan.request_id, plan.settings, plan.seeds, metadata, plan.preview_every)
+    async def Generate(self, request: generator_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        """Accept, then stream events as the images are stored (a coroutine, not an async generator:
+        each write is bounded, so a client that stops reading cannot hold the request forever)."""
         outcome = "error"
         try:
-            yield generator_pb2.GenerateEvent(
-                accepted=generator_pb2.Accepted(
-                    request_id=plan.request_id,
-                    image_uris=[self.store.uri_for(_key(plan.request_id, i)) for i in range(len(plan.seeds))],
-                    queue_position=self.scheduler.position_of(ticket),
-                    parameters=plan.params,
+            plan = await self._place(request, self.plan(request))
+            request_id_var.set(plan.request_id)
+            if request.request_id and await self.store.exists(plan.request_id + "/"):
+                raise AlreadyExists(
+                    f"request_id {plan.request_id!r} was used before and its images are stored; ids are single-use"
                 )
-            )
-            async for event in self._stream(plan, ticket, metadata):
-                yield event
+            await self._generate(plan, context)
             outcome = "ok"
         except asyncio.CancelledError:
-            outcome = "cancelled"
+            # Cancelled by grpc: the client went away, or its deadline passed.
+            outcome = "deadline_exceeded" if _past_deadline(context) else "cancelled"
+            raise
+        except StreamStalled:
+            outcome = "stalled"
+            raise
+        except ClientGone:
+            outcome = "deadline_exceeded" if _past_deadline(context) else "cancelled"
+            raise
+        except ServiceError as exc:
+            outcome = exc.code.name.lower()
             raise
         finally:
-            self.scheduler.finish(ticket)
             metrics.REQUESTS.labels(outcome).inc()
 
-    async def _stream(self, plan: Plan, ticket: Ticket, metadata: dict) -> AsyncIterator[generator_pb2.GenerateEvent]:
+    async def _generate(self, plan: Plan, context: grpc.aio.ServicerContext) -> None:
+        metadata = _params_dict(plan.params)
+        uploads = self._uploads
+        ticket: Ticket | None = None
+
+        def on_image(result: ImageResult) -> None:
+            # Storage is the contract, the stream the notification: store now, whether or not anyone reads.
+            task = asyncio.create_task(self._store(result, plan, ticket))
+            uploads.add(task)
+            task.add_done_callback(uploads.discard)
+
+        ticket = self.scheduler.submit(
+            plan.request_id, plan.settings, plan.seeds, metadata, plan.preview_every, on_image=on_image
+        )
+        try:
+            accepted = generator_pb2.Accepted(
+                request_id=plan.request_id,
+                image_uris=[self.store.uri_for(_key(plan.request_id, i)) for i in range(len(plan.seeds))],
+                queue_position=self.scheduler.position_of(ticket),
+                parameters=plan.params,
+            )
+            await self._write(context, generator_pb2.GenerateEvent(accepted=accepted))
+            await self._stream(plan, ticket, context)
+        finally:
+            self.scheduler.finish(ticket)
+
+    async def _write(self, context: grpc.aio.ServicerContext, event: generator_pb2.GenerateEvent) -> None:
+        try:
+            await asyncio.wait_for(context.write(event), self.settings.stall_timeout_s)
+        except (asyncio.CancelledError, ServiceError):
+            raise
+        except TimeoutError:
+            raise StreamStalled(
+                f"the client read nothing for {self.settings.stall_timeout_s:g}s; stream closed "
+                "(images already rendered are stored at the accepted URIs)"
+            ) from None
+        except Exception as exc:
+            # grpc refuses writes to a call its client has left (ExecuteBatchError): not a server fault.
+            raise ClientGone(f"the client left the stream ({type(exc).__name__})") from None
+
+    async def _stream(self, plan: Plan, ticket: Ticket, context: grpc.aio.ServicerContext) -> None:
         stored = 0
         storage_seconds = 0.0
         first_image_at: float | None = None
-        uploads: set[asyncio.Task] = set()
-        events: asyncio.Queue = ticket.events
-        try:
-            while stored < len(plan.seeds):
-                msg = await events.get()
-                if isinstance(msg, Failed):
-                    raise msg.error
-                if isinstance(msg, ServiceError):
-                    raise msg
-                if isinstance(msg, QueuePosition):
-                    yield generator_pb2.GenerateEvent(queued=generator_pb2.Queued(queue_position=msg.position))
-                elif isinstance(msg, Progress):
-                    for n, index in enumerate(msg.indices):
-                        preview = msg.previews[n] if n < len(msg.previews) else b""
-                        yield generator_pb2.GenerateEvent(
-                            progress=generator_pb2.Progress(
-                                index=index, step=msg.step, total_steps=msg.total_steps, preview_png=preview
-                            )
-                        )
-                elif isinstance(msg, ImageResult):
-                    # Upload concurrently; announce each image once its write has completed.
-                    task = asyncio.create_task(self._store(msg, plan, events))
-                    uploads.add(task)
-                    task.add_done_callback(uploads.discard)
-                elif isinstance(msg, tuple) and msg[0] == "stored":
-                    _, result, obj, seconds = msg
-                    stored += 1
-                    storage_seconds += seconds
-                    if first_image_at is None:
-                        first_image_at = time.perf_counter()
-                        metrics.FIRST_IMAGE_LATENCY.observe(first_image_at - ticket.accepted_at)
-                    params = generator_pb2.GenerationParameters()
-                    params.CopyFrom(plan.params)
-                    params.seed = result.seed
-                    yield generator_pb2.GenerateEvent(
-                        image_ready=generator_pb2.ImageReady(
-                            index=result.index,
-                            seed=result.seed,
-                            image=common_pb2.StoredImage(
-                                uri=obj.uri,
-                                url=obj.url,
-                                width=result.width,
-                                height=result.height,
-                                png=result.png if plan.inline else b"",
-                            ),
-                            parameters=params,
-                            device=result.device,
-                        )
+        while stored < len(plan.seeds):
+            msg = await ticket.events.get()
+            if isinstance(msg, Failed):
+                raise msg.error
+            if isinstance(msg, QueuePosition):
+                await self._write(
+                    context, generator_pb2.GenerateEvent(queued=generator_pb2.Queued(queue_position=msg.position))
+                )
+            elif isinstance(msg, Progress):
+                for n, index in enumerate(msg.indices):
+                    preview = msg.previews[n] if n < len(msg.previews) else b""
+                    progress = generator_pb2.Progress(
+                        index=index, step=msg.step, total_steps=msg.total_steps, preview_png=preview
                     )
-        finally:
-            for task in uploads:
-                task.cancel()
+                    await self._write(context, generator_pb2.GenerateEvent(progress=progress))
+            elif isinstance(msg, Stored):
+                stored += 1
+                storage_seconds += msg.storage_seconds
+                if first_image_at is None:
+                    first_image_at = time.perf_counter()
+                    metrics.FIRST_IMAGE_LATENCY.observe(first_image_at - ticket.accepted_at)
+                await self._write(context, generator_pb2.GenerateEvent(image_ready=_image_ready(plan, msg)))
         done = time.perf_counter()
         metrics.REQUEST_LATENCY.observe(done - ticket.accepted_at)
-        yield generator_pb2.GenerateEvent(
-            completed=generator_pb2.Completed(
-                request_id=plan.request_id,
-                num_images=stored,
-                timings=common_pb2.Timings(
-                    queued_seconds=(ticket.started_at or done) - ticket.accepted_at,
-                    first_image_seconds=(first_image_at or done) - ticket.accepted_at,
-                    total_seconds=done - ticket.accepted_at,
-                    compute_seconds=ticket.compute_seconds,
-                    storage_seconds=storage_seconds,
-                ),
-            )
+        completed = generator_pb2.Completed(
+            request_id=plan.request_id,
+            num_images=stored,
+            timings=common_pb2.Timings(
+                queued_seconds=(ticket.started_at or done) - ticket.accepted_at,
+                first_image_seconds=(first_image_at or done) - ticket.accepted_at,
+                total_seconds=done - ticket.accepted_at,
+                compute_seconds=ticket.compute_seconds,
+                storage_seconds=storage_seconds,
+            ),
         )
+        await self._write(context, generator_pb2.GenerateEvent(completed=completed))
 
-    async def _store(self, result: ImageResult, plan: Plan, events: asyncio.Queue) -> None:
+    async def _store(self, result: ImageResult, plan: Plan, ticket: Ticket) -> None:
+        """Store one image (create-only: never over another), then tell the stream: Stored or Failed."""
         started = time.perf_counter()
         try:
-            obj = await self.store.put(_key(plan.request_id, result.index), result.png, _s3_metadata(plan, result))
+            obj = await self.store.put(
+                _key(plan.request_id, result.index), result.png, _s3_metadata(plan, result), overwrite=False
+            )
         except ServiceError as exc:
-            events.put_nowait(exc)
+            ticket.events.put_nowait(Failed(exc))
             return
         except Exception as exc:
-            events.put_nowait(Unavailable(f"storage write failed: {type(exc).__name__}: {exc}"))
+            ticket.events.put_nowait(Failed(Unavailable(f"storage write failed: {type(exc).__name__}: {exc}")))
             return
-        events.put_nowait(("stored", result, obj, time.perf_counter() - started))
+        if not plan.inline:
+            result = dataclasses.replace(result, png=b"")  # stored: the stream need not hold the bytes
+        ticket.events.put_nowait(Stored(result, obj.uri, obj.url, time.perf_counter() - started))
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Let writes already under way finish (each is bounded by the storage limits anyway)."""
+        if self._uploads:
+            await asyncio.wait(set(self._uploads), timeout=timeout)
+
+
+class StreamStalled(DeadlineExceeded):
+    """The client stopped reading its stream for longer than the stall timeout."""
+
+
+class ClientGone(Cancelled):
+    """The client cancelled or disconnected while the stream was being written."""
+
+
+def _past_deadline(context: grpc.aio.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0.05
+
+
+def _image_ready(plan: Plan, msg: Stored) -> generator_pb2.ImageReady:
+    result = msg.result
+    params = generator_pb2.GenerationParameters()
+    params.CopyFrom(plan.params)
+    params.seed = result.seed
+    return generator_pb2.ImageReady(
+        index=result.index,
+        seed=result.seed,
+        image=common_pb2.StoredImage(
+            uri=msg.uri, url=msg.url, width=result.width, height=result.height, png=result.png if plan.inline else b""
+        ),
+        parameters=params,
+        device=result.device,
+    )
 
 
 def _key(request_id: str, index: int) -> str:

@@ -8,6 +8,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
+from services.generator.scheduler import WorkerPolicy
 
 
 class GeneratorSettings(ServiceSettings):
@@ -51,6 +52,41 @@ class GeneratorSettings(ServiceSettings):
     worker_pipeline: str = Field(
         "services.generator.pipeline:ProductPipeline", description="Pipeline factory (stand-ins for tests)."
     )
+
+    # Reliability (docs/RELIABILITY.md)
+    max_request_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=64 * 1024,
+        description="Largest request accepted, in bytes: a few KB, plus the product image in placement mode.",
+    )
+    stall_timeout_s: float = Field(
+        60.0, gt=0, description="A stream whose client reads nothing for this long is closed (images stay stored)."
+    )
+    max_buffered_progress: int = Field(
+        32, ge=1, description="Unsent progress events kept per stream; older ones are dropped (images never are)."
+    )
+    respawn_backoff_s: float = Field(
+        1.0, ge=0, description="A worker that dies is respawned at once, then after this, doubling each time."
+    )
+    respawn_backoff_max_s: float = Field(30.0, ge=0, description="Longest wait before respawning a worker.")
+    healthy_reset_s: float = Field(60.0, ge=0, description="A worker ready this long has its backoff reset.")
+    max_start_failures: int = Field(
+        5, ge=1, description="Deaths while starting, in a row, after which a worker is given up (none left: exit 1)."
+    )
+    watchdog_factor: float = Field(
+        10.0, gt=1, description="A job running this many times its expected time has its worker killed and respawned."
+    )
+    watchdog_min_s: float = Field(60.0, gt=0, description="The hang watchdog never acts on a job younger than this.")
+
+    def worker_policy(self) -> WorkerPolicy:
+        return WorkerPolicy(
+            backoff_s=self.respawn_backoff_s,
+            backoff_max_s=self.respawn_backoff_max_s,
+            healthy_s=self.healthy_reset_s,
+            max_start_failures=self.max_start_failures,
+            watchdog_factor=self.watchdog_factor,
+            watchdog_min_s=self.watchdog_min_s,
+        )
 
 
 def parse_devices(spec: str) -> list[tuple[str, int]]:

@@ -1,9 +1,12 @@
 """A stand-in for ProductPipeline: fixed time per step, deterministic images from the seed.
 
 Used by scheduling tests and benchmarks to exercise the real workers, scheduler and server
-without diffusion. The "model" string configures it: `standin:step=0.02,load=0,record=/tmp/log`.
+without diffusion. The "model" string configures it: `standin:step=0.02,load=0,record=/tmp/log`;
+`noise=1` makes images incompressible (big PNGs), `die_on_load=PATH` exits while loading whenever
+PATH exists, and `fail_load=1` fails the load (the worker reports Fatal).
 Prompts can ask for trouble: "fail" raises ValueError, "crash" kills the process on cpu:0,
-"crash-always" kills it on every device, "oom-batch" runs out of memory on any batch above 1.
+"crash-always" kills it on every device, "oom-batch" runs out of memory on any batch above 1,
+"hang" stops answering on cpu:0 and "hang-always" on every device.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from services.generator.adapter_cache import CacheStats
 from services.generator.messages import RenderSettings
-from services.generator.pipeline import CacheStats, JobCancelled, PreviewFrames
+from services.generator.pipeline import JobCancelled, PreviewFrames
 
 
 class OutOfMemoryError(RuntimeError):
@@ -43,12 +47,17 @@ class StandInPipeline:
         options = dict(kv.split("=", 1) for kv in model.removeprefix("standin").strip(":").split(",") if "=" in kv)
         self.step_seconds = float(options.get("step", 0.01))
         self.record = options.get("record")
+        self.noise = options.get("noise") == "1"
         self.device_name = device
         self.default_size = 64
         self.size_multiple = 8
         self.adapters = _Adapters()
         time.sleep(float(options.get("load", 0)))
         self.load_seconds = float(options.get("load", 0))
+        if options.get("die_on_load") and os.path.exists(options["die_on_load"]):
+            os._exit(3)  # like a crash while loading: no Fatal message
+        if options.get("fail_load") == "1":
+            raise RuntimeError("stand-in: this model cannot load")
 
     def warmup(self, size: int = 64) -> float:
         return 0.0
@@ -71,6 +80,7 @@ class StandInPipeline:
         if "oom-batch" in settings.prompt and len(seeds) > 1:
             raise OutOfMemoryError(f"stand-in: no memory for a batch of {len(seeds)}")
         crash = "crash-always" in settings.prompt or ("crash" in settings.prompt and self.device_name == "cpu:0")
+        hang = "hang-always" in settings.prompt or ("hang" in settings.prompt and self.device_name == "cpu:0")
         self.adapters.activate(settings.adapters)
         for step in range(1, settings.steps + 1):
             if should_stop():
@@ -80,12 +90,20 @@ class StandInPipeline:
             self._log(f"step {self.device_name} {seeds} {step}")
             if crash and step == 1:
                 os._exit(17)  # like an OOM kill: no goodbye message
+            if hang and step == 1:
+                time.sleep(3600)  # like a wedged driver: alive, silent
             if on_step is not None:
                 want = preview_every > 0 and step % preview_every == 0
                 frames = PreviewFrames(torch.zeros((len(seeds), 8, 8, 3), dtype=torch.uint8)) if want else None
                 on_step(step, settings.steps, frames)
         images = []
         for seed in seeds:
-            noise = np.random.default_rng(seed).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+            rng = np.random.default_rng(seed)
+            if self.noise:
+                images.append(
+                    Image.fromarray(rng.integers(0, 255, (settings.height, settings.width, 3), dtype=np.uint8))
+                )
+                continue
+            noise = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
             images.append(Image.fromarray(noise).resize((settings.width, settings.height), Image.NEAREST))
         return images

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import multiprocessing as mp
 import os
 import queue
 import threading
@@ -201,8 +202,22 @@ def _empty_device_cache() -> None:
         pass
 
 
+def _exit_with_parent() -> None:
+    """Exit at once when the parent dies, even mid-job or while loading: nobody would read the results."""
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def worker_main(config: WorkerConfig, conn: Connection) -> None:
     """Entry point of a spawned worker process."""
+    _exit_with_parent()
     configure_logging(config.log_level, "generator-worker")
     device_var.set(config.device)
     if config.threads > 0:
@@ -225,7 +240,8 @@ def worker_main(config: WorkerConfig, conn: Connection) -> None:
         send(Fatal(config.device, f"{type(exc).__name__}: {exc}"))
         return
     log.info("ready (load %.1fs, warm-up %.1fs)", pipe.load_seconds, warm)
-    send(Ready(config.device, pipe.load_seconds, warm, pipe.default_size, pipe.size_multiple))
+    warm_side = min(config.warmup_size, pipe.default_size)  # as the pipelines' warm-up renders
+    send(Ready(config.device, pipe.load_seconds, warm, pipe.default_size, pipe.size_multiple, warm_side**2 / 1e6))
 
     inbox = _Inbox(conn)
     while True:

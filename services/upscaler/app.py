@@ -14,7 +14,7 @@ from services.common.storage import ImageStore, open_store
 from services.upscaler.engine import Engine
 from services.upscaler.replicate_backend import ReplicateBackend
 from services.upscaler.runner import DeviceRunner
-from services.upscaler.server import UpscalerService
+from services.upscaler.server import UpscalerService, max_request_bytes
 from services.upscaler.settings import UpscalerSettings
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,9 @@ async def start_upscaler(settings: UpscalerSettings, wait_ready: bool = True) ->
     replicate = ReplicateBackend(settings)
     servicer = UpscalerService(settings, store, runner, replicate)
     hosted = HostedServer(
-        [Service(SERVICE_NAME, servicer, upscaler_pb2_grpc.add_UpscalerServicer_to_server)], security=security
+        [Service(SERVICE_NAME, servicer, upscaler_pb2_grpc.add_UpscalerServicer_to_server)],
+        security=security,
+        max_receive_bytes=max_request_bytes(settings),
     )
     port = await hosted.start(settings.host, settings.port)
 

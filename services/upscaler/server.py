@@ -36,6 +36,12 @@ BACKENDS = {
     upscaler_pb2.UPSCALE_BACKEND_REPLICATE: "replicate",
 }
 SOURCE_SUFFIXES = (".png", ".jpg", ".jpeg")
+REQUEST_OVERHEAD_BYTES = 64 * 1024  # every field but the image: a URI, an id, a few numbers
+
+
+def max_request_bytes(settings: UpscalerSettings) -> int:
+    """Largest request worth receiving: the largest input image plus the other fields."""
+    return settings.max_input_bytes + REQUEST_OVERHEAD_BYTES
 
 
 @dataclass(frozen=True)
