@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +16,8 @@ import torch
 from PIL import Image
 
 from services.generator import placement
-from services.generator.embeddings import read_token_embeddings, set_token_embeddings
-from services.generator.lora_formats import read_adapter
-from services.generator.messages import SCHEDULERS, AdapterSpec, RenderSettings
+from services.generator.adapter_cache import AdapterCache
+from services.generator.messages import SCHEDULERS, RenderSettings
 
 log = logging.getLogger(__name__)
 
@@ -73,107 +70,6 @@ def inpainting_from(pipe):
     inpaint = AutoPipelineForInpainting.from_pipe(pipe)
     inpaint.set_progress_bar_config(disable=True)
     return inpaint
-
-
-@dataclass
-class CacheStats:
-    hits: int = 0
-    misses: int = 0
-
-
-class AdapterCache:
-    """LRU of LoRA adapters held in fixed PEFT slots ("slot0".."slotN-1").
-
-    A miss with every slot taken hot-swaps the new weights into the least recently used slot
-    (no new modules, no base-model reload); if the adapter's layout does not allow a hot-swap,
-    the slot is deleted and loaded afresh.
-    """
-
-    def __init__(self, pipe, capacity: int, hotswap_rank: int):
-        self.pipe = pipe
-        self.capacity = max(1, capacity)
-        self.slots: OrderedDict[str, str] = OrderedDict()  # adapter key -> slot name, LRU first
-        self.stats = CacheStats()
-        self.hotswap = hotswap_rank > 0
-        self.loaded_tokens: dict[str, str] = {}  # token -> key of the adapter whose rows it holds
-        self.embeddings: dict[str, dict] = {}  # adapter key -> {token: embedding} it carries
-        # What the PEFT layers currently run: ((slot, weight), ...), () for LoRA disabled, None unknown.
-        self.active: tuple[tuple[str, float], ...] | None = None
-        if self.hotswap:
-            pipe.enable_lora_hotswap(target_rank=hotswap_rank)
-
-    def _free_slot(self, keep: set[str]) -> tuple[str, bool]:
-        used = set(self.slots.values())
-        for i in range(self.capacity):
-            if f"slot{i}" not in used:
-                return f"slot{i}", False
-        for key, slot in self.slots.items():
-            if key not in keep:
-                del self.slots[key]
-                self.embeddings.pop(key, None)
-                return slot, True
-        raise ValueError(f"a request stacks more adapters than the cache holds ({self.capacity})")
-
-    def _load(self, spec: AdapterSpec, keep: set[str]) -> str:
-        # Any supported format arrives in the diffusers/PEFT form, so slots work the same for all.
-        adapter = read_adapter(spec.path, self.pipe)
-        embeddings = dict(adapter.embeddings)
-        if spec.embeddings:
-            embeddings.update(read_token_embeddings(spec.embeddings, spec.tokens))
-        slot, occupied = self._free_slot(keep)
-        if occupied and self.hotswap:
-            try:
-                self.pipe.load_lora_weights(_fresh(adapter.weights), adapter_name=slot, hotswap=True)
-                self.embeddings[spec.key] = embeddings
-                return slot
-            except Exception as exc:  # layout differs from the slot's: fall back to a fresh load
-                log.info("hot-swap into %s not possible (%s); reloading the slot", slot, exc)
-        if occupied:
-            self.pipe.delete_adapters(slot)
-        self.pipe.load_lora_weights(_fresh(adapter.weights), adapter_name=slot)
-        self.embeddings[spec.key] = embeddings
-        return slot
-
-    def _ensure_embeddings(self, spec: AdapterSpec) -> None:
-        # Products from older trainers share token names (<s1><s2>): set the rows whenever another
-        # product's embeddings currently own them, not only when the adapter is first loaded.
-        embeddings = self.embeddings.get(spec.key) or {}
-        if embeddings and any(self.loaded_tokens.get(t) != spec.key for t in embeddings):
-            set_token_embeddings(self.pipe, embeddings)
-            for token in embeddings:
-                self.loaded_tokens[token] = spec.key
-
-    def activate(self, adapters: tuple[AdapterSpec, ...]) -> None:
-        """Make exactly `adapters` active with their weights."""
-        keep = {a.key for a in adapters}
-        wanted = []
-        for spec in adapters:
-            if spec.key in self.slots:
-                self.slots.move_to_end(spec.key)
-                self.stats.hits += 1
-            else:
-                self.slots[spec.key] = self._load(spec, keep)
-                self.stats.misses += 1
-                self.active = None  # loading changes which adapters PEFT runs
-            self._ensure_embeddings(spec)
-            wanted.append((self.slots[spec.key], spec.weight))
-        # set_adapters walks every module of the UNet and text encoder (~10 ms on SD 1.5 on a CPU
-        # core): pay it only when the active set or a weight changes, so repeat jobs cost nothing.
-        wanted = tuple(wanted)
-        if wanted == self.active or (not wanted and not self.slots):
-            return
-        if wanted:
-            if not self.active:  # disabled or unknown
-                self.pipe.enable_lora()
-            self.pipe.set_adapters([n for n, _ in wanted], adapter_weights=[w for _, w in wanted])
-        else:
-            self.pipe.disable_lora()
-        self.active = wanted
-
-
-def _fresh(weights):
-    # diffusers pops keys from state dicts it is given; keep the caller's copy intact for retries.
-    return dict(weights) if isinstance(weights, dict) else weights
 
 
 def latents_to_rgb(latents: torch.Tensor) -> torch.Tensor:
