@@ -2,8 +2,11 @@
 
 python -m client.cli products
 python -m client.cli templates [--product ID | --category CAT]
-python -m client.cli generate --product ID --template beach -n 4 --out DIR
+python -m client.cli generate --product ID --template demo-beach -n 4 --out DIR
 python -m client.cli rerun IMAGE.png --out DIR      # exactly, from its embedded parameters
+
+Images are saved as <product>-<index>-<seed>.png (a rerun as <its input's name>-rerun.png); a name
+already taken gets -2, -3 … : nothing is ever overwritten.
 """
 
 from __future__ import annotations
@@ -17,12 +20,17 @@ from pathlib import Path
 import grpc
 
 from client.api import GeneratorClient, describe_error, fetch_bytes_async, generate_request
+from client.balancing import reporting_interruption
 from client.channel import add_security_flags, security_from_args
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m client.cli", description=__doc__.split("\n\n")[0])
-    p.add_argument("--generator", default=os.environ.get("PIA_GENERATOR_ADDRESS", "localhost:50051"))
+    p.add_argument(
+        "--generator",
+        default=os.environ.get("PIA_GENERATOR_ADDRESS", "localhost:50051"),
+        help="any gRPC target: host:port, dns:///name:port (round robin over every address), ipv4:h1:p1,h2:p2",
+    )
     add_security_flags(p)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("products", help="list products")
@@ -32,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--category", default="")
 
     g = sub.add_parser("generate", help="generate images and save them as they arrive")
-    g.add_argument("--product", required=True)
+    g.add_argument("--product", default="", help="product id (optional with --product-image)")
     g.add_argument("--template", default="")
     g.add_argument("--prompt", default="")
     g.add_argument("--negative", default=None)
@@ -48,11 +56,57 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--request-id", default="")
     g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     g.add_argument("--out", type=Path, default=Path("outputs/cli"))
+    add_placement_flags(g)
 
     r = sub.add_parser("rerun", help="re-generate an image exactly from the parameters embedded in it")
     r.add_argument("image", type=Path)
     r.add_argument("--out", type=Path, default=Path("outputs/cli"))
     return p
+
+
+# Placement mode: the product's own photo, its pixels kept exactly (docs/FIDELITY.md).
+
+
+def add_placement_flags(g: argparse.ArgumentParser) -> None:
+    g.add_argument(
+        "--product-image",
+        type=Path,
+        default=None,
+        help="placement mode: a photo of the product (RGBA cutout, photo + --mask, or on a plain light background)",
+    )
+    g.add_argument("--mask", type=Path, default=None, help="mask of --product-image (white: the product)")
+    g.add_argument(
+        "--place",
+        default="",
+        metavar="X,Y,H",
+        help="product centre x, y and height as fractions of the frame (default: the template's)",
+    )
+    g.add_argument("--tolerance", type=int, default=0, help="mask finding on a light background (0: default)")
+
+
+def product_image_from_args(args: argparse.Namespace):
+    """The request's ProductImage from --product-image/--mask/--place/--tolerance (None without an image)."""
+    from productinaction.v1 import generator_pb2
+
+    if args.product_image is None:
+        if not args.product:
+            raise CliError("give --product, --product-image, or both")
+        return None
+    try:
+        message = generator_pb2.ProductImage(
+            image=args.product_image.read_bytes(),
+            mask=args.mask.read_bytes() if args.mask else b"",
+            tolerance=args.tolerance,
+        )
+    except OSError as exc:
+        raise CliError(f"{exc.filename}: {exc.strerror}") from None
+    if args.place:
+        try:
+            x, y, h = (float(v) for v in args.place.split(","))
+        except ValueError:
+            raise CliError(f"--place {args.place!r}: give three fractions, x,y,height (e.g. 0.5,0.6,0.5)") from None
+        message.placement.CopyFrom(generator_pb2.Placement(center_x=x, center_y=y, height=h))
+    return message
 
 
 def _adapters(specs: list[str]) -> list[tuple[str, float]]:
@@ -63,12 +117,47 @@ def _adapters(specs: list[str]) -> list[tuple[str, float]]:
     return out
 
 
+class CliError(Exception):
+    """A problem worth one line on stderr and exit status 1, no traceback."""
+
+
+def save_new(out: Path, stem: str, data: bytes) -> Path:
+    """Write `stem.png` in `out`, or `stem-2.png`, `stem-3.png` … : never over an existing file."""
+    for n in range(1, 10_000):
+        path = out / (f"{stem}.png" if n == 1 else f"{stem}-{n}.png")
+        try:
+            with path.open("xb") as f:  # exclusive: two runs at once cannot pick the same name either
+                f.write(data)
+            return path
+        except FileExistsError:
+            continue
+    raise CliError(f"too many files named {stem}-N.png in {out}")
+
+
+def _image_name(ready) -> str:
+    return f"{ready.parameters.product_id or 'placed'}-{ready.index}-{ready.seed}"
+
+
 async def _generate(
-    client: GeneratorClient, request, out: Path, timeout: float | None, expect_prompt: str | None = None
+    client: GeneratorClient,
+    request,
+    out: Path,
+    timeout: float | None,
+    expect_prompt: str | None = None,
+    name=_image_name,
 ) -> list[Path]:
+    """Stream one Generate call, saving each image as it arrives under `name(image_ready)` (made unique)."""
     out.mkdir(parents=True, exist_ok=True)
     saved: list[Path] = []
-    async for event in client.generate(request, timeout=timeout):
+
+    def report(message: str) -> None:
+        print(f"\n{message}", file=sys.stderr)
+
+    # A broken stream is not retried (it may have rendered already): say how far it got.
+    stream = reporting_interruption(
+        client.generate(request, timeout=timeout), lambda: len(saved), request.num_images, report
+    )
+    async for event in stream:
         kind = event.WhichOneof("event")
         if kind == "accepted":
             a = event.accepted
@@ -84,8 +173,7 @@ async def _generate(
         elif kind == "image_ready":
             r = event.image_ready
             data = r.image.png or await fetch_bytes_async(r.image.url)
-            path = out / f"{r.parameters.product_id}-{r.index}-{r.seed}.png"
-            path.write_bytes(data)
+            path = save_new(out, name(r), data)
             saved.append(path)
             print(f"\rimage {r.index} ready (seed {r.seed}, {r.device}): {r.image.uri} -> {path}")
         elif kind == "completed":
@@ -98,12 +186,35 @@ async def _generate(
 
 
 def rerun_request(image: Path) -> tuple[str, object]:
-    """The GenerateRequest that reproduces `image` exactly (same prompt, seed, adapters, sizes)."""
+    """The GenerateRequest that reproduces `image` exactly (same prompt, seed, adapters, sizes).
+
+    Raises CliError when the file is missing or carries no generation settings.
+    """
+    from PIL import UnidentifiedImageError
+
     from services.common.pngmeta import read_parameters
 
-    params = read_parameters(image.read_bytes())
+    try:
+        params = read_parameters(image.read_bytes())
+    except FileNotFoundError:
+        raise CliError(f"{image}: no such file") from None
+    except IsADirectoryError:
+        raise CliError(f"{image}: is a folder, not an image") from None
+    except UnidentifiedImageError:
+        raise CliError(f"{image}: not a PNG image") from None
+    except (ValueError, OSError) as exc:
+        raise CliError(f"{image}: carries no generation settings, so it cannot be rerun ({exc})") from None
+    try:
+        return params["prompt"], _rerun_request(params)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CliError(f"{image}: its generation settings are incomplete ({exc})") from None
+
+
+def _rerun_request(params: dict):
+    if params.get("placement"):
+        raise ValueError("made in placement mode: run generate with the same --product-image, --place and --seed")
     # Same template + user text recompose to the same prompt; _generate checks it did.
-    return params["prompt"], generate_request(
+    return generate_request(
         product_id=params["product_id"],
         template_id=params.get("template_id", ""),
         prompt=params.get("user_prompt", ""),
@@ -149,16 +260,43 @@ async def _main(args: argparse.Namespace) -> int:
                 adapters=_adapters(args.adapter),
                 request_id=args.request_id,
             )
+            if (product_image := product_image_from_args(args)) is not None:
+                request.product_image.CopyFrom(product_image)
+            if args.template:
+                suited = [t.id for t in await client.templates(product_id=args.product)]
+                if args.template not in suited:
+                    print(
+                        f"note: scene {args.template!r} was not made for {args.product!r}; "
+                        f"its scenes are: {', '.join(suited)}",
+                        file=sys.stderr,
+                    )
             await _generate(client, request, args.out, args.timeout)
         elif args.command == "rerun":
             prompt, request = rerun_request(args.image)
-            await _generate(client, request, args.out, None, expect_prompt=prompt)
+            # Named after the input, so its index stays in the name; save_new never overwrites (the input included).
+            stem = f"{args.image.stem}-rerun"
+            await _generate(client, request, args.out, None, expect_prompt=prompt, name=lambda _ready: stem)
         return 0
     except grpc.aio.AioRpcError as exc:
-        print(f"error: {describe_error(exc)}", file=sys.stderr)
+        print(f"error: {_rpc_error(exc, args.generator)}", file=sys.stderr)
+        return 1
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. an output folder that cannot be written
+        print(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1
     finally:
         await client.close()
+
+
+def _rpc_error(exc: grpc.aio.AioRpcError, address: str) -> str:
+    reason = describe_error(exc)
+    if reason == "service unreachable":
+        return f"the generator at {address} is unreachable (is `make run` running?)"
+    if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+        return exc.details() or reason
+    return reason
 
 
 def main(argv: list[str] | None = None) -> int:

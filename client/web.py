@@ -39,7 +39,14 @@ CSS = """
 #status-banner.warn { background: #fff4e5; border: 1px solid #f0b35a; }
 #status-banner.ok { background: #eef9f0; border: 1px solid #9fd5a8; }
 #progress progress { width: 100%; height: 0.9rem; }
-#details td:first-child { white-space: nowrap; }
+#details td:first-child, #technical td:first-child { white-space: nowrap; }
+/* Small images are shown enlarged with a pixel-exact filter (their true size is in the caption), never blurred. */
+#gallery img, #upscaled img, .pixel-preview img { image-rendering: pixelated; }
+/* The upscaled image fills the column: never smaller on screen than the original in the gallery. */
+#upscaled img { width: 100%; height: auto; max-height: none; object-fit: contain; }
+#upscaled .image-frame, #upscaled .image-container { width: 100%; height: auto; max-height: none; }
+.pixel-preview { display: inline-block; margin: 0; }
+.pixel-preview figcaption { font-size: 0.85em; opacity: 0.8; }
 """
 
 
@@ -111,7 +118,15 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
 
     # Gradio's own copies of served files: swept hourly once a day old (ours go with each tab's state).
     with gr.Blocks(title="Product in Action", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
-        session = gr.State(Session(), delete_callback=logic.forget)
+        # Each tab's Session by Gradio session id, so a closed tab's work can be stopped (see on_unload).
+        open_tabs: dict[str, Session] = {}
+
+        def forget(state: Session) -> None:
+            for key in [key for key, value in open_tabs.items() if value is state]:
+                del open_tabs[key]
+            logic.forget(state)
+
+        session = gr.State(Session(), delete_callback=forget)
         gr.Markdown("# Product in Action\nPhotos of your own product in scenes you choose.")
         banner = gr.Markdown("Checking the services…", elem_id="status-banner")
 
@@ -121,26 +136,30 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
                 template = gr.Dropdown(label="Scene", choices=[], elem_id="template")
                 text = gr.Textbox(label="Extra details (optional)", lines=2, elem_id="scene-text")
                 prompt_preview = gr.Textbox(label="Final prompt", lines=3, interactive=False, elem_id="prompt-preview")
-                negative_preview = gr.Textbox(label="Negative prompt", lines=1, interactive=False)
-                num_images = gr.Slider(
-                    1, settings.max_images, value=4, step=1, label="Number of images", elem_id="num-images"
+                # No minimum/maximum on number widgets: Gradio would refuse an out-of-range value with a
+                # traceback in the log and no word on the page; web_logic checks them and says why.
+                num_images = gr.Number(
+                    label=f"Number of images (1–{settings.max_images})", value=4, precision=0, elem_id="num-images"
                 )
                 show_previews = gr.Checkbox(label="Show step previews while generating", value=False)
                 with gr.Accordion("Advanced", open=False):
                     with gr.Row():
-                        seed = gr.Number(label="Seed", value=None, precision=0, minimum=0, placeholder="random")
+                        seed = gr.Number(label="Seed", value=None, precision=0, placeholder="random", elem_id="seed")
                         random_seed = gr.Checkbox(label="Random seed", value=True)
                     with gr.Row():
                         steps = gr.Number(
                             label="Steps (0: default)",
                             value=None,
                             precision=0,
-                            minimum=0,
                             placeholder="default",
                             elem_id="steps",
                         )
                         guidance = gr.Number(
-                            label="Guidance (0: default)", value=None, minimum=0, step=0.5, placeholder="default"
+                            label="Guidance (0: default)",
+                            value=None,
+                            step=0.5,
+                            placeholder="default",
+                            elem_id="guidance",
                         )
                     with gr.Row():
                         width = gr.Number(
@@ -149,18 +168,27 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
                         height = gr.Number(
                             label="Height (0: default)", value=None, precision=0, step=8, placeholder="default"
                         )
-                    negative = gr.Textbox(label="Negative prompt (blank: the scene's own)", lines=1)
+                    negative = gr.Textbox(label="Negative prompt (blank: the scene's own)", lines=1, elem_id="negative")
+                    negative_preview = gr.Textbox(
+                        label="Final negative prompt", lines=1, interactive=False, elem_id="negative-preview"
+                    )
                     scheduler = gr.Dropdown(
                         label="Scheduler",
                         choices=[("Model default", ""), *((name, name) for name in logic.SCHEDULERS)],
                         value="",
                     )
                     with gr.Row():
-                        style = gr.Dropdown(label="Style adapter", choices=[("None", "")], value="")
-                        style_weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="Style weight")
+                        style = gr.Dropdown(label="Style adapter", choices=[("None", "")], value="", elem_id="style")
+                        style_weight = gr.Number(
+                            label="Style weight (-2 to 2)", value=1.0, step=0.05, elem_id="style-weight"
+                        )
                     with gr.Row():
-                        background = gr.Dropdown(label="Background adapter", choices=[("None", "")], value="")
-                        background_weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="Background weight")
+                        background = gr.Dropdown(
+                            label="Background adapter", choices=[("None", "")], value="", elem_id="background"
+                        )
+                        background_weight = gr.Number(
+                            label="Background weight (-2 to 2)", value=1.0, step=0.05, elem_id="background-weight"
+                        )
                 with gr.Row():
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                     more_btn = gr.Button("Generate more", elem_id="generate-more")
@@ -169,13 +197,14 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
             with gr.Column(scale=3, min_width=360):
                 progress = gr.HTML(_progress_html(0, ""), elem_id="progress")
                 status = gr.Markdown("", elem_id="status")
-                preview = gr.Image(
-                    label="Live preview", type="pil", format="png", visible=False, interactive=False, height=160
-                )
+                # Plain HTML: the frame takes the preview's own size (shown at a whole-number scale).
+                preview = gr.HTML("", visible=False, elem_id="preview")
                 gallery = gr.Gallery(
                     label="Images", format="png", columns=3, object_fit="contain", elem_id="gallery", preview=False
                 )
-                details = gr.Markdown(logic.select_image(Session(), None), elem_id="details")
+                details = gr.Markdown(logic.select_image(Session(), None).summary, elem_id="details")
+                with gr.Accordion("Technical details", open=False, elem_id="technical-details"):
+                    technical = gr.Markdown("", elem_id="technical")
                 with gr.Row():
                     upscale_btn = gr.Button(f"Upscale ×{settings.upscale_factor}", interactive=False, elem_id="upscale")
                     reuse_btn = gr.Button("Reuse settings", interactive=False, elem_id="reuse")
@@ -238,7 +267,9 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
                 update.update({prompt_preview: prompt, negative_preview: negative})
             return update
 
-        async def on_load(state: Session, **values: Any) -> dict:
+        async def on_load(state: Session, request: gr.Request, **values: Any) -> dict:
+            if request.session_hash:
+                open_tabs[request.session_hash] = state
             return await refreshed(state, values, force=True)
 
         async def on_tick(state: Session, **values: Any) -> dict:
@@ -291,8 +322,17 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
         def on_adapter(state: Session, adapter_id: str) -> float:
             return logic.adapter_weight(state, adapter_id)
 
-        style.input(on_adapter, [session, style], style_weight, show_progress="hidden")
-        background.input(on_adapter, [session, background], background_weight, show_progress="hidden")
+        # The adapters' own tokens end the prompt (", at night"): the preview follows every adapter change.
+        refresh_preview(style.input(on_adapter, [session, style], style_weight, show_progress="hidden"))
+        refresh_preview(background.input(on_adapter, [session, background], background_weight, show_progress="hidden"))
+        for weight in (style_weight, background_weight):
+            weight.input(
+                on_preview,
+                inputs_kwargs=form,
+                outputs=[prompt_preview, negative_preview],
+                trigger_mode="always_last",
+                show_progress="hidden",
+            )
         show_previews.change(lambda on: gr.update(visible=on), show_previews, preview, show_progress="hidden")
 
         # Generate / Generate more / Stop.
@@ -308,6 +348,11 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
             upscale_btn,
             reuse_btn,
             details,
+            technical,
+            seed,
+            upscale_status,
+            upscaled,
+            download,
         ]
 
         def generate_update(state: Session, view: logic.GenerateView) -> dict:
@@ -317,42 +362,64 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
                 gallery: view.gallery,
                 progress: _progress_html(view.progress, view.progress_text),
                 status: view.status,
-                preview: view.preview,
+                preview: logic.preview_html(view.preview),
                 generate_btn: gr.update(interactive=not view.running),
                 more_btn: gr.update(interactive=not view.running),
                 stop_btn: gr.update(interactive=view.running),
             }
-            if state.selected is None:  # a new gallery: the selection went with the old one
-                update[upscale_btn] = gr.update(interactive=False)
-                update[reuse_btn] = gr.update(interactive=False)
-                update[details] = logic.select_image(state, None)
+            if view.seed is not None:
+                update[seed] = view.seed  # the seed used, also after a random-seed run
+            if view.new_gallery:  # the selection, its details and its upscale went with the old gallery
+                chosen = logic.select_image(state, None)
+                update.update(
+                    {
+                        upscale_btn: gr.update(interactive=False),
+                        reuse_btn: gr.update(interactive=False),
+                        details: chosen.summary,
+                        technical: chosen.technical,
+                        upscale_status: "",
+                        upscaled: None,
+                        download: gr.update(value=None, visible=False),
+                    }
+                )
             return update
 
         async def on_generate(state: Session, **values: Any) -> AsyncIterator[dict]:
-            async for view in logic.generate(backends, state, Form(**values), preview_every=settings.preview_every):
+            views = logic.generate(
+                backends, state, Form(**values), preview_every=settings.preview_every, max_images=settings.max_images
+            )
+            async for view in views:
                 yield generate_update(state, view)
 
         async def on_generate_more(state: Session, **values: Any) -> AsyncIterator[dict]:
-            views = logic.generate(backends, state, Form(**values), append=True, preview_every=settings.preview_every)
+            views = logic.generate(
+                backends,
+                state,
+                Form(**values),
+                append=True,
+                preview_every=settings.preview_every,
+                max_images=settings.max_images,
+            )
             async for view in views:
                 yield generate_update(state, view)
 
         run = dict(inputs=[session], inputs_kwargs=form, outputs=run_outputs, show_progress="hidden")
-        generate_event = generate_btn.click(on_generate, **run)
-        more_event = more_btn.click(on_generate_more, **run)
+        generate_btn.click(on_generate, **run)
+        more_btn.click(on_generate_more, **run)
 
         # Selecting, reusing, upscaling.
 
         def on_select(state: Session, evt: gr.SelectData) -> dict:
-            text_ = logic.select_image(state, evt.index)
-            chosen = state.selected is not None
+            chosen = logic.select_image(state, evt.index)
+            selected = state.selected is not None
             return {
-                details: text_,
-                upscale_btn: gr.update(interactive=chosen),
-                reuse_btn: gr.update(interactive=chosen),
+                details: chosen.summary,
+                technical: chosen.technical,
+                upscale_btn: gr.update(interactive=selected),
+                reuse_btn: gr.update(interactive=selected),
             }
 
-        gallery.select(on_select, session, [details, upscale_btn, reuse_btn], show_progress="hidden")
+        gallery.select(on_select, session, [details, technical, upscale_btn, reuse_btn], show_progress="hidden")
 
         async def on_reuse(state: Session, **values: Any) -> dict:
             view = await logic.reuse_settings(backends, state, Form(**values))
@@ -381,28 +448,35 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
                     update[download] = gr.update(value=view.path, visible=True, label=f"Download {name}")
                 yield update
 
-        upscale_event = upscale_btn.click(
+        upscale_btn.click(
             on_upscale, session, [upscale_status, upscale_btn, upscaled, download], show_progress="hidden"
         )
 
+        # Stop does not cancel the Generate event (that would kill it before it can report): it flags the
+        # tab's session and cancels its gRPC calls; the running handler then says "Stopped after N of M".
         def on_stop(state: Session) -> dict:
             message = logic.stop(state)
+            if message == "Stopping…":
+                return {status: message, stop_btn: gr.update(interactive=False)}
             return {
                 status: message,
                 generate_btn: gr.update(interactive=True),
                 more_btn: gr.update(interactive=True),
                 stop_btn: gr.update(interactive=False),
-                upscale_btn: gr.update(interactive=state.selected is not None),
             }
 
         stop_btn.click(
-            on_stop,
-            session,
-            [status, generate_btn, more_btn, stop_btn, upscale_btn],
-            cancels=[generate_event, more_event, upscale_event],
-            queue=False,
-            show_progress="hidden",
+            on_stop, session, [status, generate_btn, more_btn, stop_btn], queue=False, show_progress="hidden"
         )
+
+        # A closed tab: Gradio runs unload (with no inputs) when the tab's heartbeat ends, but keeps the tab's
+        # state for an hour; its running calls are cancelled now, so the services stop at their next step.
+        def on_unload(request: gr.Request) -> None:
+            state = open_tabs.pop(request.session_hash or "", None)
+            if state is not None and logic.stop(state) == "Stopping…":
+                log.info("a tab closed during a run: cancelling its requests")
+
+        demo.unload(on_unload)
     return demo
 
 

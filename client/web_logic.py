@@ -7,6 +7,8 @@ the services through `client.api`; prompts, defaults and validation stay in the 
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 import html
 import io
 import re
@@ -22,6 +24,7 @@ import grpc
 from PIL import Image
 
 from client.api import GeneratorClient, UpscalerClient, describe_error, fetch_bytes_async, generate_request
+from client.balancing import interrupted_stream_message, replicas_banner
 from client.channel import ChannelSecurity
 from productinaction.v1 import generator_pb2, upscaler_pb2
 
@@ -99,10 +102,17 @@ class ImageEntry:
     seed: int
     device: str
     parameters: generator_pb2.GenerationParameters
+    width: int = 0
+    height: int = 0
+    # Display names at the time it was made (the menus may change afterwards): product, scene, {adapter id: name}.
+    product_name: str = ""
+    scene_name: str = ""
+    adapter_names: dict[str, str] = field(default_factory=dict)
 
     @property
     def caption(self) -> str:
-        return f"seed {self.seed}"
+        size = f" · {self.width} × {self.height} px" if self.width else ""
+        return f"seed {self.seed}{size}"
 
 
 @dataclass
@@ -113,9 +123,13 @@ class Session:
     selected: int | None = None
     generator_health: str = ""
     upscaler_health: str = ""
+    products: dict[str, generator_pb2.Product] = field(default_factory=dict)
     templates: dict[str, generator_pb2.Template] = field(default_factory=dict)
     adapters: dict[str, generator_pb2.Adapter] = field(default_factory=dict)
     calls: set[Any] = field(default_factory=set)
+    # Set by Stop (or a closed tab); the running Generate sees it, cancels its call and reports.
+    stop_requested: bool = False
+    generating: bool = False
     # Folders of fetched images, removed when the tab's state is dropped (see `forget`).
     folders: set[str] = field(default_factory=set)
 
@@ -158,6 +172,18 @@ class GenerateView:
     running: bool
     preview: Image.Image | None = None
     warning: str = ""
+    # True once, when the generator accepted a "Generate": the old gallery, selection and upscale go.
+    new_gallery: bool = False
+    # The seed of this run's first image, once known (shown in the Seed box after a random-seed run).
+    seed: int | None = None
+
+
+@dataclass
+class Details:
+    """The selected image's settings: names in `summary`, ids and machine settings in `technical`."""
+
+    summary: str
+    technical: str = ""
 
 
 @dataclass
@@ -176,6 +202,41 @@ class ReuseView:
     message: str = ""
 
 
+# Request fields as the page labels them, for the generator's INVALID_ARGUMENT texts ("num_images: must be ...").
+FIELD_LABELS = {
+    "num_images": "Number of images",
+    "steps": "Steps",
+    "guidance_scale": "Guidance",
+    "width": "Width",
+    "height": "Height",
+    "seed": "Seed",
+    "scheduler": "Scheduler",
+    "negative_prompt": "Negative prompt",
+    "prompt": "The scene text",
+    "product_id": "Product",
+    "template_id": "Scene",
+    "product_scale": "Product strength",
+    "preview_every": "Preview interval",
+}
+_FIELD = re.compile(r"^(?P<field>[a-z_]+(?:\[\d+\])?(?:\.[a-z_]+)?): (?P<problem>.+)$", re.S)
+
+
+def _field_sentence(details: str) -> str:
+    """'num_images: must be between 1 and 16, got 1000' -> 'Number of images must be between 1 and 16, got 1000.'"""
+    match = _FIELD.match(details.strip())
+    if not match:
+        return _sentence(details)
+    name, problem = match["field"], match["problem"].strip()
+    if name.startswith("adapters["):
+        label = "Adapter weight" if name.endswith(".weight") else "Adapter"
+    else:
+        label = FIELD_LABELS.get(name)
+    if label is None or not problem.startswith(("must", "is ", "longer", "exceeds", "at most")):
+        # Already an instruction ("describe the scene for 'Custom'") or an unknown field: the text alone.
+        return _sentence(problem)
+    return _sentence(f"{label} {problem}")
+
+
 def friendly_error(exc: BaseException, service: str, address: str) -> str:
     """What went wrong, in words for the person at the page (no status codes, no traces)."""
     if isinstance(exc, grpc.aio.AioRpcError):
@@ -188,7 +249,9 @@ def friendly_error(exc: BaseException, service: str, address: str) -> str:
             return f"The {service} did not answer in time ({address})."
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return f"The {service} is busy: {details}. Try again in a moment."
-        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return _field_sentence(details)
+        if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
             return _sentence(details)
         return f"The {service} failed: {describe_error(exc)}"
     return f"Something went wrong: {describe_error(exc)}"
@@ -196,7 +259,10 @@ def friendly_error(exc: BaseException, service: str, address: str) -> str:
 
 def _sentence(text: str) -> str:
     text = text.strip()
-    return text[:1].upper() + text[1:] if text else "The request was refused."
+    if not text:
+        return "The request was refused."
+    text = text[:1].upper() + text[1:]
+    return text if text.endswith((".", "!", "?")) else f"{text}."
 
 
 # Health and catalog
@@ -238,6 +304,10 @@ async def check_health(backends: Backends, session: Session) -> HealthView:
     reload = generator == SERVING and session.generator_health != SERVING
     session.generator_health, session.upscaler_health = generator, upscaler
     text, ok = banner(generator, upscaler, backends)
+    # Several generator replicas (dns:///..., ipv4:a,b): which are up (client/balancing.py).
+    replicas = await replicas_banner(backends.generator_address, backends.security)
+    if replicas:
+        text = f"{text}\n\n{replicas}"
     return HealthView(text, ok, reload)
 
 
@@ -282,6 +352,7 @@ async def load_catalog(
         message = friendly_error(exc, "generator", backends.generator_address)
         return CatalogView(Choices(), Choices(), Choices(), Choices(), text_label(session, None), message)
     session.adapters = {a.id: a for a in adapters}
+    session.products = {p.id: p for p in products}
     message = "" if products else "The generator has no products yet."
     return CatalogView(
         Choices([(_product_label(p), p.id) for p in products], product_id),
@@ -306,11 +377,47 @@ def adapter_weight(session: Session, adapter_id: str) -> float:
 # Requests
 
 
-def build_request(form: Form, *, preview_every: int = 0, request_id: str = "") -> generator_pb2.GenerateRequest:
-    """Widgets -> GenerateRequest. Blank or 0 fields stay unset, so the server's defaults apply."""
+# Above these the request cannot even be encoded (uint32 / int64 fields); the generator's own limits are lower.
+_UINT32, _INT64 = 2**32 - 1, 2**63 - 1
+
+
+def _whole(value: float | None, label: str, low: float, high: float | None = None, limit: float = _UINT32) -> None:
+    """Refuse a typed number the page cannot send, in words (the widgets themselves accept anything)."""
+    if value is None:
+        return
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{label}: type a number.")
+    if value < low or (high is not None and value > high):
+        bounds = f"between {_num(low)} and {_num(high)}" if high is not None else f"at least {_num(low)}"
+        raise ValueError(f"{label} must be {bounds}; you typed {_num(value)}.")
+    if value > limit:
+        raise ValueError(f"{label} is far too large; you typed {_num(value)}.")
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
+
+
+def build_request(
+    form: Form, *, preview_every: int = 0, request_id: str = "", max_images: int | None = None, check: bool = True
+) -> generator_pb2.GenerateRequest:
+    """Widgets -> GenerateRequest. Blank or 0 fields stay unset, so the server's defaults apply.
+
+    Raises ValueError with a sentence for the page when a typed number is out of range; the
+    generator checks the rest (its own upper bounds) and says so in its error.
+    """
     # Gradio sends None for widgets never shown, and its number boxes show 0 for "empty" once rendered.
     if not form.product_id:
         raise ValueError("Choose a product first.")
+    if check:
+        _whole(form.num_images, "Number of images", 1, max_images)
+        _whole(form.seed, "Seed", 0, limit=_INT64)
+        _whole(form.steps, "Steps", 0)
+        _whole(form.guidance, "Guidance", 0)
+        _whole(form.width, "Width", 0)
+        _whole(form.height, "Height", 0)
+        _whole(form.style_weight, "Style weight", -2, 2)
+        _whole(form.background_weight, "Background weight", -2, 2)
     adapters = [
         (adapter_id, float(weight))
         for adapter_id, weight in ((form.style_id, form.style_weight), (form.background_id, form.background_weight))
@@ -336,11 +443,16 @@ def build_request(form: Form, *, preview_every: int = 0, request_id: str = "") -
 
 
 async def preview_prompt(backends: Backends, form: Form) -> tuple[str, str]:
-    """The prompt and negative prompt the generator would use (its ComposePrompt), or why there is none."""
+    """The prompt and negative prompt the generator would use (its ComposePrompt, given the very request
+    Generate would send: product, scene, text and the chosen adapters), or why there is none."""
+    # Numbers do not change the prompt: one typed out of range is reported on Generate, not here.
+    numbers = dict(num_images=1, seed=None, steps=None, guidance=None, width=None, height=None)
     try:
-        composed = await backends.generator().compose(build_request(form))
+        request = build_request(dataclasses.replace(form, **numbers), check=False)
     except ValueError as exc:
         return str(exc), ""
+    try:
+        composed = await backends.generator().compose(request)
     except grpc.aio.AioRpcError as exc:
         return friendly_error(exc, "generator", backends.generator_address), ""
     return composed.prompt, composed.negative_prompt
@@ -361,6 +473,10 @@ def forget(session: Session) -> None:
     session.folders.clear()
 
 
+class _Stopped(Exception):
+    """Stop was pressed (or the tab closed): end the stream with what arrived."""
+
+
 def _progress(steps: dict[int, float], done: int, total: int) -> float:
     if not total:
         return 0.0
@@ -368,35 +484,51 @@ def _progress(steps: dict[int, float], done: int, total: int) -> float:
 
 
 async def generate(
-    backends: Backends, session: Session, form: Form, *, append: bool = False, preview_every: int = 0
+    backends: Backends,
+    session: Session,
+    form: Form,
+    *,
+    append: bool = False,
+    preview_every: int = 0,
+    max_images: int | None = None,
 ) -> AsyncIterator[GenerateView]:
     """Stream a Generate call into views: the gallery grows as each image_ready arrives.
 
     `append=False` starts a new gallery ("Generate") once the generator accepts the request, so a
     refused request leaves the old one in place; `append=True` adds to it ("Generate more").
+    Stop (or a closed tab) sets `session.stop_requested` and cancels the call; this generator then
+    reports "Stopped after N of M images" as its last view.
     """
     request_id = f"web-{uuid.uuid4().hex[:12]}"
+    session.stop_requested = False
     try:
-        request = build_request(form, preview_every=preview_every, request_id=request_id)
+        request = build_request(form, preview_every=preview_every, request_id=request_id, max_images=max_images)
     except ValueError as exc:
         message = str(exc)
-        if session.generator_health == UNREACHABLE:  # no products to choose from: say why
+        if session.generator_health == UNREACHABLE and not form.product_id:  # no products to choose from
             message = f"The generator is unreachable ({backends.generator_address}). Try again once it is back."
         yield GenerateView(session.gallery(), 0.0, "", message, False, warning=message)
         return
     total, done, steps = request.num_images, 0, {}
     preview: Image.Image | None = None
+    seed: int | None = None
+    session.generating = True
     yield GenerateView(session.gallery(), 0.0, f"0 of {total} images", "Sending the request…", True)
 
     call = backends.generator().generate(request)
     session.calls.add(call)
     status = "Waiting for the generator…"
     try:
+        if session.stop_requested:  # Stop pressed while the request was being sent
+            call.cancel()
         async for event in call:
             kind = event.WhichOneof("event")
+            new_gallery = False
             if kind == "accepted":
                 if not append:
                     session.images, session.selected = [], None
+                    new_gallery = True
+                seed = event.accepted.parameters.seed
                 ahead = event.accepted.queue_position
                 status = f"Queued: {ahead} job(s) ahead." if ahead else "Generating…"
             elif kind == "queued":
@@ -412,7 +544,7 @@ async def generate(
                 ready = event.image_ready
                 png = ready.image.png or await fetch_bytes_async(ready.image.url)
                 path = _write(session, backends.files_dir / request_id / f"{ready.index}.png", png)
-                session.images.append(ImageEntry(ready.image.uri, path, ready.seed, ready.device, ready.parameters))
+                session.images.append(_entry(session, ready, path))
                 steps.pop(ready.index, None)
                 done += 1
             elif kind == "completed":
@@ -421,71 +553,130 @@ async def generate(
                     f"Done: {event.completed.num_images} image(s) in {t.total_seconds:.1f} s "
                     f"(first after {t.first_image_seconds:.1f} s)."
                 )
-                yield GenerateView(session.gallery(), 1.0, f"{done} of {total} images", status, False, preview)
+                yield GenerateView(
+                    session.gallery(), 1.0, f"{done} of {total} images", status, False, preview, seed=seed
+                )
                 return
             else:
                 continue
+            if session.stop_requested:
+                call.cancel()
+                raise _Stopped
             progress = _progress(steps, done, total)
-            yield GenerateView(session.gallery(), progress, f"{done} of {total} images", status, True, preview)
+            yield GenerateView(
+                session.gallery(),
+                progress,
+                f"{done} of {total} images",
+                status,
+                True,
+                preview,
+                new_gallery=new_gallery,
+                seed=seed,
+            )
+        if call.cancelled() or session.stop_requested:
+            raise _Stopped
         status = f"The generator ended the request after {done} of {total} images."
-        yield GenerateView(session.gallery(), _progress({}, done, total), status, status, False, preview)
-    except asyncio.CancelledError:
+        yield GenerateView(session.gallery(), _progress({}, done, total), status, status, False, preview, seed=seed)
+    except (asyncio.CancelledError, _Stopped) as exc:
         task = asyncio.current_task()
-        if task is not None and task.cancelling():
+        if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
             raise  # Gradio cancelled this event: nothing more can be shown.
-        # Stop cancelled the call itself: say so and keep what arrived.
+        # Stop cancelled the call: say so and keep what arrived.
         status = f"Stopped after {done} of {total} images."
         progress = _progress({}, done, total)
-        yield GenerateView(session.gallery(), progress, f"{done} of {total} images", status, False, preview)
+        yield GenerateView(session.gallery(), progress, f"{done} of {total} images", status, False, preview, seed=seed)
     except (grpc.aio.AioRpcError, OSError, ValueError) as exc:
         message = (
             friendly_error(exc, "generator", backends.generator_address)
             if isinstance(exc, grpc.aio.AioRpcError)
             else f"Could not read an image: {describe_error(exc)}"
         )
+        if isinstance(exc, grpc.aio.AioRpcError) and seed is not None and exc.code() == grpc.StatusCode.UNAVAILABLE:
+            # Its replica went away after it had started: not retried (client/balancing.py); say so.
+            message = interrupted_stream_message(exc, done, total)
         progress = _progress({}, done, total)
         yield GenerateView(session.gallery(), progress, f"{done} of {total} images", message, False, warning=message)
     finally:
+        # Also on a closed generator (Gradio closes it when the event is cancelled): the server stops at its next step.
         call.cancel()
         session.calls.discard(call)
+        session.generating = False
+
+
+def _entry(session: Session, ready: generator_pb2.ImageReady, path: str) -> ImageEntry:
+    p = ready.parameters
+    product = session.products.get(p.product_id)
+    template = session.templates.get(p.template_id)
+    return ImageEntry(
+        ready.image.uri,
+        path,
+        ready.seed,
+        ready.device,
+        p,
+        width=ready.image.width or p.width,
+        height=ready.image.height or p.height,
+        product_name=product.display_name if product and product.display_name else p.product_id,
+        scene_name=template.name if template and template.name else p.template_id,
+        adapter_names={
+            a.adapter_id: session.adapters[a.adapter_id].display_name or a.adapter_id
+            for a in p.adapters
+            if a.adapter_id in session.adapters
+        },
+    )
 
 
 def stop(session: Session) -> str:
-    """Cancel this tab's running calls; the services stop their remaining work."""
+    """Ask this tab's running work to stop: the Generate stream sees the flag, the calls are cancelled
+    (the services drop the remaining work at their next step) and the stream reports what it kept."""
     running = [call for call in session.calls if not call.done()]
-    session.calls.clear()
+    busy = bool(running) or session.generating
+    session.stop_requested = busy
     for call in running:
         call.cancel()
-    return "Stopping…" if running else "Nothing is running."
+    return "Stopping…" if busy else "Nothing is running."
 
 
 # After generating
 
 
-def select_image(session: Session, index: int | None) -> str:
-    """Remember the selected image; markdown with everything that produced it."""
+def select_image(session: Session, index: int | None) -> Details:
+    """Remember the selected image; its settings in words, and the technical ones apart."""
     if index is None or not 0 <= index < len(session.images):
         session.selected = None
-        return "Click an image to see its settings, reuse them or upscale it."
+        return Details("Click an image to see its settings, reuse them or upscale it.")
     session.selected = index
     entry = session.images[index]
     p = entry.parameters
-    adapters = ", ".join(f"{a.adapter_id} × {a.weight:g}" for a in p.adapters) or "none"
-    rows = [
+    names = entry.adapter_names
+    adapters = ", ".join(f"{_cell(names.get(a.adapter_id, a.adapter_id))} × {a.weight:g}" for a in p.adapters)
+    scene = _cell(entry.scene_name or p.template_id) or "your own text"
+    if p.user_prompt:
+        scene += f" + “{_cell(p.user_prompt)}”"
+    summary = [
+        ("Product", _cell(entry.product_name or p.product_id)),
+        ("Scene", scene),
+        ("Style", adapters or "none"),
+        ("Size", f"{entry.width or p.width} × {entry.height or p.height} px"),
         ("Seed", f"`{entry.seed}`"),
-        ("Product", f"`{p.product_id}` × {p.product_scale:g}"),
-        ("Scene", f"`{p.template_id or 'none'}`" + (f" + “{_cell(p.user_prompt)}”" if p.user_prompt else "")),
-        ("Steps · guidance", f"{p.steps} · {p.guidance_scale:g}"),
-        ("Size", f"{p.width} × {p.height}"),
-        ("Scheduler", p.scheduler or "model default"),
-        ("Adapters", adapters),
         ("Prompt", _cell(p.prompt)),
+    ]
+    technical = [
+        ("Product", f"`{p.product_id}` × {p.product_scale:g}"),
+        ("Scene", f"`{p.template_id or 'none'}`"),
+        ("Adapters", ", ".join(f"`{a.adapter_id}` × {a.weight:g}" for a in p.adapters) or "none"),
+        ("Steps", str(p.steps)),
+        ("Guidance", f"{p.guidance_scale:g}"),
+        ("Scheduler", p.scheduler or "model default"),
         ("Negative prompt", _cell(p.negative_prompt) or "none"),
+        ("Model", _cell(p.model) or "?"),
         ("Device", entry.device or "?"),
         ("Stored at", f"`{entry.uri}`"),
     ]
-    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-    return f"**Image #{index + 1}**\n\n| Setting | Value |\n|---|---|\n{table}"
+    return Details(f"**Image #{index + 1}**\n\n{_table(summary)}", _table(technical))
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    return "| Setting | Value |\n|---|---|\n" + "\n".join(f"| {name} | {value} |" for name, value in rows)
 
 
 def _cell(text: str) -> str:
@@ -555,7 +746,7 @@ async def upscale(backends: Backends, session: Session, scale: int = 4) -> Async
                 png = image.png or await fetch_bytes_async(image.url)
                 name = f"{_slug(entry.parameters.product_id)}-{entry.seed}-x{event.image_ready.scale or scale}.png"
                 path = _write(session, backends.files_dir / request_id / name, png)
-                status = f"Upscaled to {image.width} × {image.height}."
+                status = f"Upscaled to {image.width} × {image.height} px (from {entry.width} × {entry.height} px)."
                 yield UpscaleView(status, False, path)
                 return
     except asyncio.CancelledError:
@@ -576,6 +767,22 @@ async def upscale(backends: Backends, session: Session, scale: int = 4) -> Async
         call.cancel()
         session.calls.discard(call)
     yield UpscaleView("The upscaler finished without an image.", False, warning="The upscaler returned no image.")
+
+
+def preview_html(image: Image.Image | None, box: int = 256) -> str:
+    """The live preview at a whole-number scale with a pixel-exact filter, its frame the image's own size."""
+    if image is None:
+        return ""
+    width, height = image.size
+    factor = max(1, box // max(width, height, 1))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data = base64.b64encode(buffer.getvalue()).decode()
+    return (
+        f'<figure class="pixel-preview"><img src="data:image/png;base64,{data}" width="{width * factor}" '
+        f'height="{height * factor}" alt="Live preview">'
+        f"<figcaption>Live preview · {width} × {height} px, shown ×{factor}</figcaption></figure>"
+    )
 
 
 def _slug(text: str) -> str:

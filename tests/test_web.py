@@ -108,6 +108,7 @@ async def test_prompt_preview_is_the_generators_compose_prompt(backends, generat
         dict(template_id="beach"),
         dict(template_id="beach", text="golden hour", negative_prompt="blurry"),
         dict(template_id="custom", text="on a marble kitchen counter"),
+        dict(template_id="beach", style_id="tiny-sunset", style_weight=0.5),
     ):
         form = await form_for(backends, session, **fields)
         prompt, negative = await logic.preview_prompt(backends, form)
@@ -115,11 +116,19 @@ async def test_prompt_preview_is_the_generators_compose_prompt(backends, generat
         assert (prompt, negative) == (expected.prompt, expected.negative_prompt)
         assert "<tiny-" in prompt
 
-    # The free-text scene without text: the generator's reason, as a sentence, not a status code.
+    # With a style adapter the preview ends with its tokens, exactly as the stored image's prompt does.
+    form = await form_for(backends, session, template_id="beach", style_id="tiny-sunset", style_weight=0.5)
+    form.num_images = 1000  # a number out of range does not change the prompt: the preview still shows it
+    prompt, _ = await logic.preview_prompt(backends, form)
+    assert prompt.endswith(", sunset style"), prompt
+    form.num_images = 1
+    await run(logic.generate(backends, session, form))
+    assert session.images[0].parameters.prompt == prompt
+
+    # The free-text scene without text: the generator's reason, for people, not a status code or an id.
     form = await form_for(backends, session, template_id="custom", text="")
     prompt, negative = await logic.preview_prompt(backends, form)
-    assert prompt.startswith("Prompt: template 'custom' is free text") and negative == ""
-    assert "INVALID_ARGUMENT" not in prompt
+    assert prompt == "Describe the scene for 'Custom'." and negative == ""
 
 
 def test_build_request_leaves_blank_fields_to_the_server():
@@ -162,14 +171,16 @@ async def test_generate_streams_each_image_as_it_arrives(backends, made):
     assert not session.calls
 
     assert [e.seed for e in session.images] == [1234, 1235, 1236]
+    assert [v.new_gallery for v in views].count(True) == 1 and views[-1].seed == 1234
     for (path, caption), entry in zip(last.gallery, session.images, strict=True):
-        assert caption.endswith(f"seed {entry.seed}")
+        assert caption.endswith(f"seed {entry.seed} · 64 × 64 px")
         assert Image.open(path).size == (64, 64) and Path(path).read_bytes().startswith(b"\x89PNG")
         assert entry.uri.startswith("file://") and entry.parameters.steps == FAST["steps"]
 
-    # "Generate more" appends.
+    # "Generate more" appends; with "Random seed" the seed it drew is shown afterwards.
     more = await run(logic.generate(backends, session, await form_for(backends, session), append=True))
     assert len(more[0].gallery) == 3 and len(more[-1].gallery) == 4
+    assert not any(v.new_gallery for v in more) and more[-1].seed == session.images[3].seed
     assert [e.seed for e in session.images][:3] == [1234, 1235, 1236]
 
     # A closed tab's images go with its state.
@@ -181,9 +192,14 @@ async def test_generate_streams_each_image_as_it_arrives(backends, made):
 async def test_select_and_reuse_settings_reproduce_an_image(backends, made):
     form, session = made[0], with_gallery(made)
 
-    assert "Click an image" in logic.select_image(session, None)
+    assert "Click an image" in logic.select_image(session, None).summary
     details = logic.select_image(session, 1)
-    assert session.selected == 1 and "`78`" in details and "euler" in details and "tiny-sunset × 0.5" in details
+    # Names in the main view; ids, steps, scheduler, device and storage under "Technical details".
+    assert session.selected == 1 and "`78`" in details.summary and "Sunset light × 0.5" in details.summary
+    assert "Tiny " in details.summary and "Custom + “a red table”" in details.summary
+    assert "64 × 64 px" in details.summary
+    for technical in ("euler", "`tiny-sunset` × 0.5", "cpu", "file://", "Steps", "Guidance"):
+        assert technical in details.technical and technical not in details.summary, technical
 
     view = await logic.reuse_settings(backends, session, Form(num_images=1))
     reused = view.form
@@ -214,6 +230,20 @@ async def test_stop_cancels_the_running_request(backends, generator):
     assert not last.running and last.status.startswith("Stopped after 0 of 3")
     assert not session.calls and logic.stop(session) == "Nothing is running."
 
+    # As the page does it: Stop is its own event, in another task, while Generate waits for the next step.
+    async def consume(views: list) -> None:
+        async for view in logic.generate(backends, session, form):
+            views.append(view)
+
+    for press_at in ("step", "Sending"):  # mid-run, and before the call even exists
+        views = []
+        task = asyncio.create_task(consume(views))
+        while not any(press_at in v.status for v in views):
+            await asyncio.sleep(0.01)
+        assert logic.stop(session) == "Stopping…"
+        await asyncio.wait_for(task, 60)
+        assert views[-1].status.startswith("Stopped after 0 of 3") and not views[-1].running, views[-1]
+
     # Gradio's `cancels=` closes the callback's generator instead: the call is cancelled too.
     agen = logic.generate(backends, session, form)
     async for view in agen:
@@ -238,7 +268,7 @@ async def test_upscale_returns_the_image_four_times_larger(backends_up, made):
     assert views[0].running and not last.running and last.warning == "", last.status
     assert Image.open(last.path).size == (256, 256)
     assert Path(last.path).name == f"{session.images[0].parameters.product_id}-{session.images[0].seed}-x4.png"
-    assert last.status == "Upscaled to 256 × 256."
+    assert last.status == "Upscaled to 256 × 256 px (from 64 × 64 px)."
 
 
 async def test_services_down_give_readable_messages(closed, tmp_path, backends, made):
@@ -276,9 +306,35 @@ async def test_server_side_errors_are_sentences(backends, made):
     logic.select_image(session, 0)
     form = await form_for(backends, session, width=63)
     views = await run(logic.generate(backends, session, form))
-    assert views[-1].warning.startswith("Width: must be a multiple of"), views[-1].warning
+    assert views[-1].warning.startswith("Width must be a multiple of"), views[-1].warning
     # The refused request leaves the gallery and the selection as they were.
     assert len(views[-1].gallery) == 2 and session.selected == 0
+    # The generator's own bounds, in the page's words.
+    views = await run(logic.generate(backends, session, await form_for(backends, session, steps=1000)))
+    assert views[-1].warning == "Steps must be between 1 and 150, got 1000.", views[-1].warning
+
+
+async def test_numbers_out_of_range_are_refused_in_words(backends, made):
+    session = with_gallery(made)
+    cases = {
+        "num_images": (1000, "Number of images must be between 1 and 16; you typed 1000."),
+        "seed": (-5, "Seed must be at least 0; you typed -5."),
+        "steps": (-1, "Steps must be at least 0; you typed -1."),
+        "width": (1e12, "Width is far too large; you typed 1000000000000."),
+        "style_weight": (7, "Style weight must be between -2 and 2; you typed 7."),
+    }
+    for name, (value, message) in cases.items():
+        form = await form_for(backends, session, random_seed=False, seed=1, style_id="tiny-sunset", style_weight=1.0)
+        setattr(form, name, value)
+        views = await run(logic.generate(backends, session, form, max_images=16))
+        assert [(v.status, v.warning, v.running) for v in views] == [(message, message, False)], name
+        assert len(views[0].gallery) == 2 and not session.calls
+
+
+def test_live_preview_frame_is_the_image_scaled_exactly():
+    html_ = logic.preview_html(Image.new("RGB", (32, 24)))
+    assert 'width="256" height="192"' in html_ and "32 × 24 px, shown ×8" in html_
+    assert logic.preview_html(None) == ""
 
 
 def test_settings_from_flags_and_env(monkeypatch):

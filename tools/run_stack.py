@@ -1,7 +1,8 @@
 """`make run`: generator (:50051), upscaler (:50052) and web UI (:7860) on the embedded default.
 
 The trained demo models in models/ are used when they ship; otherwise the tiny random ones
-that `make embedded` builds under .cache/embedded. Ctrl-C (or SIGTERM) stops all three cleanly.
+that `make embedded` builds under .cache/embedded. A service that crashes is restarted with backoff
+(the page shows its "unreachable" banner meanwhile); Ctrl-C (or SIGTERM) stops all three cleanly.
 Every setting can still be overridden with the services' own PIA_* environment variables.
 """
 
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +45,8 @@ def default_environment() -> dict[str, str]:
     env.setdefault("PIA_WEB_UPSCALER", f"localhost:{env.get('PIA_UPSCALER_PORT', '50052')}")
     env.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     env.setdefault("HF_HUB_OFFLINE", "1")
+    # No "Loading weights" progress bars in the log (transformers' bars follow huggingface_hub's switch).
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     return env
 
 
@@ -53,10 +57,52 @@ SERVICES = [
 ]
 
 
+# A crashed service comes back after 1, 2, 4 … 30 s; a run of RESET_AFTER_S seconds forgets earlier crashes.
+BACKOFF_S, MAX_BACKOFF_S, RESET_AFTER_S = 1.0, 30.0, 60.0
+
+
+@dataclass
+class Service:
+    name: str
+    cmd: list[str]
+    proc: subprocess.Popen | None = None
+    started_at: float = 0.0
+    crashes: int = 0
+    restart_at: float | None = None
+
+    def start(self, env: dict[str, str]) -> None:
+        # Own process group: Ctrl-C reaches only this launcher, which then stops each service in order.
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=env, start_new_session=True)
+        self.started_at, self.restart_at = time.monotonic(), None
+
+    def check(self, env: dict[str, str]) -> None:
+        """Restart this service with backoff if it has exited; say so on one line each time."""
+        now = time.monotonic()
+        if self.restart_at is not None:
+            if now >= self.restart_at:
+                self.start(env)
+                print(f"{self.name} restarted (pid {self.proc.pid})", flush=True)
+            return
+        if self.proc is None or self.proc.poll() is None:
+            return
+        code = self.proc.returncode
+        if now - self.started_at >= RESET_AFTER_S:
+            self.crashes = 0
+        delay = min(MAX_BACKOFF_S, BACKOFF_S * 2**self.crashes)
+        self.crashes += 1
+        self.restart_at = now + delay
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        print(f"{self.name} {how}; restarting it in {delay:.0f} s (crash {self.crashes} in a row)", flush=True)
+
+    def terminate(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+
 def main() -> int:
     env = default_environment()
     print(f"model {env['PIA_GENERATOR_MODEL']}, products {env['PIA_GENERATOR_PRODUCTS_DIR']}", flush=True)
-    procs: list[tuple[str, subprocess.Popen]] = []
+    services = [Service(name, cmd) for name, cmd in SERVICES]
     stopping = False
 
     def stop(*_: object) -> None:
@@ -65,33 +111,32 @@ def main() -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    for name, cmd in SERVICES:
-        # Own process groups: Ctrl-C reaches only this launcher, which then stops each service in order.
-        procs.append((name, subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)))
+    for service in services:
+        service.start(env)
     ports = [env.get(f"PIA_{n}_PORT", d) for n, d in (("GENERATOR", "50051"), ("UPSCALER", "50052"), ("WEB", "7860"))]
     print(
-        f"generator :{ports[0]}, upscaler :{ports[1]}, web UI http://localhost:{ports[2]} — Ctrl-C stops all",
+        f"generator :{ports[0]}, upscaler :{ports[1]}, web UI http://localhost:{ports[2]} — Ctrl-C stops all\n"
+        f"  try: .venv/bin/python -m client.cli --generator localhost:{ports[0]} products\n"
+        f"  try: .venv/bin/grpcurl -plaintext localhost:{ports[0]} list",
         flush=True,
     )
-    code = 0
     while not stopping:
-        for name, proc in procs:
-            if proc.poll() is not None:
-                print(f"{name} exited with code {proc.returncode}; stopping the stack", flush=True)
-                stopping, code = True, proc.returncode or 1
+        for service in services:
+            service.check(env)
         time.sleep(0.5)
-    for _, proc in reversed(procs):
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+    for service in reversed(services):
+        service.terminate()
     deadline = time.monotonic() + 40
-    for name, proc in procs:
+    for service in services:
+        if service.proc is None:
+            continue
         try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            service.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            print(f"{name} did not stop in time; killing it", flush=True)
-            proc.kill()
+            print(f"{service.name} did not stop in time; killing it", flush=True)
+            service.proc.kill()
     print("stopped", flush=True)
-    return code
+    return 0
 
 
 if __name__ == "__main__":
