@@ -224,3 +224,58 @@ async def test_probe_command_checks_the_web_page_over_http():
         httpd.server_close()
     code, out = await _probe("web", "--target", f"127.0.0.1:{free_port()}", "--timeout", "1")
     assert code == 1 and "unreachable" in out, out
+
+
+_BLOCKING_IMPORTER = """
+import importlib, importlib.abc, sys
+blocked = sys.argv[1].split(",")
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if any(name == b or name.startswith(b + ".") for b in blocked):
+            raise ImportError(f"{name} is not in this image")
+sys.meta_path.insert(0, Block())
+for module in sys.argv[2].split(","):
+    importlib.import_module(module)
+"""
+_LOCAL = ["client", "demo", "training", "tools", "benchmarks"]
+
+
+@pytest.mark.parametrize(
+    ("image", "modules", "absent"),
+    [
+        (
+            "generator",
+            "services.generator.app,services.generator.worker,services.generator.pipeline,services.common.probe",
+            [*_LOCAL, "services.upscaler", "gradio", "replicate"],
+        ),
+        (
+            "upscaler",
+            "services.upscaler.app,services.upscaler.engine,services.upscaler.replicate_backend,services.common.probe",
+            [*_LOCAL, "services.generator", "gradio", "diffusers", "peft"],
+        ),
+        (
+            "web",
+            "client.web,client.cli,services.common.probe",
+            [
+                "demo",
+                "training",
+                "tools",
+                "benchmarks",
+                "services.generator",
+                "services.upscaler",
+                "torch",
+                "diffusers",
+            ],
+        ),
+    ],
+)
+async def test_each_image_holds_what_its_code_imports(image, modules, absent):
+    """What an image does not COPY or install must not be imported at start-up (module level)."""
+    copied = " ".join(rest for op, rest in instructions(f"Dockerfile.{image}") if op == "COPY")
+    for name in absent:
+        assert f"{name.replace('.', '/')}/" not in copied, name
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _BLOCKING_IMPORTER, ",".join(absent), modules, cwd=ROOT, stderr=subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 180)
+    assert proc.returncode == 0, err.decode()[-2000:]

@@ -320,6 +320,10 @@ async def test_s3_storage_round_trip_through_a_real_s3_server(tiny_world, s3_ser
     unsigned = url.split("?")[0]
     statuses = [await asyncio.to_thread(_http_status, u) for u in (url, tampered, other_key, unsigned)]
     assert statuses == [200, 403, 403, 403]
+    key = f"renders/s3req/{images[0].index}.png"
+    expired = s3.generate_presigned_url("get_object", Params={"Bucket": s3_bucket, "Key": key}, ExpiresIn=1)
+    await asyncio.sleep(2.5)
+    assert await asyncio.to_thread(_http_status, expired) == 403
 
 
 async def run_cmd(*cmd: str, timeout: float = 120) -> tuple[int, str, str]:
