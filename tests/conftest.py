@@ -248,15 +248,6 @@ def moto_s3() -> AsyncIterator[str]:
 
 
 @pytest.fixture(scope="session")
-def moto_bucket(moto_s3) -> str:
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1")
-    client.create_bucket(Bucket="pia-test")
-    return "pia-test"
-
-
-@pytest.fixture(scope="session")
 def artifacts() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
