@@ -199,6 +199,12 @@ def test_secrets_settings_and_volumes_are_wired(objects):
         assert pod["securityContext"]["runAsNonRoot"]
     # One bucket and prefix for both services.
     assert storage["generator"] == storage["upscaler"]
+    # The page, the part people reach, has a login from a Secret.
+    web_pod, web = _pod(objects, "web"), _container(objects, "web")
+    login_dir, login_key = _env(web)["PIA_WEB_AUTH_FILE"]["value"].rsplit("/", 1)
+    login_volume = next(m["name"] for m in web["volumeMounts"] if m["mountPath"] == login_dir)
+    login_secret = next(v["secret"]["secretName"] for v in web_pod["volumes"] if v["name"] == login_volume)
+    assert login_key in secrets[login_secret]["stringData"]
     # Hub models and compiled kernels: one cache volume, where the images point HF_HOME and the inductor.
     generator_mounts = {m["mountPath"]: m["name"] for m in _container(objects, "generator")["volumeMounts"]}
     cache = {v["name"]: v for v in _pod(objects, "generator")["volumes"]}[generator_mounts["/cache"]]
