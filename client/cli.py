@@ -169,13 +169,15 @@ async def _generate(
             print(f"queued: position {event.queued.queue_position}")
         elif kind == "progress":
             p = event.progress
-            print(f"\r  image {p.index}: step {p.step}/{p.total_steps}", end="", flush=True)
+            if sys.stdout.isatty():  # a live step counter on a terminal; piped output stays one line per event
+                print(f"\r  image {p.index}: step {p.step}/{p.total_steps}", end="", flush=True)
         elif kind == "image_ready":
             r = event.image_ready
             data = r.image.png or await fetch_bytes_async(r.image.url)
             path = save_new(out, name(r), data)
             saved.append(path)
-            print(f"\rimage {r.index} ready (seed {r.seed}, {r.device}): {r.image.uri} -> {path}")
+            start = "\r" if sys.stdout.isatty() else ""
+            print(f"{start}image {r.index} ready (seed {r.seed}, {r.device}): {r.image.uri} -> {path}")
         elif kind == "completed":
             t = event.completed.timings
             print(
