@@ -110,6 +110,28 @@ def _progress_html(fraction: float, text: str) -> str:
     return f'<progress max="1" value="{fraction:.3f}"></progress><div>{text}</div>'
 
 
+def _placement_widgets() -> tuple[gr.Checkbox, gr.Image, gr.Image, gr.Markdown]:
+    """Placement mode: upload the product's photo, tick "keep my exact product", see the detected mask."""
+    with gr.Accordion("Keep my exact product (use a photo)", open=False, elem_id="placement"):
+        keep = gr.Checkbox(label="Keep my exact product", value=False, elem_id="keep-product")
+        photo = gr.Image(
+            label="Product photo: a cutout with transparency, or the product on a plain light background",
+            type="filepath",
+            image_mode=None,  # keep the transparency of a cutout
+            format="png",
+            sources=["upload"],
+            elem_id="product-photo",
+        )
+        mask = gr.Image(
+            label="Where the generator found it (left) and the mask it keeps exactly (right)",
+            interactive=False,
+            format="png",
+            elem_id="product-mask",
+        )
+        note = gr.Markdown("", elem_id="product-mask-note")
+    return keep, photo, mask, note
+
+
 def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
     """The page; `backends` defaults to the addresses in `settings`."""
     if backends is None:
@@ -142,6 +164,7 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
                     label=f"Number of images (1–{settings.max_images})", value=4, precision=0, elem_id="num-images"
                 )
                 show_previews = gr.Checkbox(label="Show step previews while generating", value=False)
+                keep_product, product_photo, mask_view, mask_note = _placement_widgets()
                 with gr.Accordion("Advanced", open=False):
                     with gr.Row():
                         seed = gr.Number(label="Seed", value=None, precision=0, placeholder="random", elem_id="seed")
@@ -237,6 +260,8 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
             "style_weight": style_weight,
             "background_id": background,
             "background_weight": background_weight,
+            "keep_product": keep_product,
+            "product_photo": product_photo,
         }
         assert list(form) == FORM_FIELDS, "one widget per web_logic.Form field"
         catalog_outputs = [banner, product, template, text, style, background, status]
@@ -334,6 +359,15 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
                 show_progress="hidden",
             )
         show_previews.change(lambda on: gr.update(visible=on), show_previews, preview, show_progress="hidden")
+
+        # Placement mode: show the server's own mask as soon as a photo is uploaded or the scene changes.
+
+        async def on_photo(**values: Any) -> tuple[Any, str]:
+            view = await logic.detect_mask(backends, Form(**values))
+            return view.image, view.message
+
+        for trigger in (product_photo.change, template.change):
+            trigger(on_photo, inputs_kwargs=form, outputs=[mask_view, mask_note], show_progress="hidden")
 
         # Generate / Generate more / Stop.
 

@@ -91,6 +91,9 @@ class Form:
     style_weight: float | None = 0.0
     background_id: str | None = ""
     background_weight: float | None = 0.0
+    # Placement mode: "keep my exact product" and the uploaded photo's file (see placement_image).
+    keep_product: bool = False
+    product_photo: str | None = None
 
 
 @dataclass
@@ -407,7 +410,8 @@ def build_request(
     generator checks the rest (its own upper bounds) and says so in its error.
     """
     # Gradio sends None for widgets never shown, and its number boxes show 0 for "empty" once rendered.
-    if not form.product_id:
+    product_image = placement_image(form)
+    if not form.product_id and product_image is None:
         raise ValueError("Choose a product first.")
     if check:
         _whole(form.num_images, "Number of images", 1, max_images)
@@ -439,6 +443,7 @@ def build_request(
         preview_every=preview_every if form.show_previews else 0,
         inline_images=True,
         request_id=request_id,
+        product_image=product_image,
     )
 
 
@@ -787,3 +792,60 @@ def preview_html(image: Image.Image | None, box: int = 256) -> str:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "image"
+
+
+# Placement mode: the customer's own photo, its pixels kept exactly (docs/FIDELITY.md).
+
+
+def placement_image(form: Form) -> generator_pb2.ProductImage | None:
+    """The request's product image when "keep my exact product" is ticked with a photo uploaded."""
+    if not form.keep_product:
+        return None
+    if not form.product_photo:
+        raise ValueError("Upload a photo of the product, or untick “keep my exact product”.")
+    try:
+        data = Path(form.product_photo).read_bytes()
+    except OSError:
+        raise ValueError("The uploaded photo is gone; upload it again.") from None
+    return generator_pb2.ProductImage(image=data)
+
+
+@dataclass(frozen=True)
+class MaskView:
+    """What the page shows before generating: the server's own mask over the placed product."""
+
+    image: Image.Image | None
+    message: str
+
+
+async def detect_mask(backends: Backends, form: Form) -> MaskView:
+    """Ask the generator where it found the product (PreviewPlacement): the mask it will keep exactly."""
+    if not form.product_photo:
+        return MaskView(None, "")
+    try:
+        product_image = placement_image(dataclasses.replace(form, keep_product=True))
+    except ValueError as exc:
+        return MaskView(None, str(exc))
+    request = generator_pb2.PreviewPlacementRequest(
+        product_image=product_image,
+        template_id=form.template_id or "",
+        width=int(form.width or 0),
+        height=int(form.height or 0),
+    )
+    try:
+        reply = await backends.generator().stub.PreviewPlacement(request, timeout=30)
+    except grpc.aio.AioRpcError as exc:
+        return MaskView(None, friendly_error(exc, "generator", backends.generator_address))
+    with Image.open(io.BytesIO(reply.preview_png)) as placed, Image.open(io.BytesIO(reply.mask_png)) as mask:
+        # Side by side: the product as it will sit in the frame, and the mask kept pixel for pixel.
+        shown = Image.new("RGB", (reply.width * 2 + 4, reply.height), (255, 255, 255))
+        shown.paste(placed.convert("RGB"), (0, 0))
+        shown.paste(mask.convert("RGB"), (reply.width + 4, 0))
+    record = reply.placement
+    how = {"alpha": "from the photo's transparency", "mask": "from the mask", "found": "found on the light background"}
+    return MaskView(
+        shown,
+        f"Product {how.get(record.mask_source, record.mask_source)}; it will fill {record.placement.height:.0%} "
+        f"of the height of a {reply.width} × {reply.height} image. Inside the white mask its pixels are kept "
+        f"exactly (apart from a {record.feather}-pixel blended edge).",
+    )
