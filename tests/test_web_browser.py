@@ -269,8 +269,17 @@ async def test_stop_says_how_many_images_were_kept(stack, browser_page):
     await open_page(page, stack)
     cancelled = stack.metric("pia_requests_total", 'outcome="cancelled"')
     await set_number(page, "num-images", "4")
+    await page.get_by_text("Show step previews while generating").click()
     await page.locator("#generate").click()
     await page.locator("#status").get_by_text(re.compile(r"Image \d of 4: step")).wait_for(timeout=120_000)
+    # The live preview's frame is the preview itself, enlarged by a whole number with a pixel-exact filter.
+    live = page.locator("#preview img")
+    await live.wait_for(timeout=60_000)
+    caption = await page.locator("#preview figcaption").inner_text()
+    side, factor = map(int, re.search(r"(\d+) × \d+ px, shown ×(\d+)", caption).groups())
+    box = await live.bounding_box()
+    assert (box["width"], box["height"]) == (side * factor, side * factor) and 128 <= side * factor <= 256, caption
+    assert await live.evaluate("img => getComputedStyle(img).imageRendering") == "pixelated"
     await page.locator("#stop").click()
     await page.locator("#status").get_by_text(re.compile(r"Stopped after [0-3] of 4 images")).wait_for(timeout=60_000)
     assert await page.locator("#generate").is_enabled() and not await page.locator("#stop").is_enabled()
