@@ -14,6 +14,7 @@ from pathlib import Path
 BENCHES = [
     ("generator", ["benchmarks.generator"]),
     ("upscaler", ["benchmarks.upscaler"]),
+    ("soak", ["benchmarks.soak"]),  # 20 clients x 200 requests: latency, throughput, RSS and fds over time
 ]
 CUDA_BENCHES = [("generator-cuda", ["benchmarks.generator", "--fullsize", "--device", "cuda:0"])]
 

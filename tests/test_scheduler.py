@@ -34,7 +34,7 @@ async def standin_server(world: Path, tmp_path: Path, devices: str = "cpu:1", st
     record = tmp_path / "steps.log"
     settings = generator_settings(
         world,
-        str(tmp_path / "images"),
+        overrides.pop("storage", str(tmp_path / "images")),
         model=overrides.pop("model", f"standin:step={step},record={record}"),
         worker_pipeline=STANDIN,
         devices=devices,

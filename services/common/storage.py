@@ -12,6 +12,7 @@ storage, a log line and `pia_storage_failures_total`, never a request that hangs
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import random
@@ -162,7 +163,11 @@ class LocalImageStore(ImageStore):
             try:
                 await asyncio.to_thread(_atomic_write, path, data, overwrite)
             except FileExistsError:
-                raise _Permanent(AlreadyExists(f"{key!r} is already stored; images are never overwritten")) from None
+                # An earlier attempt of this very put may have finished after its timeout.
+                if await asyncio.to_thread(path.read_bytes) != data:
+                    raise _Permanent(
+                        AlreadyExists(f"{key!r} is already stored; images are never overwritten")
+                    ) from None
 
         # A local disk that hangs (a stuck network mount) is bounded too; the thread is left behind.
         await self._bounded("write", key, write)
@@ -289,19 +294,26 @@ class S3ImageStore(ImageStore):
                 )
             except ClientError as exc:
                 code = _error_code(exc)
-                if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                if code in ("AccessDenied", "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                    raise _Permanent(Unavailable(f"storage {self.name} refused to write {full}: {code}")) from None
+                if code not in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                    raise
+                # An earlier attempt of this very put may have finished after its timeout.
+                if not await self._holds(s3, full, data):
                     raise _Permanent(
                         AlreadyExists(f"{key!r} is already stored; images are never overwritten")
                     ) from None
-                if code in ("AccessDenied", "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                    raise _Permanent(Unavailable(f"storage {self.name} refused to write {full}: {code}")) from None
-                raise
             return await s3.generate_presigned_url(
                 "get_object", Params={"Bucket": self.bucket, "Key": full}, ExpiresIn=self.presign_expiry_s
             )
 
         url = await self._bounded("write", full, write)
         return StoredObject(uri=f"s3://{self.bucket}/{full}", url=url)
+
+    async def _holds(self, s3, key: str, data: bytes) -> bool:
+        """Whether `key` holds exactly `data` (a single-part upload's ETag is its MD5)."""
+        head = await s3.head_object(Bucket=self.bucket, Key=key)
+        return head.get("ETag", "").strip('"') == hashlib.md5(data, usedforsecurity=False).hexdigest()
 
     async def exists(self, prefix: str) -> bool:
         async def listing() -> bool:

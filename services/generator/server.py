@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import math
 import secrets
 import time
@@ -44,7 +45,10 @@ from services.generator.messages import (
 from services.generator.scheduler import Scheduler, Ticket
 from services.generator.settings import GeneratorSettings
 
+log = logging.getLogger(__name__)
+
 MAX_PROMPT_CHARS = 2000
+INLINE_BACKLOG = 2  # unsent events beyond which a stored image's bytes are not kept for its stream
 MAX_SEED = 2**63 - 1
 MIN_SIDE = 16
 MAX_WEIGHT = 4.0
@@ -366,6 +370,7 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
         except (asyncio.CancelledError, ServiceError):
             raise
         except TimeoutError:
+            log.warning("closing the stream: the client read nothing for %gs", self.settings.stall_timeout_s)
             raise StreamStalled(
                 f"the client read nothing for {self.settings.stall_timeout_s:g}s; stream closed "
                 "(images already rendered are stored at the accepted URIs)"
@@ -399,7 +404,10 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
                 if first_image_at is None:
                     first_image_at = time.perf_counter()
                     metrics.FIRST_IMAGE_LATENCY.observe(first_image_at - ticket.accepted_at)
-                await self._write(context, generator_pb2.GenerateEvent(image_ready=_image_ready(plan, msg)))
+                png = msg.result.png
+                if plan.inline and not png:
+                    png = await self.store.get(msg.uri)  # set aside while the client lagged: read it back
+                await self._write(context, generator_pb2.GenerateEvent(image_ready=_image_ready(plan, msg, png)))
         done = time.perf_counter()
         metrics.REQUEST_LATENCY.observe(done - ticket.accepted_at)
         completed = generator_pb2.Completed(
@@ -428,8 +436,9 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
         except Exception as exc:
             ticket.events.put_nowait(Failed(Unavailable(f"storage write failed: {type(exc).__name__}: {exc}")))
             return
-        if not plan.inline:
-            result = dataclasses.replace(result, png=b"")  # stored: the stream need not hold the bytes
+        if not plan.inline or len(ticket.events) > INLINE_BACKLOG:
+            # Stored: a stream that is behind need not hold the bytes; it reads them back when it sends.
+            result = dataclasses.replace(result, png=b"")
         ticket.events.put_nowait(Stored(result, obj.uri, obj.url, time.perf_counter() - started))
 
     async def close(self, timeout: float = 5.0) -> None:
@@ -451,7 +460,7 @@ def _past_deadline(context: grpc.aio.ServicerContext) -> bool:
     return remaining is not None and remaining <= 0.05
 
 
-def _image_ready(plan: Plan, msg: Stored) -> generator_pb2.ImageReady:
+def _image_ready(plan: Plan, msg: Stored, png: bytes) -> generator_pb2.ImageReady:
     result = msg.result
     params = generator_pb2.GenerationParameters()
     params.CopyFrom(plan.params)
@@ -460,7 +469,7 @@ def _image_ready(plan: Plan, msg: Stored) -> generator_pb2.ImageReady:
         index=result.index,
         seed=result.seed,
         image=common_pb2.StoredImage(
-            uri=msg.uri, url=msg.url, width=result.width, height=result.height, png=result.png if plan.inline else b""
+            uri=msg.uri, url=msg.url, width=result.width, height=result.height, png=png if plan.inline else b""
         ),
         parameters=params,
         device=result.device,
