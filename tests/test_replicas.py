@@ -25,7 +25,7 @@ import pytest
 
 from client import cli
 from client.api import GeneratorClient, generate_request
-from client.balancing import replica_health, reporting_interruption, split_target
+from client.balancing import replica_addresses, replica_health, reporting_interruption, split_target
 from client.web_logic import Backends, Session, check_health
 from productinaction.v1 import generator_pb2, generator_pb2_grpc
 from tests.conftest import ROOT, free_port
@@ -119,6 +119,13 @@ def test_targets_parse():
     assert split_target("dns://8.8.8.8/gen.example:443") == ("dns", [("gen.example", 443)])
     assert split_target("ipv6:[::1]:5001") == ("ipv6", [("::1", 5001)])
     assert split_target("localhost:50051") == ("dns", [("localhost", 50051)])
+
+
+async def test_a_dns_target_stands_for_every_address_of_the_name():
+    assert "127.0.0.1:50051" in await replica_addresses("dns:///localhost:50051")
+    assert await replica_addresses("ipv4:127.0.0.1:1,127.0.0.2:2") == ["127.0.0.1:1", "127.0.0.2:2"]
+    health = await replica_health(f"ipv4:127.0.0.1:{free_port()},127.0.0.1:{free_port()}", timeout=1)
+    assert list(health.values()) == ["UNREACHABLE", "UNREACHABLE"]
 
 
 @pytest.mark.slow
