@@ -275,8 +275,9 @@ def mangled(valid: bytes) -> st.SearchStrategy[bytes]:
 )
 def test_fuzz_raw_malformed_bytes(servers, service, method, valid):
     channel = servers.gen_channel if service == "generator" else servers.up_channel
-    # No serializers: the bytes go on the wire exactly as drawn.
-    call = channel.unary_stream(method)
+    events = generator_pb2.GenerateEvent if service == "generator" else upscaler_pb2.UpscaleEvent
+    # No request serializer: the bytes go on the wire exactly as drawn.
+    call = channel.unary_stream(method, response_deserializer=events.FromString)
     seen: set = set()
 
     @examples(150)

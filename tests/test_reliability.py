@@ -230,6 +230,14 @@ async def test_requests_before_the_first_ready_are_refused_not_rendered_at_a_gue
     assert events[0].accepted.parameters.width == 64  # the stand-in model's native size
 
 
+async def test_a_size_the_pipeline_refuses_is_refused_before_acceptance(generator_stub):
+    # The tiny model's VAE halves (multiple 2), but diffusers wants multiples of 8: 18 used to be
+    # accepted, then fail in the worker against the field "request".
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await run(generator_stub, request(width=18, height=18, steps=1))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("width:")
+
+
 def test_one_id_rule_everywhere():
     for good in ("a", "A.b_c-9", "x" * 64):
         assert is_valid_id(good) and check_id(good) == good

@@ -48,6 +48,7 @@ from services.generator.settings import GeneratorSettings
 log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 2000
+PIPELINE_SIZE_MULTIPLE = 8
 INLINE_BACKLOG = 2  # unsent events beyond which a stored image's bytes are not kept for its stream
 MAX_SEED = 2**63 - 1
 MIN_SIDE = 16
@@ -171,7 +172,8 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
         info = self.scheduler.model_info
         if info is None:
             raise Unavailable("the model is still loading; retry when health reports SERVING")
-        multiple = info.size_multiple
+        # diffusers' pipelines refuse sizes that are not multiples of 8, whatever the VAE's factor.
+        multiple = math.lcm(info.size_multiple, PIPELINE_SIZE_MULTIPLE)
         native = s.default_size or info.default_size
         width = request.width or (template.width if template and template.width else native)
         height = request.height or (template.height if template and template.height else native)
