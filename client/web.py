@@ -63,7 +63,11 @@ class WebSettings(ChannelSettings):  # token and TLS fields (PIA_WEB_TOKEN, ...)
 
     host: str = Field("0.0.0.0", description="Interface to serve the page on.")
     port: int = Field(7860, description="HTTP port of the page.")
-    generator: str = Field("localhost:50051", description="Generator gRPC address (host:port).")
+    generator: str = Field(
+        "localhost:50051",
+        description="Generator gRPC target: host:port, dns:///name:port (round robin over every replica), "
+        "or ipv4:h1:p1,h2:p2.",
+    )
     upscaler: str = Field("localhost:50052", description="Upscaler gRPC address (host:port).")
     health_every_s: float = Field(5.0, description="How often the page re-checks the services.")
     preview_every: int = Field(2, description="With 'show previews': a preview every this many steps.")
@@ -514,8 +518,20 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
     return demo
 
 
+def _import_matplotlib_once() -> None:
+    """Gradio imports matplotlib inside every event, to switch its backend. Where matplotlib is installed,
+    the first import (slow: it may build its font cache) raced between the page's first events fails one of
+    them with a traceback ('MatplotlibBackendMananger' has no '_original_backend'). Import it before serving."""
+    try:
+        import matplotlib
+    except ImportError:
+        return
+    matplotlib.get_backend()
+
+
 def launch(settings: WebSettings, backends: Backends | None = None, block: bool = True) -> gr.Blocks:
     """Build and serve the page (queue on, share off); with block=False it returns once serving."""
+    _import_matplotlib_once()
     demo = build(settings, backends)
     demo.queue(default_concurrency_limit=settings.concurrency).launch(
         server_name=settings.host,
