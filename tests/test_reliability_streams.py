@@ -146,21 +146,22 @@ async def test_shutdown_with_a_stalled_reader_takes_one_grace_period(tiny_world,
 
 
 async def test_workers_exit_with_a_killed_parent(tiny_world, tmp_path):
-    async with generator_process(tiny_world, tmp_path, model="standin:step=0.05") as (proc, stub, _):
-        children = workers(proc)
-        assert children
-        # A long job (7.5 s), so the worker is busy when its parent dies.
-        call = stub.Generate(request(n=1, steps=150), timeout=120)
-        await call.read()
+    marker = tmp_path / "slow-load"
+    model = f"standin:step=0.01,slow_load_if={marker}"
+    async with generator_process(tiny_world, tmp_path, model=model) as (proc, _stub, _):
+        marker.touch()  # from now on a start loads for a minute
+        (first,) = workers(proc)
+        first.kill()
+        await until(lambda: workers(proc) and workers(proc)[0].pid != first.pid, 30, "worker respawned")
+        (loading,) = workers(proc)
         await asyncio.sleep(1)
-        proc.kill()
+        proc.kill()  # while its worker loads: nobody would ever read what it sends
         proc.wait(10)
 
         def gone() -> bool:
-            return all(not w.is_running() or w.status() == psutil.STATUS_ZOMBIE for w in children)
+            return not loading.is_running() or loading.status() == psutil.STATUS_ZOMBIE
 
-        await until(gone, 10, "workers exit with their parent")
-        call.cancel()
+        await until(gone, 10, "the worker exits with its parent")
 
 
 async def test_process_exits_non_zero_when_no_worker_can_start(tiny_world, tmp_path):

@@ -3,7 +3,7 @@
 Used by scheduling tests and benchmarks to exercise the real workers, scheduler and server
 without diffusion. The "model" string configures it: `standin:step=0.02,load=0,record=/tmp/log`;
 `noise=1` makes images incompressible (big PNGs), `die_on_load=PATH` exits while loading whenever
-PATH exists, and `fail_load=1` fails the load (the worker reports Fatal).
+PATH exists, `slow_load_if=PATH` then loads for a minute, and `fail_load=1` fails the load (Fatal).
 Prompts can ask for trouble: "fail" raises ValueError, "crash" kills the process on cpu:0,
 "crash-always" kills it on every device, "oom-batch" runs out of memory on any batch above 1,
 "hang" stops answering on cpu:0 and "hang-always" on every device.
@@ -54,6 +54,8 @@ class StandInPipeline:
         self.adapters = _Adapters()
         time.sleep(float(options.get("load", 0)))
         self.load_seconds = float(options.get("load", 0))
+        if options.get("slow_load_if") and os.path.exists(options["slow_load_if"]):
+            time.sleep(60)  # a long model load, for respawns only
         if options.get("die_on_load") and os.path.exists(options["die_on_load"]):
             os._exit(3)  # like a crash while loading: no Fatal message
         if options.get("fail_load") == "1":
