@@ -354,4 +354,7 @@ def test_page_builds_offline(tmp_path, closed):
     assert demo.analytics_enabled is False
     names = {fn.name for fn in demo.fns.values()}
     assert {"on_load", "on_tick", "on_generate", "on_generate_more", "on_stop", "on_upscale", "on_reuse"} <= names
+    assert "on_unload" in names, "a closed tab must stop its run"
+    # Stop must not cancel the Generate event: the handler itself reports "Stopped after N of M images".
+    assert all(not fn.cancels for fn in demo.fns.values() if fn.name == "on_stop")
     assert FORM_FIELDS[0] == "product_id"

@@ -32,7 +32,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
@@ -46,20 +46,30 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
             time.sleep(0.5)
 
 
+# Generous: on a busy 2-core machine six 20-step images can take several minutes.
+TIMEOUT_MS = 900_000
+
+
 async def capture(url: str, out: Path) -> None:
     async with local_page(1400, 1000) as (page, external):
-        await page.goto(url)
-        await page.locator("#status-banner").get_by_text("Generator and upscaler are ready").wait_for(timeout=300_000)
-        await choose(page, "product", PRODUCT)
-        await choose(page, "template", SCENE)
-        await page.locator("#num-images input[type=number]").fill(str(IMAGES))
-        await page.locator("#num-images input[type=number]").press("Enter")
-        await page.locator("#generate").click()
-        await page.get_by_text(f"Done: {IMAGES} image(s)").wait_for(timeout=300_000)
-        await page.locator("#gallery button.thumbnail-lg").first.click()
-        await page.locator("#upscale").click()
-        await page.locator("#upscaled img").wait_for(timeout=300_000)
-        await page.locator("#download").wait_for()
+        try:
+            await page.goto(url)
+            banner = page.locator("#status-banner")
+            await banner.get_by_text("Generator and upscaler are ready").wait_for(timeout=TIMEOUT_MS)
+            await choose(page, "product", PRODUCT)
+            await choose(page, "template", SCENE)
+            await page.locator("#num-images input[type=number]").fill(str(IMAGES))
+            await page.locator("#num-images input[type=number]").press("Enter")
+            await page.locator("#generate").click()
+            await page.get_by_text(f"Done: {IMAGES} image(s)").wait_for(timeout=TIMEOUT_MS)
+            await page.locator("#gallery button.thumbnail-lg").first.click()
+            await page.locator("#upscale").click()
+            await page.locator("#upscaled img").wait_for(timeout=TIMEOUT_MS)
+            await page.locator("#download").wait_for()
+        except Exception:
+            # What the page showed when it went wrong, beside the intended file.
+            await page.screenshot(path=str(out.with_name(f"{out.stem}-failed.png")), full_page=True)
+            raise
         out.parent.mkdir(parents=True, exist_ok=True)
         await page.screenshot(path=str(out), full_page=True)
     if external:
