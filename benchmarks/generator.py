@@ -7,7 +7,12 @@
 - throughput alternating 2 products vs 1 product, and the cost of reloading on every switch;
 - time to first image for n=4 on one device;
 - micro-batching (max_batch 1 vs 4) and step-preview overhead;
-- the parts behind those figures, timed in-process: an adapter switch, a reload, one preview.
+- the parts behind those figures, timed in-process: an adapter switch, a reload, one preview;
+- the service overhead: the same 8 images through gRPC (storage included) vs a direct call of the same
+  diffusers pipeline with the same seeds (`service_overhead`);
+- the fast path, eager against compiled and each switch on/off (`fast_path`, `--variants`): seconds per
+  image by batch size, images/s, peak memory, fraction of the compute floor, cost per 1,000 images,
+  product-switch cost and recompilations; and a restart that reuses the compile cache (`cache_restart`).
 
 Conditions that are compared run interleaved on the same server (A B A B ...), so drift in a shared
 machine's speed falls on both sides instead of on whichever ran second.
@@ -36,6 +41,19 @@ from services.generator.settings import GeneratorSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDIN = "services.generator.standin:StandInPipeline"
+# Most important first: --budget-s skips from the end.
+CUDA_VARIANTS = [
+    "off",
+    "reduce-overhead",
+    "off+channels_last",
+    "off+bf16",
+    "off+nosdpa",
+    "off+fuse_qkv",
+    "default",
+    "reduce-overhead+channels_last",
+    "reduce-overhead+vae",
+    "max-autotune-no-cudagraphs",
+]
 
 
 async def _serve(args, settings: GeneratorSettings):
@@ -209,6 +227,334 @@ async def first_image_and_batching(args, out: Path) -> dict:
     }
 
 
+async def service_overhead(args, out: Path) -> dict:
+    """The same images through the gRPC service (storage included) and by a direct call of the same diffusers
+    pipeline with the same seeds, interleaved; ratio = service / direct (goal <= 1.05)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from services.generator.catalog import Catalog
+    from services.generator.compile import options_for
+    from services.generator.pipeline import ProductPipeline
+    from services.generator.settings import batch_limits, parse_devices
+
+    n, seed = 8, 100
+    settings = _settings(
+        args, out, compile=args.compile, warm_shapes=args.warm_shapes, compile_cache_dir=args.cache_dir
+    )
+    app, channel, _ = await _serve(args, settings)
+    stub = generator_pb2_grpc.GeneratorStub(channel)
+    try:
+        params = None
+        async for event in stub.Generate(
+            generate_request(
+                product_id=args.product,
+                template_id=args.template,
+                width=args.size or None,
+                height=args.size or None,
+                num_images=1,
+                seed=seed,
+            ),
+            timeout=3600,
+        ):
+            if event.WhichOneof("event") == "image_ready":
+                params = event.image_ready.parameters
+        device, _ = parse_devices(args.device)[0]
+        batch, _ = batch_limits(settings, [device])
+        catalog = Catalog(args.products_dir, args.adapters_dir, ROOT / "templates" / "catalog.yaml")
+        spec = catalog.product(args.product).spec(params.product_scale or 1.0)
+        files = [str(e.adapter_path) for e in catalog.entries()]
+        direct = ProductPipeline(
+            args.model,
+            device if device.startswith("cuda") else "cpu",
+            compile=options_for(settings, device, files, batch),
+        )
+        direct.warmup()
+        direct.adapters.activate((spec,))
+        gen_device = direct.device if direct.device.type == "cuda" else "cpu"
+
+        def run_direct() -> list:
+            images = []
+            for start in range(0, n, batch):
+                seeds = range(seed + start, seed + min(n, start + batch))
+                images += direct.pipe(
+                    prompt=params.prompt,
+                    negative_prompt=params.negative_prompt or None,
+                    num_images_per_prompt=len(seeds),
+                    num_inference_steps=params.steps,
+                    guidance_scale=params.guidance_scale,
+                    width=params.width,
+                    height=params.height,
+                    generator=[torch.Generator(gen_device).manual_seed(s) for s in seeds],
+                ).images
+            return images
+
+        uris: list[str] = []
+
+        async def via_service() -> float:
+            started = time.perf_counter()
+            uris.clear()
+            async for event in stub.Generate(
+                generate_request(
+                    product_id=args.product,
+                    template_id=args.template,
+                    width=params.width,
+                    height=params.height,
+                    num_images=n,
+                    seed=seed,
+                ),
+                timeout=3600,
+            ):
+                if event.WhichOneof("event") == "image_ready":
+                    uris.append(event.image_ready.image.uri)
+            return time.perf_counter() - started
+
+        async def via_direct() -> float:
+            started = time.perf_counter()
+            run_direct()
+            if direct.device.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - started
+
+        await via_service()
+        await via_direct()
+        runs = await _interleaved(args.repeats, {"service": via_service, "direct": via_direct})
+        # The same pixels: the service renders what the direct call renders.
+        mine = run_direct()
+        served = [np.asarray(Image.open(u.removeprefix("file://")).convert("RGB"), dtype=np.int16) for u in uris]
+        diffs = [int(np.abs(a - np.asarray(b, dtype=np.int16)).max()) for a, b in zip(served, mine, strict=False)]
+    finally:
+        await channel.close()
+        await app.stop()
+    ratios = [a / b for a, b in zip(runs["service"], runs["direct"], strict=True)]
+    return {
+        "images": n,
+        "batch": batch,
+        "compile": settings.compile,
+        "seconds_service": statistics.median(runs["service"]),
+        "seconds_direct": statistics.median(runs["direct"]),
+        "ratio_per_pair": ratios,
+        "ratio": statistics.median(ratios),
+        "goal": "<= 1.05",
+        "max_pixel_difference_service_vs_direct": max(diffs) if diffs else None,
+    }
+
+
+# SD 1.5 at 512², 25 steps with CFG on one H100 (issue 14): ~0.045 s of dense fp16 compute per image.
+COMPUTE_FLOOR_S = 0.045
+
+
+def _variant(spec: str):
+    """ "reduce-overhead+vae+channels_last" -> CompileOptions fields; flags: vae, channels_last, bf16, nosdpa,
+    fuse_qkv (fuse_qkv runs without LoRA: the service refuses it with LoRA)."""
+    mode, *flags = spec.split("+")
+    unknown = set(flags) - {"vae", "channels_last", "bf16", "nosdpa", "fuse_qkv"}
+    if unknown:
+        raise SystemExit(f"--variants: unknown flag(s) {sorted(unknown)} in {spec!r}")
+    return dict(
+        mode=mode,
+        vae="vae" in flags,
+        channels_last="channels_last" in flags,
+        dtype="bf16" if "bf16" in flags else "auto",
+        sdpa="nosdpa" not in flags,
+        fuse_qkv="fuse_qkv" in flags,
+    )
+
+
+def fast_path(args, catalog_dirs: tuple[str, str]) -> dict:
+    """Eager against compiled, and each switch on/off, in this process: one pipeline per variant."""
+    import gc
+
+    import torch
+
+    from services.generator.catalog import Catalog
+    from services.generator.compile import CompileOptions, compile_counters
+    from services.generator.messages import RenderSettings
+    from services.generator.pipeline import ProductPipeline
+
+    cuda = args.device.startswith("cuda")
+    device = args.device if cuda else "cpu"
+    catalog = Catalog(*catalog_dirs, ROOT / "templates" / "catalog.yaml")
+    specs = [catalog.product(p).spec(1.0) for p in (args.product, args.other_product)]
+    layout = tuple(sorted(str(e.adapter_path) for e in catalog.entries()))
+    size = args.size or 512
+    batches = [int(b) for b in args.batches.split(",")]
+    report: dict = {
+        "size": size,
+        "steps": args.steps,
+        "gpu_price_per_hour": args.gpu_price,
+        "compute_floor_s": COMPUTE_FLOOR_S,
+        "variants": {},
+    }
+    started_all = time.perf_counter()
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    for spec in args.variants:
+        if time.perf_counter() - started_all > args.budget_s:
+            report["variants"][spec] = {"skipped": f"over --budget-s {args.budget_s:.0f}"}
+            continue
+        fields = _variant(spec)
+        lora = not fields["fuse_qkv"]
+        options = CompileOptions(
+            **fields, layout=layout, warm_shapes=tuple((size, size, b) for b in batches), cache_dir=args.cache_dir
+        )
+        row: dict = {"lora": lora, **fields}
+        begun = time.perf_counter()
+        try:
+            pipe = ProductPipeline(args.model, device, adapter_cache_size=8, compile=options)
+        except ValueError as exc:
+            report["variants"][spec] = {"refused": str(exc)}
+            continue
+        row["load_s"] = time.perf_counter() - begun
+        adapters = (specs[0],) if lora else ()
+        pipe.adapters.activate(adapters)
+        before = compile_counters()
+        begun = time.perf_counter()
+        if options.enabled:
+            pipe.warmup()
+        row["compile_s"] = time.perf_counter() - begun
+        row["compile_counters"] = {k: v - before[k] for k, v in compile_counters().items()}
+        sweep = []
+        for batch in batches:
+            settings = RenderSettings("a photo on the beach", "", args.steps, 7.0, size, size, "", adapters)
+            seeds = tuple(range(batch))
+            pipe(settings, seeds)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            sync()
+            t0 = time.perf_counter()
+            reps = 3
+            for _ in range(reps):
+                pipe(settings, seeds)
+            sync()
+            seconds = (time.perf_counter() - t0) / reps
+            point = {"batch": batch, "seconds": seconds, "seconds_per_image": seconds / batch}
+            if cuda:
+                point["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+            sweep.append(point)
+            print(json.dumps({"variant": spec, **point}), file=sys.stderr, flush=True)
+        row["sweep"] = sweep
+        if max(batches) > 1:
+            # Batched images against single renders of the same seeds (fp16 on CUDA: not bit-equal).
+            import numpy as np
+
+            settings = RenderSettings("a photo on the beach", "", args.steps, 7.0, size, size, "", adapters)
+            seeds = tuple(range(max(batches)))
+            batched = pipe(settings, seeds)
+            singles = [pipe(settings, (s,))[0] for s in seeds]
+            row["batched_vs_single_max_diff"] = max(
+                int(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max())
+                for a, b in zip(batched, singles, strict=True)
+            )
+        if lora:
+            # Product switches between renders: their cost, and whether any of them recompiled.
+            before = compile_counters()
+            settings = RenderSettings("a photo on the beach", "", 2, 7.0, size, size, "", (specs[1],))
+            pipe(settings, (0,))
+            switch = []
+            for i in range(20):
+                sync()
+                t0 = time.perf_counter()
+                pipe.adapters.activate((specs[i % 2],))
+                sync()
+                switch.append(time.perf_counter() - t0)
+            pipe(settings, (0,))
+            row["switch_s_median"] = statistics.median(switch)
+            row["recompiles_across_switches"] = compile_counters()["graphs"] - before["graphs"]
+        report["variants"][spec] = row
+        del pipe
+        gc.collect()
+        torch._dynamo.reset()  # frees compiled code and CUDA graph pools before the next variant
+        if cuda:
+            torch.cuda.empty_cache()
+    report["summary"] = _fast_summary(report, args)
+    return report
+
+
+def _fast_summary(report: dict, args) -> dict:
+    """Per variant: s/image at batch 1 and at the auto batch, images/s, floor fraction, cost per 1,000 images."""
+    from services.generator.settings import CUDA_AUTO_BATCH
+
+    out = {}
+    for spec, row in report["variants"].items():
+        sweep = {p["batch"]: p for p in row.get("sweep", [])}
+        if not sweep:
+            continue
+        auto = CUDA_AUTO_BATCH if args.device.startswith("cuda") else 1
+        at_auto = sweep.get(auto) or sweep[max(sweep)]
+        best = at_auto["seconds_per_image"]
+        out[spec] = {
+            "seconds_per_image_batch_1": sweep[min(sweep)]["seconds_per_image"],
+            "seconds_per_image_auto_batch": best,
+            "auto_batch": at_auto["batch"],
+            "images_per_second": 1 / best,
+            "fraction_of_compute_floor": COMPUTE_FLOOR_S / best,
+            "dollars_per_1000_images": best * 1000 / 3600 * args.gpu_price,
+            "peak_cuda_mb": at_auto.get("peak_cuda_mb"),
+            "switch_s_median": row.get("switch_s_median"),
+            "recompiles_across_switches": row.get("recompiles_across_switches"),
+            "batched_vs_single_max_diff": row.get("batched_vs_single_max_diff"),
+        }
+    return out
+
+
+CACHE_CHILD = """
+import json, sys, time
+started = time.perf_counter()
+from services.generator.compile import CompileOptions, compile_counters
+from services.generator.pipeline import ProductPipeline
+fields = json.loads(sys.argv[3])
+fields["warm_shapes"] = tuple(tuple(s) for s in fields["warm_shapes"])
+pipe = ProductPipeline(sys.argv[1], sys.argv[2], compile=CompileOptions(**fields))
+loaded = time.perf_counter()
+warm = pipe.warmup()
+print(json.dumps({"load_s": loaded - started, "warm_up_s": warm, "ready_s": time.perf_counter() - started,
+                  **compile_counters()}))
+"""
+
+
+def cache_restart(args) -> dict:
+    """Start-up to Ready, twice, in fresh processes sharing one new --compile-cache-dir: cold, then from the cache."""
+    import subprocess
+
+    size = args.size or 512
+    mode = args.compile if args.compile not in ("auto", "off") else "default"
+    runs = {}
+    with tempfile.TemporaryDirectory() as cache:
+        fields = {"mode": mode, "warm_shapes": [[size, size, 1]], "cache_dir": cache}
+        for label in ("cold", "from_cache"):
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    CACHE_CHILD,
+                    args.model,
+                    args.device if args.device.startswith("cuda") else "cpu",
+                    json.dumps(fields),
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=1800,
+            )
+            if proc.returncode:
+                return {"failed": proc.stderr.strip().splitlines()[-3:]}
+            runs[label] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(json.dumps({label: runs[label]}), file=sys.stderr, flush=True)
+    return {
+        "mode": mode,
+        "warm_shapes": [[size, size, 1]],
+        **runs,
+        "warm_up_ratio": runs["from_cache"]["warm_up_s"] / runs["cold"]["warm_up_s"],
+        "ready_ratio": runs["from_cache"]["ready_s"] / runs["cold"]["ready_s"],
+        "goal": "ready from the cache <= 0.2 of a cold compile",
+    }
+
+
 def components(args, catalog_dirs: tuple[str, str]) -> dict:
     """The parts behind the end-to-end figures, timed in this process on the benchmark's device."""
     import torch
@@ -338,6 +684,7 @@ async def main_async(args) -> dict:
             ("simulated_devices", simulated_devices),
             ("product_switching", product_switching),
             ("first_image_and_batching", first_image_and_batching),
+            ("service_overhead", service_overhead),
         ):
             if name not in args.skip:
                 started = time.perf_counter()
@@ -346,6 +693,10 @@ async def main_async(args) -> dict:
                 print(f"{name}: {time.perf_counter() - started:.0f}s", file=sys.stderr, flush=True)
         if "components" not in args.skip:
             report["components"] = components(args, (args.products_dir, args.adapters_dir))
+        if "fast_path" not in args.skip:
+            report["fast_path"] = fast_path(args, (args.products_dir, args.adapters_dir))
+        if "cache_restart" not in args.skip and (args.cache_restart or args.device.startswith("cuda")):
+            report["cache_restart"] = cache_restart(args)
     return report
 
 
@@ -378,13 +729,39 @@ def main(argv: list[str] | None = None) -> dict:
         metavar="MODE",
         help="also time the UNet under torch.compile(mode=MODE), e.g. reduce-overhead (an experiment)",
     )
+    p.add_argument("--compile", default="auto", help="the served path's --compile (auto: reduce-overhead on CUDA)")
+    p.add_argument("--warm-shapes", default="auto", help="the served path's --warm-shapes")
+    p.add_argument("--cache-dir", default=str(ROOT / ".cache" / "compile-bench"), help="--compile-cache-dir")
+    p.add_argument(
+        "--variants",
+        nargs="*",
+        default=None,
+        help="fast_path variants, MODE[+flag...] with flags vae, channels_last, bf16, nosdpa, fuse_qkv "
+        "(default on CUDA: eager, reduce-overhead and each switch; on CPU: off only)",
+    )
+    p.add_argument("--batches", default="", help="fast_path batch sizes (default: 1,2,4,8 on CUDA, 1,2 on CPU)")
+    p.add_argument("--budget-s", type=float, default=1e9, help="fast_path skips variants started after this")
+    p.add_argument("--gpu-price", type=float, default=2.5, help="$ per GPU-hour for the cost per 1,000 images")
+    p.add_argument("--cache-restart", action="store_true", help="also on CPU: time a restart from the compile cache")
     p.add_argument(
         "--skip",
         nargs="*",
         default=[],
-        choices=["simulated_devices", "product_switching", "first_image_and_batching", "components"],
+        choices=[
+            "simulated_devices",
+            "product_switching",
+            "first_image_and_batching",
+            "service_overhead",
+            "components",
+            "fast_path",
+            "cache_restart",
+        ],
     )
     args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    if args.variants is None:
+        args.variants = CUDA_VARIANTS if cuda else ["off"]
+    args.batches = args.batches or ("1,2,4,8" if cuda else "1,2")
     if args.fullsize:
         from benchmarks import fullsize
 

@@ -15,6 +15,7 @@ warm-up; tracemalloc cannot see torch's allocations. On CUDA, torch.cuda.max_mem
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -57,8 +58,9 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def child(model: str, device: str, size: int, tile: int, overlap: int, threads: int) -> dict:
-    """One measurement, in this (fresh) process."""
+def child(model: str, device: str, size: int, tile: int, overlap: int, threads: int, variant: str = "default") -> dict:
+    """One measurement, in this (fresh) process; `variant` is "default" or flags joined by "+" from
+    fp16, bf16, fp32, channels_last, compile (mode default), compile-reduce-overhead."""
     import resource
 
     import numpy as np
@@ -68,9 +70,19 @@ def child(model: str, device: str, size: int, tile: int, overlap: int, threads: 
     from services.upscaler.engine import Swin2SREngine, upscale_image, warm_up
     from services.upscaler.tiling import plan_tiles
 
-    engine = Swin2SREngine(model, device, threads=threads)
+    flags = set(variant.split("+")) - {"default"}
+    dtype = next((f for f in ("fp16", "bf16", "fp32") if f in flags), "auto")
+    mode = "reduce-overhead" if "compile-reduce-overhead" in flags else "default" if "compile" in flags else "off"
+    engine = Swin2SREngine(
+        model, device, threads=threads, dtype=dtype, channels_last="channels_last" in flags, compile=mode
+    )
     engine.load()
+    started = time.perf_counter()
     warm_up(engine)
+    if mode != "off":  # compile the shapes this run uses (the plan's tiles) before timing it
+        rng0 = np.random.default_rng(0)
+        upscale_image(engine, Image.fromarray(rng0.integers(0, 256, (size, size, 3), dtype=np.uint8)), tile, overlap)
+    warm_seconds = time.perf_counter() - started
     rng = np.random.default_rng(size)
     image = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB")
     plan = plan_tiles(size, size, tile, overlap, engine.align)
@@ -85,6 +97,8 @@ def child(model: str, device: str, size: int, tile: int, overlap: int, threads: 
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     result = {
+        "variant": variant,
+        "warm_up_s": round(warm_seconds, 2),
         "seconds": round(seconds, 3),
         "tiles": plan.total,
         "tile_px": [plan.tile_h, plan.tile_w],
@@ -105,10 +119,13 @@ def child(model: str, device: str, size: int, tile: int, overlap: int, threads: 
     return result
 
 
-def run_one(args, model: Path, device: str, size: int, mode: str, tile: int, overlap: int) -> dict:
+def run_one(
+    args, model: Path, device: str, size: int, mode: str, tile: int, overlap: int, variant: str = "default"
+) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.upscaler", "--child", "--model", str(model), "--device", device]
     cmd += ["--size", str(size), "--tile", str(tile), "--overlap", str(overlap), "--threads", str(args.threads)]
-    entry: dict = {"device": device, "size": size, "mode": mode, "tile": tile, "overlap": overlap}
+    cmd += ["--variant", variant]
+    entry: dict = {"device": device, "size": size, "mode": mode, "tile": tile, "overlap": overlap, "variant": variant}
     started = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -137,6 +154,14 @@ def main() -> None:
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda:0 when present")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds before a run is killed")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["default"],
+        help="engine switches to compare: default, or flags joined by '+' from fp16, bf16, fp32, channels_last, "
+        "compile, compile-reduce-overhead (e.g. default channels_last fp16+compile)",
+    )
+    parser.add_argument("--variant", default="default", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
@@ -147,7 +172,9 @@ def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
     if args.child:
-        print(json.dumps(child(args.model, args.device, args.size, args.tile, args.overlap, args.threads)))
+        print(
+            json.dumps(child(args.model, args.device, args.size, args.tile, args.overlap, args.threads, args.variant))
+        )
         return
 
     import torch
@@ -180,8 +207,8 @@ def main() -> None:
                     tile, overlap = (int(v) for v in spec.split(":"))
                     if tile < size:  # otherwise it is one tile: the untiled run
                         modes.append((f"tiled-{tile}", tile, overlap))
-                for mode, tile, overlap in modes:
-                    entry = run_one(args, model, device, size, mode, tile, overlap)
+                for (mode, tile, overlap), variant in itertools.product(modes, args.variants):
+                    entry = run_one(args, model, device, size, mode, tile, overlap, variant)
                     report["runs"].append(entry)
                     print(json.dumps(entry), flush=True)
                     args.out.write_text(json.dumps(report, indent=2))

@@ -11,6 +11,7 @@ from services.common.auth import ServerSecurity
 from services.common.server import HostedServer, Service, serve_until_signal, start_metrics
 from services.common.storage import ImageStore, open_store
 from services.generator.catalog import Catalog
+from services.generator.compile import options_for, slot_rank
 from services.generator.scheduler import Scheduler
 from services.generator.server import GeneratorService
 from services.generator.settings import GeneratorSettings, batch_limits, parse_devices
@@ -37,7 +38,11 @@ class GeneratorApp:
         await self.store.close()
 
 
-def worker_configs(settings: GeneratorSettings) -> list[WorkerConfig]:
+def worker_configs(settings: GeneratorSettings, catalog: Catalog | None = None) -> list[WorkerConfig]:
+    devices = parse_devices(settings.devices)
+    auto_batch, _ = batch_limits(settings, [d for d, _ in devices])
+    # With compile on, the LoRA slots are built over every adapter found now (services/generator/compile.py).
+    adapter_files = [str(e.adapter_path) for e in catalog.entries()] if catalog is not None else []
     return [
         WorkerConfig(
             model=settings.model,
@@ -47,8 +52,9 @@ def worker_configs(settings: GeneratorSettings) -> list[WorkerConfig]:
             hotswap_rank=settings.hotswap_rank,
             log_level=settings.log_level,
             pipeline=settings.worker_pipeline,
+            compile=options_for(settings, device, adapter_files, auto_batch),
         )
-        for device, threads in parse_devices(settings.devices)
+        for device, threads in devices
     ]
 
 
@@ -69,7 +75,9 @@ async def start_generator(settings: GeneratorSettings, wait_ready: bool = True) 
         if hosted is not None:
             await hosted.set_serving(serving)
 
-    configs = worker_configs(settings)
+    if rank := slot_rank(settings, catalog):  # a larger-rank adapter would not fit the LoRA slots: refused by name
+        catalog.limit_rank(rank)
+    configs = worker_configs(settings, catalog)
     max_batch, batch_pixels = batch_limits(settings, [c.device for c in configs])
     scheduler = Scheduler(
         configs,

@@ -82,8 +82,13 @@ class Entry:
         )
 
 
-def scan_folder(root: Path, kinds: tuple[str, ...], problems: dict[str, str] | None = None) -> dict[str, Entry]:
-    """Entries of `kinds` under `root`; folders that cannot be served go to `problems` with the reason."""
+def scan_folder(
+    root: Path, kinds: tuple[str, ...], problems: dict[str, str] | None = None, max_rank: int = 0
+) -> dict[str, Entry]:
+    """Entries of `kinds` under `root`; folders that cannot be served go to `problems` with the reason.
+
+    `max_rank` (> 0): the rank of the compiled/hot-swap LoRA slots; an adapter above it cannot be served.
+    """
     entries: dict[str, Entry] = {}
     problems = {} if problems is None else problems
     if not root.is_dir():
@@ -104,11 +109,33 @@ def scan_folder(root: Path, kinds: tuple[str, ...], problems: dict[str, str] | N
             problems[folder.name] = f"its adapter {manifest.adapter} is a pickle file; only .safetensors are accepted"
         elif not (folder / manifest.adapter).is_file():
             problems[folder.name] = f"its adapter file {manifest.adapter} is missing"
+        elif max_rank and (rank := _rank(folder / manifest.adapter)) > max_rank:
+            problems[folder.name] = (
+                f"its LoRA rank {rank} is above the rank {max_rank} of the compiled LoRA slots "
+                "(--hotswap-rank; restart the generator to serve it)"
+            )
         if folder.name in problems:
             log.warning("skipping %s: %s", folder, problems[folder.name])
             continue
         entries[folder.name] = Entry(folder.name, manifest, folder)
     return entries
+
+
+_RANKS: dict[tuple[str, int, int], int] = {}
+
+
+def _rank(path: Path) -> int:
+    """An adapter file's LoRA rank from its header, cached by (path, mtime, size): catalogs rescan often."""
+    from services.generator.compile import adapter_rank
+
+    stat = path.stat()
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _RANKS:
+        try:
+            _RANKS[key] = adapter_rank(path)
+        except (OSError, ValueError):
+            _RANKS[key] = 0  # unreadable headers are reported when the adapter is loaded
+    return _RANKS[key]
 
 
 class TemplatePlacement(BaseModel):
@@ -224,7 +251,10 @@ def compose_prompt(
 class Catalog:
     """Products and adapters on disk plus the template file; cheap to rescan."""
 
-    def __init__(self, products_dir: str | Path, adapters_dir: str | Path, templates_file: str | Path):
+    def __init__(
+        self, products_dir: str | Path, adapters_dir: str | Path, templates_file: str | Path, max_rank: int = 0
+    ):
+        self.max_rank = max_rank
         self.products_dir = Path(products_dir)
         self.adapters_dir = Path(adapters_dir)
         self.templates_file = Path(templates_file)
@@ -233,8 +263,17 @@ class Catalog:
 
     def refresh(self) -> None:
         self.problems: dict[str, str] = {}
-        self.products = scan_folder(self.products_dir, ("product",), self.problems)
-        self.adapters = scan_folder(self.adapters_dir, ("style", "background"), self.problems)
+        self.products = scan_folder(self.products_dir, ("product",), self.problems, self.max_rank)
+        self.adapters = scan_folder(self.adapters_dir, ("style", "background"), self.problems, self.max_rank)
+
+    def entries(self) -> list[Entry]:
+        """Every servable product and adapter."""
+        return list(self.products.values()) + list(self.adapters.values())
+
+    def limit_rank(self, max_rank: int) -> None:
+        """From now on, adapters above `max_rank` (the LoRA slots' rank) are problems, not entries."""
+        self.max_rank = max_rank
+        self.refresh()
 
     def product(self, product_id: str) -> Entry:
         if not product_id:
@@ -251,6 +290,8 @@ class Catalog:
     def adapter(self, adapter_id: str, field: str = "adapters") -> Entry:
         if not adapter_id or not is_valid_id(adapter_id):
             raise InvalidArgument(f"{field}.adapter_id", f"{adapter_id[:80]!r} is not a valid id")
+        if adapter_id in self.problems and adapter_id not in self.adapters:
+            raise FailedPrecondition(f"adapter {adapter_id!r} cannot be served: {self.problems[adapter_id]}")
         if adapter_id not in self.adapters:
             raise NotFound("adapter", adapter_id, "see ListAdapters")
         return self.adapters[adapter_id]

@@ -18,6 +18,7 @@ from PIL import Image
 
 from services.generator import placement
 from services.generator.adapter_cache import AdapterCache
+from services.generator.compile import CompileOptions, accelerator_for
 from services.generator.messages import SCHEDULERS, RenderSettings
 
 log = logging.getLogger(__name__)
@@ -124,15 +125,27 @@ StepHook = Callable[[int, int, PreviewFrames | None], None]
 class ProductPipeline:
     """Text-to-image with stacked product/style LoRAs. One instance per worker."""
 
-    def __init__(self, model: str, device: str, adapter_cache_size: int = 8, hotswap_rank: int = 0):
+    def __init__(
+        self,
+        model: str,
+        device: str,
+        adapter_cache_size: int = 8,
+        hotswap_rank: int = 0,
+        compile: CompileOptions | None = None,
+    ):
         self.device_name = device
         self.device, self.dtype = resolve_device(device)
+        # The fast path's switches (services/generator/compile.py): dtype, SDPA, channels_last, torch.compile.
+        self.accel = accelerator_for(compile)
+        if compile is not None:
+            self.dtype = self.accel.dtype(self.device.type)
         started = time.perf_counter()
         self.pipe = load_text2image(model, self.device, self.dtype)
+        compiled_adapters = self.accel.setup(self.pipe, adapter_cache_size)
         self.inpaint = inpainting_from(self.pipe)
         self.load_seconds = time.perf_counter() - started
         self.base_scheduler_config = self.pipe.scheduler.config
-        self.adapters = AdapterCache(self.pipe, adapter_cache_size, hotswap_rank)
+        self.adapters = compiled_adapters or AdapterCache(self.pipe, adapter_cache_size, hotswap_rank)
         self._default_scheduler = type(self.pipe.scheduler)
         self.size_multiple = self.pipe.vae_scale_factor
         self.default_size = int(self.pipe.unet.config.sample_size) * self.size_multiple
@@ -200,24 +213,27 @@ class ProductPipeline:
                 "mask_image": placement.repaint_mask(placed),
                 "strength": 1.0,
             }
-        out = (self.inpaint if placed is not None else self.pipe)(
-            prompt=settings.prompt,
-            negative_prompt=settings.negative_prompt or None,
-            num_images_per_prompt=len(seeds),
-            num_inference_steps=settings.steps,
-            guidance_scale=settings.guidance_scale,
-            width=settings.width,
-            height=settings.height,
-            generator=generators,
-            callback_on_step_end=callback,
-            callback_on_step_end_tensor_inputs=["latents"],
-            **extra,
-        )
+        with self.accel.watch(settings.width, settings.height, len(seeds), settings.guidance_scale > 1):
+            out = (self.inpaint if placed is not None else self.pipe)(
+                prompt=settings.prompt,
+                negative_prompt=settings.negative_prompt or None,
+                num_images_per_prompt=len(seeds),
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance_scale,
+                width=settings.width,
+                height=settings.height,
+                generator=generators,
+                callback_on_step_end=callback,
+                callback_on_step_end_tensor_inputs=["latents"],
+                **extra,
+            )
         if placed is not None:
             return [placement.composite(image, placed) for image in out.images]
         return list(out.images)
 
     def warmup(self, size: int = 64) -> float:
+        if self.accel.options.enabled:  # compiles every configured shape before the worker reports Ready
+            return self.accel.warm_up(self)
         started = time.perf_counter()
         size = min(size, self.default_size)
         settings = RenderSettings("warm-up", "", 2, 1.0, size, size, "", ())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
@@ -34,8 +34,31 @@ class GeneratorSettings(ServiceSettings):
     )
     adapter_cache_size: int = Field(8, description="LoRA adapters each worker keeps loaded (LRU).")
     hotswap_rank: int = Field(
-        0, description="Enable diffusers LoRA hot-swap, padding ranks to this (0: off; must cover every adapter)."
+        0,
+        description="Enable diffusers LoRA hot-swap, padding ranks to this (0: off; must cover every adapter). "
+        "With compile on, the slots' rank (0: the largest rank among the adapters found at start-up).",
     )
+    # The fast path (services/generator/compile.py, docs/PERFORMANCE.md)
+    compile: str = Field(
+        "auto",
+        description="torch.compile the UNet: auto (reduce-overhead on CUDA, off on CPU), off, default, "
+        "reduce-overhead, max-autotune, max-autotune-no-cudagraphs.",
+    )
+    compile_vae: bool = Field(False, description="Also compile the VAE decoder (with --compile on).")
+    compile_cache_dir: str = Field(
+        "", description="Inductor/triton cache folder kept across restarts and replicas (a volume; '': torch's own)."
+    )
+    warm_shapes: str = Field(
+        "auto",
+        description="WIDTHxHEIGHTxBATCH shapes each worker compiles before serving, e.g. 512x512x1,512x512x4 "
+        "(auto: the model's size at batch 1 and at the auto batch size).",
+    )
+    lora_slots: int = Field(
+        2, ge=1, description="With compile on: LoRA slots always active (adapters one request may stack)."
+    )
+    channels_last: bool = Field(False, description="channels_last memory format for the UNet and VAE.")
+    sdpa: bool = Field(True, description="PyTorch scaled-dot-product attention (off: diffusers' classic attention).")
+    dtype: str = Field("auto", description="Weights' dtype: auto (fp16 on CUDA, fp32 on CPU), fp16, bf16, fp32.")
     default_steps: int = Field(25, description="Steps when a request gives none.")
     max_steps: int = Field(150, description="Upper bound of steps.")
     default_guidance: float = Field(7.0, description="Guidance scale when a request gives none.")
@@ -77,6 +100,31 @@ class GeneratorSettings(ServiceSettings):
         10.0, gt=1, description="A job running this many times its expected time has its worker killed and respawned."
     )
     watchdog_min_s: float = Field(60.0, gt=0, description="The hang watchdog never acts on a job younger than this.")
+
+    @field_validator("compile")
+    @classmethod
+    def _known_compile_mode(cls, value: str) -> str:
+        from services.generator.compile import resolve_mode
+
+        resolve_mode(value, "cpu")  # raises on an unknown mode
+        return value
+
+    @field_validator("warm_shapes")
+    @classmethod
+    def _valid_shapes(cls, value: str) -> str:
+        from services.generator.compile import parse_shapes
+
+        parse_shapes(value)
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        from services.generator.compile import DTYPES
+
+        if value not in DTYPES:
+            raise ValueError(f"dtype: {value!r} is not one of {', '.join(DTYPES)}")
+        return value
 
     def worker_policy(self) -> WorkerPolicy:
         return WorkerPolicy(

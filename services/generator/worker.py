@@ -7,6 +7,7 @@ announces. A bad job becomes a `JobError`; it never takes the worker down.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import multiprocessing as mp
 import os
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from services.common.logs import configure_logging, device_var, request_id_var
+from services.generator.compile import CompileOptions
 from services.generator.messages import (
     Cancel,
     Fatal,
@@ -47,16 +49,23 @@ class WorkerConfig:
     log_level: str = "INFO"
     # "module:callable" building the pipeline; tests and benchmarks swap in stand-ins.
     pipeline: str = DEFAULT_PIPELINE
+    # The fast path (dtype, SDPA, channels_last, torch.compile, warm shapes); None: the pipeline's defaults.
+    compile: CompileOptions | None = None
 
 
 def _build_pipeline(config: WorkerConfig):
     module, _, name = config.pipeline.partition(":")
     factory = getattr(importlib.import_module(module), name)
+    # Stand-in pipelines take no compile options.
+    params = inspect.signature(factory).parameters
+    takes_compile = "compile" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    extra = {"compile": config.compile} if config.compile is not None and takes_compile else {}
     return factory(
         model=config.model,
         device=config.device,
         adapter_cache_size=config.adapter_cache_size,
         hotswap_rank=config.hotswap_rank,
+        **extra,
     )
 
 

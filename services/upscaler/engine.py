@@ -52,10 +52,22 @@ def resolve_device(spec: str) -> str:
 class Swin2SREngine:
     """transformers' Swin2SRForImageSuperResolution, fp16 on CUDA and fp32 on CPU."""
 
-    def __init__(self, model: str, device: str = "auto", threads: int = 0):
+    def __init__(
+        self,
+        model: str,
+        device: str = "auto",
+        threads: int = 0,
+        dtype: str = "auto",
+        channels_last: bool = False,
+        compile: str = "off",
+    ):
         self.model_name = model
         self.device_name = resolve_device(device)
         self.threads = threads
+        # Switches measured by benchmarks/upscaler.py (docs/PERFORMANCE.md); the defaults are what the service runs.
+        self.dtype_name = dtype
+        self.channels_last = channels_last
+        self.compile_mode = compile
         self.scale = 0
         self.align = 8
         self.model = None
@@ -68,7 +80,9 @@ class Swin2SREngine:
         if self.threads and self.device_name == "cpu":
             torch.set_num_threads(self.threads)
         device = torch.device(self.device_name)
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(
+            self.dtype_name, torch.float16 if device.type == "cuda" else torch.float32
+        )
         local = Path(self.model_name).is_dir()
         started = time.perf_counter()
         try:
@@ -76,6 +90,11 @@ class Swin2SREngine:
         except (OSError, ValueError) as exc:
             raise RuntimeError(f"cannot load a Swin2SR from {self.model_name!r} (a folder or a hub id): {exc}") from exc
         self.model = model.to(device).eval()
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if self.compile_mode != "off":
+            # Tiles vary in size at the image's edges: dynamic shapes, so each edge tile does not recompile.
+            self.model.compile(mode=None if self.compile_mode == "default" else self.compile_mode, dynamic=True)
         self.scale = int(model.config.upscale)
         processor = _load_processor(self.model_name, local)
         # Pad to a multiple of both the attention window and the processor's divisor (both 8 upstream).
