@@ -142,3 +142,26 @@ async def test_local_storage_write_that_hangs_is_bounded(tmp_path, monkeypatch, 
     store = storage.LocalImageStore(tmp_path, storage.StorageLimits(timeout_s=0.2, deadline_s=0.5, attempts=2))
     with pytest.raises(Unavailable, match=f"storage {tmp_path}"):
         await store.put("r/0.png", b"x", {}, overwrite=overwrite)
+
+
+async def test_a_retried_create_only_write_that_had_landed_counts_as_written(tmp_path, monkeypatch):
+    import time
+
+    from services.common import storage
+    from services.common.errors import AlreadyExists
+
+    real, calls = storage._atomic_write, []
+
+    def late_first(path, data, overwrite=True):
+        calls.append(path)
+        real(path, data, overwrite)
+        if len(calls) == 1:
+            time.sleep(0.5)  # written, but the answer comes after the attempt's timeout
+
+    monkeypatch.setattr(storage, "_atomic_write", late_first)
+    store = storage.LocalImageStore(tmp_path, storage.StorageLimits(timeout_s=0.2, deadline_s=3, backoff_s=0.01))
+    await store.put("r/0.png", b"mine", {}, overwrite=False)
+    assert len(calls) == 2 and (tmp_path / "r" / "0.png").read_bytes() == b"mine"
+    with pytest.raises(AlreadyExists):  # someone else's bytes under that key: never replaced
+        await store.put("r/0.png", b"other", {}, overwrite=False)
+    assert (tmp_path / "r" / "0.png").read_bytes() == b"mine"
