@@ -378,7 +378,7 @@ def fast_path(args, catalog_dirs: tuple[str, str]) -> dict:
     catalog = Catalog(*catalog_dirs, ROOT / "templates" / "catalog.yaml")
     specs = [catalog.product(p).spec(1.0) for p in (args.product, args.other_product)]
     layout = tuple(sorted(str(e.adapter_path) for e in catalog.entries()))
-    size = args.size or 512
+    size = args.size or 64  # --fullsize sets 512; the tiny model is 64²
     batches = [int(b) for b in args.batches.split(",")]
     report: dict = {
         "size": size,
@@ -521,7 +521,7 @@ def cache_restart(args) -> dict:
     """Start-up to Ready, twice, in fresh processes sharing one new --compile-cache-dir: cold, then from the cache."""
     import subprocess
 
-    size = args.size or 512
+    size = args.size or 64
     mode = args.compile if args.compile not in ("auto", "off") else "default"
     runs = {}
     with tempfile.TemporaryDirectory() as cache:

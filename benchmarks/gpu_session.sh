@@ -25,6 +25,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
   tail -n 3 "$OUT/$name.log"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+# Fail fast (seconds, not minutes) when a package or the stubs did not travel.
+"$PY" -c "import diffusers, peft, torch, services.generator.app; print('torch', torch.__version__, 'diffusers', \
+diffusers.__version__, 'peft', peft.__version__)" || exit 1
 
 # 1. The generator: service overhead (8 images via gRPC vs direct, compiled, batch 4), eager against compiled
 #    (reduce-overhead) with a product LoRA at batch 1 and 4, switch cost and recompilations, each switch on/off

@@ -175,6 +175,7 @@ class _Slot:
     name: str
     key: str | None = None  # adapter key whose UNet tensors the slot holds
     scalings: list = field(default_factory=list)  # (scaling tensor, base scale of the held adapter)
+    params: list = field(default_factory=list)  # its lora_A/lora_B weights, in module order (same for every slot)
 
 
 @dataclass
@@ -183,6 +184,10 @@ class _Parsed:
     text_encoder: dict  # the rest ("text_encoder.…"), loaded the ordinary way
     alphas: dict | None
     embeddings: dict
+    # What a slot holds once this adapter is swapped in (padded, zeroed, cast) and its base scalings: later
+    # switches copy these in one fused op instead of going through diffusers' hot-swap again.
+    snapshot: list | None = None
+    bases: list | None = None
 
 
 class CompiledAdapterCache:
@@ -229,7 +234,9 @@ class CompiledAdapterCache:
         # Scalings as tensors: a switch writes them in place instead of changing a Python float the graph guards.
         _convert_scalings_to_tensor(pipe.unet)
         for slot in self.slots:
-            slot.scalings = [(m.scaling[slot.name], 0.0) for m in self._modules(slot.name)]
+            modules = list(self._modules(slot.name))
+            slot.scalings = [(m.scaling[slot.name], 0.0) for m in modules]
+            slot.params = [w for m in modules for w in (m.lora_A[slot.name].weight, m.lora_B[slot.name].weight)]
             for tensor, _ in slot.scalings:
                 tensor.fill_(0.0)
         log.info("%d LoRA slots of rank %d over %d UNet tensors", len(self.slots), rank, len(layout))
@@ -280,6 +287,12 @@ class CompiledAdapterCache:
     def _swap_in(self, slot: _Slot, key: str, parsed: _Parsed) -> None:
         import torch
 
+        if parsed.snapshot is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(slot.params, parsed.snapshot)
+            slot.scalings = [(t, b) for (t, _), b in zip(slot.scalings, parsed.bases, strict=True)]
+            slot.key = key
+            return
         try:
             with torch.no_grad():
                 # Copies into the slot's tensors (padding a smaller rank with zeros, zeroing layers the adapter
@@ -296,6 +309,8 @@ class CompiledAdapterCache:
         base = torch.stack([t for t, _ in slot.scalings]).tolist() if slot.scalings else []
         slot.scalings = [(t, b) for (t, _), b in zip(slot.scalings, base, strict=True)]
         slot.key = key
+        parsed.snapshot, parsed.bases = [w.detach().clone() for w in slot.params], base
+        parsed.unet = {}  # the snapshot replaces it
 
     def _set_text_encoder(self, slot: _Slot, key: str | None, parsed: _Parsed | None) -> None:
         from diffusers.utils.peft_utils import delete_adapter_layers

@@ -1,0 +1,296 @@
+"""The compiled path on the tiny model, with inductor on the CPU (services/generator/compile.py).
+
+Compiling is the expensive part (about 90 CPU-seconds cold for the tiny UNet, about 10 from the cache), so
+one compiled pipeline, built and warmed by a real worker loop, serves every check, and the inductor cache
+lives in .cache/compile-tests: the first run on a machine compiles cold, later runs reuse it (which is the
+feature under test in `test_a_second_process_reuses_the_compile_cache`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from services.common.errors import FailedPrecondition
+from services.generator.catalog import Catalog
+from services.generator.compile import CompileOptions, adapter_rank, compile_counters, parse_shapes, resolve_mode
+from services.generator.messages import AdapterSpec, Ready, RenderSettings, Shutdown
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache" / "compile-tests" / torch.__version__
+WARM = (32, 32, 1)  # the one warm shape: 32², batch 1 (the UNet sees 2 with classifier-free guidance)
+# Compiled and eager fp32 differ by float rounding only: at most this many levels of 255 per pixel.
+TOLERANCE = 1
+
+_built: dict = {}
+
+
+def keep_pipeline(**kwargs):
+    """Worker pipeline factory that keeps the pipeline for the checks after warm-up."""
+    from services.generator.pipeline import ProductPipeline
+
+    _built["pipe"] = ProductPipeline(**kwargs)
+    return _built["pipe"]
+
+
+def _catalog(world: Path) -> Catalog:
+    return Catalog(world / "products", world / "adapters", ROOT / "templates" / "catalog.yaml")
+
+
+@pytest.fixture(scope="module")
+def hotswap_adapters(tiny_world, tmp_path_factory) -> dict[str, AdapterSpec]:
+    """test_hotswap's adapters: ranks 4 and 8, UNet only or with text-encoder layers, Kohya names, an fp16 file."""
+    from diffusers import StableDiffusionPipeline
+
+    from tests.test_hotswap import _write_lora
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_world / "tiny-sd", local_files_only=True)
+    out = tmp_path_factory.mktemp("compile-adapters")
+    return {
+        "r4-unet-te": _write_lora(pipe, out / "r4-unet-te", seed=21, rank=4, text_encoder=True),
+        "r8-unet-te-kohya": _write_lora(pipe, out / "r8-unet-te-kohya", seed=22, rank=8, text_encoder=True, kohya=True),
+        "r4-unet": _write_lora(pipe, out / "r4-unet", seed=23, rank=4, text_encoder=False),
+        "r8-unet-fp16": _write_lora(pipe, out / "r8-unet-fp16", seed=24, rank=8, text_encoder=False, fp16=True),
+    }
+
+
+def _options(world: Path, extra: dict[str, AdapterSpec]) -> CompileOptions:
+    files = [str(e.adapter_path) for e in _catalog(world).entries()] + [s.path for s in extra.values()]
+    # The files' names differ between runs (tmp folders), their layout and ranks do not: the graph is the same.
+    return CompileOptions(mode="default", layout=tuple(sorted(files)), warm_shapes=(WARM,), cache_dir=str(CACHE))
+
+
+def _settings(adapters: tuple[AdapterSpec, ...], width: int = 32, guidance: float = 5.0) -> RenderSettings:
+    return RenderSettings("a photo on the beach", "", 2, guidance, width, width, "", adapters)
+
+
+def _render(pipe, adapters: tuple[AdapterSpec, ...], **kw) -> np.ndarray:
+    return np.asarray(pipe(_settings(adapters, **kw), (3,))[0]).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_world, hotswap_adapters):
+    """One compiled pipeline, built and warmed up by `worker_main` (on a thread), and what it reported."""
+    from services.generator import worker
+
+    config = worker.WorkerConfig(
+        model=str(tiny_world / "tiny-sd"),
+        device="cpu",
+        pipeline=f"{__name__}:keep_pipeline",
+        compile=_options(tiny_world, hotswap_adapters),
+        log_level="WARNING",
+    )
+    parent, child = mp.Pipe()
+    with pytest.MonkeyPatch.context() as mpatch:
+        mpatch.setattr(worker, "configure_logging", lambda *a: None)  # keep pytest's log capture
+        thread = threading.Thread(target=worker.worker_main, args=(config, child), daemon=True)
+        thread.start()
+        assert parent.poll(600), "the worker sent nothing within 10 minutes"
+        ready = parent.recv()
+        at_ready = {"counters": compile_counters(), "warmed": set(_built["pipe"].accel.warmed)}
+    yield {"pipe": _built["pipe"], "ready": ready, "at_ready": at_ready}
+    parent.send(Shutdown())
+    thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def specs(tiny_world) -> dict[str, AdapterSpec]:
+    catalog = _catalog(tiny_world)
+    return {
+        "star": catalog.product("tiny-star").spec(1.0),
+        "mug": catalog.product("tiny-mug").spec(0.8),
+        "sunset": catalog.adapter("tiny-sunset").spec(0.6),
+    }
+
+
+@pytest.fixture(scope="module")
+def eager(tiny_world):
+    from services.generator.pipeline import ProductPipeline
+
+    return ProductPipeline(str(tiny_world / "tiny-sd"), "cpu")
+
+
+SWITCHES = [("star",), ("mug", "sunset"), ("star",), (), ("sunset", "star"), ("mug",)]
+
+
+@pytest.mark.slow
+def test_warm_up_compiles_every_shape_before_ready(served):
+    # Health turns SERVING only when the scheduler receives Ready (test_scheduler); Ready comes after warm-up.
+    assert isinstance(served["ready"], Ready)
+    assert served["at_ready"]["warmed"] == {(*WARM, True)}
+    assert served["at_ready"]["counters"]["graphs"] >= 1
+    assert served["pipe"].accel.compile_seconds > 0
+
+
+@pytest.mark.slow
+def test_compiled_equals_eager_and_switches_never_recompile(served, eager, specs):
+    pipe = served["pipe"]
+    before = compile_counters()
+    renders = {}
+    torch._dynamo.config.error_on_recompile = True  # any recompilation raises
+    try:
+        for names in SWITCHES:
+            adapters = tuple(specs[n] for n in names)
+            got, want = _render(pipe, adapters), _render(eager, adapters)
+            diff = np.abs(got - want).max()
+            assert diff <= TOLERANCE, f"{names}: compiled differs from eager by {diff} levels"
+            renders[names] = got
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    after = compile_counters()
+    assert after["graphs"] == before["graphs"] and after["recompiles"] == before["recompiles"]
+    # The switches changed the images (adapters really were active), and a return gives the same image back.
+    assert len({r.tobytes() for r in renders.values()}) == len(renders)
+    assert np.array_equal(renders[("star",)], _render(pipe, (specs["star"],)))
+
+
+@pytest.mark.slow
+def test_every_switch_equals_a_fresh_load_without_recompiling(served, hotswap_adapters, tiny_world):
+    """test_hotswap's orders on the compiled path: UNet layers hot-swapped into the slots, text-encoder layers
+    loaded beside them (the text encoder is not compiled); every render equals a fresh eager load."""
+    from services.generator.pipeline import ProductPipeline
+    from tests.test_hotswap import ORDERS
+
+    fresh = {}
+    for name, spec in hotswap_adapters.items():
+        fresh[name] = _render(ProductPipeline(str(tiny_world / "tiny-sd"), "cpu", adapter_cache_size=1), (spec,))
+    assert len({f.tobytes() for f in fresh.values()}) == len(fresh)
+    pipe = served["pipe"]
+    before = compile_counters()
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        for order, names in ORDERS.items():
+            for name in names:
+                diff = np.abs(_render(pipe, (hotswap_adapters[name],)) - fresh[name]).max()
+                assert diff <= TOLERANCE, f"{order}: {name} differs from its fresh load by {diff} levels"
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    assert compile_counters()["graphs"] == before["graphs"]
+    lora_dtypes = {p.dtype for n, p in pipe.pipe.unet.named_parameters() if "lora_" in n}
+    assert lora_dtypes == {torch.float32}
+
+
+@pytest.mark.slow
+def test_a_cold_shape_renders_and_logs_its_compile(served, specs, caplog):
+    pipe = served["pipe"]
+    before = compile_counters()["graphs"]
+    with caplog.at_level(logging.WARNING, logger="services.generator.compile"):
+        image = pipe(_settings((specs["star"],), guidance=1.0), (3,))[0]  # no CFG: the UNet sees batch 1
+    assert image.size == (32, 32)
+    assert compile_counters()["graphs"] == before + 1
+    lines = [r.getMessage() for r in caplog.records if "cold shape" in r.getMessage()]
+    assert len(lines) == 1 and "32x32x1 (no CFG)" in lines[0] and "--warm-shapes" in lines[0], lines
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="services.generator.compile"):
+        pipe(_settings((specs["mug"],), guidance=1.0), (4,))  # now warm: no compile, no log line
+    assert not [r for r in caplog.records if "cold shape" in r.getMessage()]
+
+
+SECOND_PROCESS = """
+import json, sys
+from services.generator.compile import CompileOptions, compile_counters
+from services.generator.pipeline import ProductPipeline
+options = CompileOptions(**json.loads(sys.argv[2]))
+pipe = ProductPipeline(sys.argv[1], "cpu", compile=options)
+pipe.warmup()
+print(json.dumps(compile_counters()))
+"""
+
+
+@pytest.mark.slow
+def test_a_second_process_reuses_the_compile_cache(served, tiny_world, hotswap_adapters):
+    options = _options(tiny_world, hotswap_adapters)
+    fields = {**options.__dict__, "warm_shapes": [list(WARM)], "layout": list(options.layout)}
+    out = subprocess.run(
+        [sys.executable, "-c", SECOND_PROCESS, str(tiny_world / "tiny-sd"), json.dumps(fields)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    counters = json.loads(out.stdout.strip().splitlines()[-1])
+    # Inductor found the warm shape's compiled graph in the cache dir instead of compiling it again.
+    assert counters["fxgraph_cache_hit"] >= 1 and counters["fxgraph_cache_miss"] == 0, counters
+
+
+def test_a_larger_rank_is_refused_at_scan_time_by_name(tiny_world, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    products = tmp_path / "products"
+    shutil.copytree(tiny_world / "products", products)
+    big = products / "tiny-big"
+    shutil.copytree(products / "tiny-star", big)
+    save_file(
+        {"unet.x.to_q.lora_A.weight": torch.zeros(16, 8), "unet.x.to_q.lora_B.weight": torch.zeros(8, 16)},
+        str(big / "pytorch_lora_weights.safetensors"),
+    )
+    rank = adapter_rank(products / "tiny-star" / "pytorch_lora_weights.safetensors")
+    catalog = Catalog(products, tiny_world / "adapters", ROOT / "templates" / "catalog.yaml", max_rank=rank)
+    assert catalog.product("tiny-star")  # within the slots' rank
+    with pytest.raises(FailedPrecondition, match=rf"LoRA rank 16 is above the rank {rank}"):
+        catalog.product("tiny-big")
+
+
+def test_slot_rank_comes_from_the_products_or_the_setting(tiny_world):
+    from services.generator.compile import slot_rank
+    from services.generator.settings import GeneratorSettings
+
+    catalog = _catalog(tiny_world)
+    found = max(adapter_rank(e.adapter_path) for e in catalog.entries())
+    assert slot_rank(GeneratorSettings(devices="cpu:1", compile="default"), catalog) == found
+    assert slot_rank(GeneratorSettings(devices="cpu:1", compile="default", hotswap_rank=16), catalog) == 16
+    assert slot_rank(GeneratorSettings(devices="cpu:1"), catalog) == 0  # auto is off on the CPU: no limit
+
+
+def test_settings_and_modes():
+    from pydantic import ValidationError
+
+    from services.generator.settings import GeneratorSettings
+
+    assert resolve_mode("auto", "cuda:0") == "reduce-overhead" and resolve_mode("auto", "cpu:0") == "off"
+    assert parse_shapes("512x512x1, 512x768x4") == ((512, 512, 1), (512, 768, 4))
+    for field, bad in (("compile", "fast"), ("warm_shapes", "512x512"), ("dtype", "fp8")):
+        with pytest.raises(ValidationError, match=field):
+            GeneratorSettings(**{field: bad})
+
+
+def test_fused_qkv_would_drop_lora_so_it_is_refused(tiny_world, specs):
+    """diffusers' fuse_qkv_projections copies only the base q/k/v weights into to_qkv and its fused processor
+    calls to_qkv: LoRA on to_q/to_k/to_v is silently skipped. So prepare() refuses to fuse a LoRA UNet."""
+    from diffusers import StableDiffusionPipeline
+
+    from services.generator.compile import prepare
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_world / "tiny-sd", local_files_only=True)
+    pipe.load_lora_weights(specs["star"].path, adapter_name="star")
+    unet = pipe.unet
+    torch.manual_seed(0)
+    sample = torch.randn(1, unet.config.in_channels, 8, 8)
+    text = torch.randn(1, 77, unet.config.cross_attention_dim)
+
+    def out():
+        with torch.no_grad():
+            return unet(sample, 10, text).sample
+
+    with_lora = out()
+    pipe.disable_lora()
+    without = out()
+    pipe.enable_lora()
+    with pytest.raises(ValueError, match="fuse_qkv"):
+        prepare(pipe, CompileOptions(fuse_qkv=True))
+    unet.fuse_qkv_projections()
+    fused = out()
+    assert not torch.allclose(with_lora, without)
+    assert not torch.allclose(fused, with_lora, atol=1e-5)  # the q/k/v LoRA is gone from the fused path
