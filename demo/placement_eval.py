@@ -15,7 +15,10 @@ prompt, with and without the product adapter), and each result is PNG-encoded an
 
 from __future__ import annotations
 
+import argparse
 import io
+import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +30,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def product_photo(
-    product_id: str, background: str = "white", seed: int = 0, size: int = 32, cx: float = 16, cy: float = 16,
+    product_id: str,
+    background: str = "white",
+    seed: int = 0,
+    size: int = 32,
+    cx: float = 16,
+    cy: float = 16,
     r: float = 10.5,
 ) -> tuple[Image.Image, np.ndarray]:
     """The product on `background` (drawn as `demo.world` draws it) and its exact mask (bool)."""
@@ -46,3 +54,126 @@ def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+class Renderer:
+    """The generator's own pipeline and catalog, in-process: LoRA mode and placement mode on the demo SD."""
+
+    def __init__(self, threads: int = 1):
+        import torch
+
+        from services.generator.catalog import Catalog
+        from services.generator.pipeline import ProductPipeline
+
+        torch.set_num_threads(threads)
+        self.catalog = Catalog(ROOT / "products", ROOT / "adapters", ROOT / "templates" / "catalog.yaml")
+        self.pipe = ProductPipeline(str(ROOT / "models" / "demo-sd"), "cpu")
+
+    def render(self, product_id: str, background: str, seeds: list[int], mode: str, photo=None, mask=None) -> list:
+        """Images of `product_id` in the demo scene `background`.
+
+        mode: "lora" (the product adapter, no photo), "placement" (the photo only, no adapter) or
+        "placement+lora" (the photo and the product adapter)."""
+        from services.generator import placement
+        from services.generator.catalog import compose_prompt
+        from services.generator.messages import RenderSettings
+
+        template = self.catalog.template(f"demo-{background}")
+        product = self.catalog.product(product_id) if mode != "placement" else None
+        composed = compose_prompt(product, template, "", None, self.catalog.templates.defaults)
+        placed = None
+        if mode != "lora":
+            default = placement.Placement(**template.placement.model_dump())
+            placed, _ = placement.prepare(
+                png_bytes(photo), placement.mask_png(mask), None, default, 32, 32, max_pixels=1 << 20
+            )
+        settings = RenderSettings(
+            prompt=composed.prompt,
+            negative_prompt=composed.negative_prompt,
+            steps=template.steps or 20,
+            guidance_scale=template.guidance_scale or 6.0,
+            width=32,
+            height=32,
+            scheduler="",
+            adapters=(product.spec(product.manifest.default_scale),) if product else (),
+            placement=placed,
+        )
+        images = []
+        for seed in seeds:
+            (image,) = self.pipe(settings, (seed,))
+            with Image.open(io.BytesIO(png_bytes(image))) as im:  # as stored: a PNG round trip
+                images.append(im.convert("RGB"))
+        return images, placed
+
+
+MODES = ("lora", "placement", "placement+lora")
+
+
+def measure(n: int = 8, backgrounds: tuple[str, ...] | None = None) -> list[dict]:
+    """One row per (product, scene, mode): mismatched inner pixels, judge scene accuracy, fidelity."""
+    from demo.fidelity import score
+    from demo.judge import load_judge
+    from demo.make_products import HELD_OUT
+    from demo.world import BACKGROUNDS, PRODUCTS
+    from services.generator import placement
+
+    judge = load_judge()
+    renderer = Renderer()
+    rows = []
+    for product_id in PRODUCTS:
+        # The catalogue shot: the product on the white studio background, centred, with its exact mask.
+        photo, mask = product_photo(product_id, "white", seed=0)
+        for background in backgrounds or BACKGROUNDS:
+            for mode in MODES:
+                images, placed = renderer.render(product_id, background, list(range(n)), mode, photo, mask)
+                row = {
+                    "product": product_id,
+                    "scene": background,
+                    "held_out": background in HELD_OUT[product_id],
+                    "mode": mode,
+                    "images": n,
+                    "scene_accuracy": judge.accuracy(images, {"background": [background] * n})["background"],
+                    "fidelity": float(np.mean([score(product_id, im) for im in images])),
+                    "photo_fidelity": score(product_id, photo),
+                }
+                if placed is not None:
+                    inner = placement.inner_mask(placement.arrays(placed)[1], placed.feather)
+                    shot = np.asarray(photo)
+                    row["inner_pixels"] = int(inner.sum())
+                    row["mismatched_pixels"] = int(
+                        sum((np.asarray(im)[inner] != shot[inner]).any(-1).sum() for im in images)
+                    )
+                rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=8, help="seeds per (product, scene, mode)")
+    p.add_argument("--held-out", action="store_true", help="only each product's held-out scenes")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = p.parse_args(argv)
+    from demo.make_products import HELD_OUT
+
+    started = time.time()
+    backgrounds = tuple(sorted({b for v in HELD_OUT.values() for b in v})) if args.held_out else None
+    rows = measure(args.n, backgrounds)
+    if args.held_out:
+        rows = [r for r in rows if r["held_out"]]
+    if args.json:
+        print(json.dumps({"rows": rows, "seconds": round(time.time() - started)}, indent=1))
+        return 0
+    print(f"{'product':12} {'scene':8} {'mode':15} {'scene acc':>9} {'fidelity':>8} {'photo':>6} {'mismatched':>10}")
+    for r in rows:
+        mism = f"{r['mismatched_pixels']}/{r['inner_pixels'] * r['images']}" if "inner_pixels" in r else "-"
+        scene = r["scene"] + ("*" if r["held_out"] else "")
+        print(
+            f"{r['product']:12} {scene:8} {r['mode']:15} {r['scene_accuracy']:9.0%} {r['fidelity']:8.2f} "
+            f"{r['photo_fidelity']:6.2f} {mism:>10}"
+        )
+    print(f"* held out; {args.n} seeds per row, {time.time() - started:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

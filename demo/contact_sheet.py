@@ -1,0 +1,101 @@
+"""Contact sheets of the demo products: each in the six demo scenes, in LoRA mode and in placement mode.
+
+    python -m demo.contact_sheet                 # docs/images/contact-<product>.png + placement-before-after.png
+
+One sheet per product. Columns: the product photo (the catalogue shot on the white studio background
+that placement mode receives), then the six scenes. Rows: LoRA mode (the product adapter, no photo),
+placement mode (the photo, no adapter) and placement mode with the adapter. Every cell is the same
+seed, rendered by the generator's own pipeline (`demo.placement_eval.Renderer`), 32x32 shown x4.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from demo.placement_eval import MODES, Renderer, product_photo
+from demo.world import BACKGROUNDS, PRODUCTS, SCENE_PHRASES
+
+ROOT = Path(__file__).resolve().parent.parent
+SCALE = 4
+CELL = 32 * SCALE
+PAD = 8
+LABEL_W = 150
+HEADER_H = 34
+ROW_NAMES = {"lora": "LoRA mode", "placement": "placement", "placement+lora": "placement + LoRA"}
+
+
+def _font(size: int = 13) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType sizes
+        return ImageFont.load_default()
+
+
+def _big(image: Image.Image) -> Image.Image:
+    return image.convert("RGB").resize((CELL, CELL), Image.Resampling.NEAREST)
+
+
+def sheet(renderer: Renderer, product_id: str, seed: int) -> Image.Image:
+    photo, mask = product_photo(product_id, "white", seed=0)
+    columns = ["photo", *BACKGROUNDS]
+    width = LABEL_W + len(columns) * (CELL + PAD)
+    height = HEADER_H + len(MODES) * (CELL + PAD) + PAD
+    out = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(out)
+    font = _font()
+    for c, name in enumerate(columns):
+        label = "product photo" if name == "photo" else SCENE_PHRASES[name][1]
+        draw.text((LABEL_W + c * (CELL + PAD), 10), label, fill=(30, 30, 30), font=font)
+    for r, mode in enumerate(MODES):
+        y = HEADER_H + r * (CELL + PAD)
+        draw.text((8, y + CELL // 2 - 8), ROW_NAMES[mode], fill=(30, 30, 30), font=font)
+        if mode != "lora":
+            out.paste(_big(photo), (LABEL_W, y))
+        for c, background in enumerate(BACKGROUNDS, start=1):
+            (image,), _ = renderer.render(product_id, background, [seed], mode, photo, mask)
+            out.paste(_big(image), (LABEL_W + c * (CELL + PAD), y))
+    return out
+
+
+def before_after(renderer: Renderer, product_id: str, background: str, seed: int) -> Image.Image:
+    """The README's picture: the product photo, an arrow, the product placed in a scene."""
+    photo, mask = product_photo(product_id, "white", seed=0)
+    (image,), _ = renderer.render(product_id, background, [seed], "placement", photo, mask)
+    arrow_w = 60
+    out = Image.new("RGB", (2 * CELL + arrow_w, CELL + 24), (255, 255, 255))
+    out.paste(_big(photo), (0, 0))
+    out.paste(_big(image), (CELL + arrow_w, 0))
+    draw = ImageDraw.Draw(out)
+    mid = CELL // 2
+    draw.line([(CELL + 10, mid), (CELL + arrow_w - 12, mid)], fill=(60, 60, 60), width=3)
+    draw.polygon(
+        [(CELL + arrow_w - 12, mid - 8), (CELL + arrow_w - 2, mid), (CELL + arrow_w - 12, mid + 8)], fill=(60, 60, 60)
+    )
+    font = _font(12)
+    draw.text((4, CELL + 6), "product photo", fill=(30, 30, 30), font=font)
+    draw.text((CELL + arrow_w + 4, CELL + 6), f"placed {SCENE_PHRASES[background][0]}", fill=(30, 30, 30), font=font)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "images")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    renderer = Renderer()
+    for product_id in PRODUCTS:
+        path = args.out / f"contact-{product_id}.png"
+        sheet(renderer, product_id, args.seed).save(path, optimize=True)
+        print(path)
+    path = args.out / "placement-before-after.png"
+    before_after(renderer, "split-star", "flowers", args.seed).save(path, optimize=True)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
