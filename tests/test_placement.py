@@ -236,11 +236,22 @@ async def test_preview_shows_the_servers_mask_and_reads_storage_uris(generator_s
 
 
 def test_inpainting_shares_the_loaded_weights(tiny_world):
+    from services.generator.messages import RenderSettings
     from services.generator.pipeline import ProductPipeline
 
     pipe = ProductPipeline(str(tiny_world / "tiny-sd"), "cpu")
     for name in ("unet", "vae", "text_encoder", "tokenizer"):
         assert getattr(pipe.inpaint, name) is getattr(pipe.pipe, name)
+    # A batch (as CUDA workers run them) keeps every image's product exact too, with previews on.
+    data, photo, mask = rgba_cutout()
+    placed, _ = P.prepare(data, b"", None, None, 64, 64, max_pixels=LIMIT)
+    steps = []
+    settings = RenderSettings("a photo on the beach", "", 2, 5.0, 64, 64, "", (), placed)
+    images = pipe(settings, (1, 2), on_step=lambda *step: steps.append(step), preview_every=1)
+    inner = P.inner_mask(mask, placed.feather)
+    assert len(images) == 2 and [s[0] for s in steps] == [1, 2] and len(steps[0][2]) == 2
+    for image in images:
+        assert np.array_equal(np.asarray(image)[inner], photo[inner])
 
 
 def test_cli_product_image_flags(tmp_path):
