@@ -213,8 +213,15 @@ def rerun_request(image: Path) -> tuple[str, object]:
 
 
 def _rerun_request(params: dict):
-    if params.get("placement"):
-        raise ValueError("made in placement mode: run generate with the same --product-image, --place and --seed")
+    if placed := params.get("placement"):
+        # The photo itself is not in the image (only its hash): say how to make it again.
+        where = ",".join(f"{placed['placement'][k]:.6g}" for k in ("center_x", "center_y", "height"))
+        product = f" --product {params['product_id']}" if params.get("product_id") else ""
+        raise CliError(
+            f"made in placement mode from a product photo (sha256 {placed['product_image_sha256'][:12]}…): "
+            f"run generate --product-image PHOTO{product} --template {params.get('template_id') or '…'} "
+            f"--place {where} --seed {params['seed']}"
+        )
     # Same template + user text recompose to the same prompt; _generate checks it did.
     return generate_request(
         product_id=params["product_id"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import struct
 import zlib
 
@@ -266,6 +267,16 @@ def test_cli_product_image_flags(tmp_path):
         product_image_from_args(_parser().parse_args(["generate", "--product-image", str(photo), "--place", "1,2"]))
     with pytest.raises(CliError, match="--product-image"):
         product_image_from_args(_parser().parse_args(["generate"]))
+    # A placement image cannot be rerun from its parameters alone (the photo is only hashed): say how.
+    from client.cli import rerun_request
+    from services.common.pngmeta import encode_png
+
+    record = {"product_image_sha256": "ab" * 32, "placement": {"center_x": 0.5, "center_y": 0.25, "height": 0.5}}
+    params = {"product_id": "", "template_id": "beach", "prompt": "p", "seed": 9, "placement": record}
+    image = tmp_path / "placed.png"
+    image.write_bytes(encode_png(Image.new("RGB", (8, 8)), params))
+    with pytest.raises(CliError, match=re.escape("--template beach --place 0.5,0.25,0.5 --seed 9")):
+        rerun_request(image)
 
 
 async def test_web_page_sends_the_photo_and_shows_the_servers_mask(generator, tmp_path):
