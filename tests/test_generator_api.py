@@ -393,4 +393,5 @@ async def test_cli_generate_then_rerun_exactly(generator, tmp_path):
     again = next((tmp_path / "b").glob("*.png"))
     assert again.read_bytes() == first.read_bytes()
     code, _, err = await run_cmd(*cli, "generate", "--product", "nope", "--template", "beach")
-    assert code == 1 and "NOT_FOUND" in err and "Traceback" not in err
+    assert code == 1 and "product 'nope' not found" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1  # one clear line, as every CLI error
