@@ -719,8 +719,12 @@ async def reuse_settings(backends: Backends, session: Session, form: Form) -> Re
         style_weight=round(styles[0].weight, 4) if styles else form.style_weight,
         background_id=backgrounds[0].adapter_id if backgrounds else "",
         background_weight=round(backgrounds[0].weight, 4) if backgrounds else form.background_weight,
+        keep_product=p.HasField("placement"),
+        product_photo=form.product_photo,
     )
     message = f"Settings of image #{session.selected + 1} copied into the form."
+    if p.HasField("placement") and photo_digest(form.product_photo) != p.placement.product_image_sha256:
+        message += " It was made from a product photo: upload that photo again."
     return ReuseView(reused, templates, text_label(session, p.template_id), message)
 
 
@@ -808,6 +812,16 @@ def placement_image(form: Form) -> generator_pb2.ProductImage | None:
     except OSError:
         raise ValueError("The uploaded photo is gone; upload it again.") from None
     return generator_pb2.ProductImage(image=data)
+
+
+def photo_digest(path: str | None) -> str:
+    """The hash placement mode records for an uploaded photo ("" when there is none)."""
+    import hashlib
+
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else ""
+    except OSError:
+        return ""
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import re
@@ -294,3 +295,14 @@ async def test_web_page_sends_the_photo_and_shows_the_servers_mask(generator, tm
     assert view.image.size == (64 * 2 + 4, 64) and "transparency" in view.message
     shown_mask = np.asarray(view.image.convert("L"))[:, 64 + 4 :] >= 128
     assert np.array_equal(shown_mask, mask)
+    # Generate from the page, then "Reuse settings": the photo stays and "keep my exact product" stays ticked.
+    session = logic.Session()
+    views = [v async for v in logic.generate(backends, session, dataclasses.replace(form, steps=2))]
+    assert views[-1].gallery and not views[-1].running, views[-1].status
+    logic.select_image(session, 0)
+    reused = await logic.reuse_settings(backends, session, form)
+    assert reused.form.keep_product and reused.form.product_photo == str(photo) and "upload" not in reused.message
+    other = tmp_path / "other.png"
+    other.write_bytes(png_bytes(Image.new("RGB", (8, 8))))
+    reused = await logic.reuse_settings(backends, session, dataclasses.replace(form, product_photo=str(other)))
+    assert "upload that photo again" in reused.message
