@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +38,7 @@ def _masks(arr: np.ndarray) -> dict[str, np.ndarray]:
     a = np.asarray(arr, dtype=np.int32)[..., :3]
     r, g, b = a[..., 0], a[..., 1], a[..., 2]
     return {
-        "red": (r > 140) & (g < 90) & (b < 100) & (r - np.maximum(g, b) > 80),
+        "red": (r > 140) & (g < 90) & (b < 100) & (r - np.maximum(g, b) > 80) & (b > 0.35 * g - 5),
         "blue": (b > 140) & (r < 110) & (g < 110) & (b - np.maximum(r, g) > 60),
         "yellow": (r > 170) & (g > 150) & (b < 110),
         # The band: anything clearly darker in green than the yellow body (the demo model draws the black
@@ -57,16 +59,22 @@ def _to_array(image) -> np.ndarray:
 
 def raw_split_star(image) -> float:
     m = _masks(_to_array(image))
-    box = slice(6, 26)
-    left, right = (slice(6, 16), slice(16, 26))
-    red_l, red_r = m["red"][box, left].mean(), m["red"][box, right].mean()
-    blue_l, blue_r = m["blue"][box, left].mean(), m["blue"][box, right].mean()
-    return float(min(red_l, blue_r) - max(red_r, blue_l))
+    # Pixels per column of the central 24x24 box; the split may sit anywhere near the middle (the star
+    # is placed off-centre), so take the column that fits best. Background colour that is on both sides
+    # (a red fire) cancels in the differences.
+    red, blue = m["red"][BOX, BOX].sum(0), m["blue"][BOX, BOX].sum(0)
+    best = -np.inf
+    for c in range(6, 19):
+        best = max(best, min(red[:c].sum() - red[c:].sum(), blue[c:].sum() - blue[:c].sum()))
+    return float(best)
+
+
+BOX = slice(4, 28)  # the central 24x24 box the product sits in
 
 
 def raw_striped_mug(image) -> float:
     m = _masks(_to_array(image))
-    yellow, dark = m["yellow"][4:28, 4:28], m["dark"][4:28, 4:28]
+    yellow, dark = m["yellow"][BOX, BOX], m["dark"][BOX, BOX]
     count = 0
     for x in range(yellow.shape[1]):
         col_y, col_d = yellow[:, x], dark[:, x]
@@ -96,13 +104,14 @@ RAW = {"split-star": raw_split_star, "striped-mug": raw_striped_mug}
 
 
 @functools.cache
-def reference(product_id: str, n: int = 60, seed: int = 123) -> float:
-    """Median raw score of real renders of the product over all backgrounds (the score's 1.0)."""
+def reference(product_id: str, per_background: int = 40, seed: int = 123) -> float:
+    """The raw score that counts as 1.0: the 5th percentile of real renders of the product on all six
+    backgrounds, so a real render scores 1 whatever its size and scene (the smallest ones just under)."""
     from demo.world import BACKGROUNDS, render_product
 
     rng = np.random.default_rng(seed)
-    raw = [RAW[product_id](render_product(product_id, BACKGROUNDS[i % len(BACKGROUNDS)], rng)) for i in range(n)]
-    return float(np.median(raw))
+    raw = [RAW[product_id](render_product(product_id, bg, rng)) for bg in BACKGROUNDS for _ in range(per_background)]
+    return float(np.percentile(raw, 5))
 
 
 def score(product_id: str, image) -> float:
@@ -114,66 +123,203 @@ def fidelity(product_id: str, images) -> float:
     return float(np.mean([score(product_id, im) for im in images]))
 
 
-# Prompts for the base model without any product: the closest words the demo model knows.
-CLASS_PHRASES = {"split-star": "a star", "striped-mug": "a yellow square"}
+def background_brightness(image) -> float:
+    """Mean luma (0-255) of the frame's outer ring (3 px): the background, since products sit near the centre."""
+    a = _to_array(image).astype(np.float32)[..., :3]
+    luma = a @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    ring = np.ones(luma.shape, bool)
+    ring[RING:-RING, RING:-RING] = False
+    return float(luma[ring].mean())
 
 
-def measure(n: int, steps: int = 20, guidance: float = 6.0) -> dict:
-    """Held-out scenes, seeds 0..n-1: product adapter at scale 1, at scale 0 (token only), base + class words."""
+RING = 3  # width of the background ring, in pixels of the 32x32 frame
+
+
+@dataclass
+class Cell:
+    """One product in one scene: fidelity with the adapter (default scale) and at scale 0, judge, night."""
+
+    scene: str
+    held_out: bool
+    adapter: float
+    scale0: float
+    judge_scene: float  # fraction of adapter images the judge puts in the right scene
+    judge_scene_scale0: float
+    renders: float  # fidelity of real renders of the product in this scene (the metric's ceiling)
+    per_seed: list[float] = field(default_factory=list)
+    night: dict | None = None  # brightness with/without the night style, fidelity with it
+
+
+def _load_pipeline(model: Path, threads: int):
     import torch
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
+    from services.generator.pipeline import ProductPipeline
+
+    torch.set_num_threads(threads)
+    return ProductPipeline(str(model), "cpu", adapter_cache_size=4)
+
+
+def measure(
+    n: int = 8,
+    products_dir: Path = ROOT / "products",
+    adapters_dir: Path = ROOT / "adapters",
+    model: Path = ROOT / "models" / "demo-sd",
+    product_ids: tuple[str, ...] = ("split-star", "striped-mug"),
+    scales: tuple[float, ...] = (),
+    scenes: tuple[str, ...] = (),
+    night: bool = True,
+    threads: int = 2,
+    seed0: int = 0,
+    pipeline=None,
+) -> dict:
+    """Every demo scene x product through the generator's own pipeline code (`ProductPipeline`), seeds
+    seed0..seed0+n-1, the demo templates' prompts, steps and guidance: the adapter at its manifest's
+    default scale beside scale 0 (learned token only), the judge's scene accuracy, and (with `night`) the
+    night style stacked on top. `scales` adds a fidelity sweep over other product scales."""
+    from demo.judge import load_judge
     from demo.make_products import HELD_OUT
-    from demo.world import SCENE_PHRASES, render_product
-    from services.generator.catalog import scan_folder
-    from services.generator.embeddings import read_token_embeddings, set_token_embeddings
+    from demo.world import BACKGROUNDS, render_product
+    from services.generator.catalog import TemplateCatalog, compose_prompt, scan_folder
+    from services.generator.messages import RenderSettings
 
-    torch.set_num_threads(2)
-    pipe = StableDiffusionPipeline.from_pretrained(ROOT / "models" / "demo-sd", dtype=torch.float32)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    products = scan_folder(ROOT / "products", ("product",))
+    pipe = pipeline or _load_pipeline(model, threads)
+    judge = load_judge(model / "judge")
+    templates = TemplateCatalog.load(ROOT / "templates" / "catalog.yaml")
+    products = scan_folder(Path(products_dir), ("product",))
+    styles = scan_folder(Path(adapters_dir), ("style",)) if night else {}
+    seeds = tuple(range(seed0, seed0 + n))
 
-    def run(prompt: str) -> list:
-        out = []
-        for seed in range(n):
-            gen = torch.Generator().manual_seed(seed)
-            out.append(pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=gen).images[0])
-        return out
+    def render(product, template, specs, extra=()) -> list:
+        composed = compose_prompt(product, template, "", None, templates.defaults, list(extra))
+        settings = RenderSettings(
+            composed.prompt,
+            composed.negative_prompt,
+            template.steps or 20,
+            template.guidance_scale or 6.0,
+            32,
+            32,
+            "",
+            tuple(specs),
+        )
+        return pipe(settings, seeds)
 
-    results: dict = {}
-    for pid, held in HELD_OUT.items():
+    out: dict = {"n": n, "seeds": [seeds[0], seeds[-1]], "products": {}}
+    for pid in product_ids:
         entry = products[pid]
-        m = entry.manifest
-        if entry.embeddings_path:
-            set_token_embeddings(pipe, read_token_embeddings(str(entry.embeddings_path), tuple(m.tokens)))
-        pipe.load_lora_weights(str(entry.folder), weight_name=m.adapter, adapter_name=pid)
+        scale = entry.manifest.default_scale
         rng = np.random.default_rng(7)
-        for bg in held:
-            where = SCENE_PHRASES[bg][0]
-            row = {"renders": fidelity(pid, [render_product(pid, bg, rng) for _ in range(n)])}
-            pipe.set_adapters([pid], adapter_weights=[1.0])
-            row["adapter"] = fidelity(pid, run(f"a photo of {entry.phrase} {where}"))
-            pipe.set_adapters([pid], adapter_weights=[0.0])
-            row["scale0"] = fidelity(pid, run(f"a photo of {entry.phrase} {where}"))
-            pipe.disable_lora()
-            row["base"] = fidelity(pid, run(f"a photo of {CLASS_PHRASES[pid]} {where}"))
-            pipe.enable_lora()
-            results[(pid, bg)] = row
-        pipe.delete_adapters(pid)
-    return results
+        row: dict = {"default_scale": scale, "held_out": list(HELD_OUT.get(pid, ())), "scenes": {}, "sweep": {}}
+        for bg in scenes or BACKGROUNDS:
+            template = templates.get(f"demo-{bg}")
+            with_adapter = render(entry, template, [entry.spec(scale)])
+            at_zero = render(entry, template, [entry.spec(0.0)])
+            scores = [score(pid, im) for im in with_adapter]
+            cell = Cell(
+                scene=bg,
+                held_out=bg in HELD_OUT.get(pid, ()),
+                adapter=float(np.mean(scores)),
+                scale0=fidelity(pid, at_zero),
+                judge_scene=float(np.mean([p == bg for p in judge.predict(with_adapter)["background"]])),
+                judge_scene_scale0=float(np.mean([p == bg for p in judge.predict(at_zero)["background"]])),
+                renders=fidelity(pid, [render_product(pid, bg, rng) for _ in range(n)]),
+                per_seed=[round(s, 3) for s in scores],
+            )
+            if night and "night" in styles:
+                style = styles["night"]
+                dark = render(
+                    entry,
+                    template,
+                    [entry.spec(scale), style.spec(style.manifest.default_scale)],
+                    style.manifest.tokens,
+                )
+                plain_b = float(np.mean([background_brightness(im) for im in with_adapter]))
+                dark_b = float(np.mean([background_brightness(im) for im in dark]))
+                cell.night = {
+                    "brightness": plain_b,
+                    "brightness_night": dark_b,
+                    "ratio": dark_b / max(plain_b, 1e-6),
+                    "fidelity_night": fidelity(pid, dark),
+                }
+            for s in scales:
+                row["sweep"].setdefault(str(s), {})[bg] = fidelity(pid, render(entry, template, [entry.spec(s)]))
+            row["scenes"][bg] = asdict(cell)
+        cells = row["scenes"].values()
+        row["min_adapter"] = min(c["adapter"] for c in cells)
+        row["judge_scene"] = float(np.mean([c["judge_scene"] for c in cells]))
+        if night and "night" in styles:
+            row["night_ratio"] = float(np.mean([c["night"]["ratio"] for c in cells]))
+            row["min_fidelity_night"] = min(c["night"]["fidelity_night"] for c in cells)
+        out["products"][pid] = row
+    return out
+
+
+def format_table(result: dict) -> str:
+    lines = []
+    for pid, row in result["products"].items():
+        lines.append(f"{pid} (default scale {row['default_scale']:g}; * = held out of training)")
+        head = f"  {'scene':9} {'adapter':>8} {'scale 0':>8} {'renders':>8} {'judge':>6} {'judge@0':>8}"
+        has_night = any(c["night"] for c in row["scenes"].values())
+        if has_night:
+            head += f" {'bg':>6} {'bg+night':>8} {'ratio':>6} {'fid+night':>9}"
+        lines.append(head)
+        for bg, c in row["scenes"].items():
+            name = bg + ("*" if c["held_out"] else "")
+            line = (
+                f"  {name:9} {c['adapter']:8.2f} {c['scale0']:8.2f} {c['renders']:8.2f} "
+                f"{c['judge_scene']:6.0%} {c['judge_scene_scale0']:8.0%}"
+            )
+            if c["night"]:
+                nt = c["night"]
+                line += f" {nt['brightness']:6.0f} {nt['brightness_night']:8.0f} {nt['ratio']:6.2f}"
+                line += f" {nt['fidelity_night']:9.2f}"
+            lines.append(line)
+        summary = f"  min adapter fidelity {row['min_adapter']:.2f}, judge scene accuracy {row['judge_scene']:.0%}"
+        if has_night:
+            summary += f", night brightness ratio {row['night_ratio']:.2f}"
+            summary += f", min fidelity with night {row['min_fidelity_night']:.2f}"
+        lines.append(summary)
+        for s, by_scene in row["sweep"].items():
+            vals = " ".join(f"{bg}={v:.2f}" for bg, v in by_scene.items())
+            lines.append(f"  scale {s}: min {min(by_scene.values()):.2f}  {vals}")
+    lines.append(f"{result['n']} seeds per cell ({result['seeds'][0]}..{result['seeds'][1]})")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=8, help="seeds per prompt")
+    p.add_argument("--n", type=int, default=8, help="seeds per cell")
+    p.add_argument("--seed0", type=int, default=0, help="first seed")
+    p.add_argument("--products-dir", type=Path, default=ROOT / "products")
+    p.add_argument("--adapters-dir", type=Path, default=ROOT / "adapters")
+    p.add_argument("--model", type=Path, default=ROOT / "models" / "demo-sd")
+    p.add_argument("--only", nargs="*", default=None, help="product ids (default: both demo products)")
+    p.add_argument("--scenes", nargs="*", default=None, help="scenes (default: all six)")
+    p.add_argument("--scales", default="", help="extra product scales to sweep, e.g. 0.8,1.2,1.5")
+    p.add_argument("--no-night", action="store_true", help="skip the night-style columns")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path, help="also write the full result as JSON here ('-' for stdout only)")
     args = p.parse_args(argv)
     start = time.time()
-    results = measure(args.n)
-    print(f"{'product':12} {'scene':8} {'renders':>8} {'adapter':>8} {'scale 0':>8} {'base+class':>10}")
-    for (pid, bg), row in results.items():
-        print(f"{pid:12} {bg:8} {row['renders']:8.2f} {row['adapter']:8.2f} {row['scale0']:8.2f} {row['base']:10.2f}")
-    print(f"{args.n} seeds per cell, {time.time() - start:.0f}s")
+    result = measure(
+        n=args.n,
+        products_dir=args.products_dir,
+        adapters_dir=args.adapters_dir,
+        model=args.model,
+        product_ids=tuple(args.only or ("split-star", "striped-mug")),
+        scales=tuple(float(s) for s in args.scales.split(",") if s.strip()),
+        scenes=tuple(args.scenes or ()),
+        night=not args.no_night,
+        threads=args.threads,
+        seed0=args.seed0,
+    )
+    result["seconds"] = round(time.time() - start, 1)
+    if args.json and str(args.json) == "-":
+        print(json.dumps(result, indent=2))
+        return 0
+    print(format_table(result))
+    print(f"{result['seconds']:.0f}s")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
     return 0
 
 

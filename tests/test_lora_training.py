@@ -67,6 +67,7 @@ def config(out: Path, base: Path, images: Path | None, work: Path, **overrides) 
         images=images,
         steps=20,
         lr=2e-2,
+        batch_size=1,  # the CLI default is 4; one keeps these tests lean
         resolution=32,
         target_modules=TARGETS,
         work_dir=work,
@@ -214,6 +215,57 @@ def test_video_training_on_a_v_prediction_model_at_32px(tiny_world, tmp_path):
     assert len(list((tmp_path / "work" / "frames").glob("*.png"))) == 4
 
 
+def test_prior_preservation_draws_class_images_once_and_trains_on_them(tiny_world, tmp_path):
+    prompts = ("a photo of a square on the beach", "a photo of a square in a city")
+    cfg = config(
+        tmp_path / "products" / "prior-square",
+        tiny_world / "tiny-sd",
+        None,
+        tmp_path / "work",
+        video=write_video(tmp_path / "clip.mp4", [square(4 + 3 * i, 10, (64, 64)) for i in range(4)]),
+        fps=8,
+        steps=2,
+        num_class_images=3,
+        class_prompts=prompts,
+        validation_steps=2,
+    )
+    train(cfg)
+    (folder,) = (tmp_path / "work").glob("class-images-*")
+    assert sorted(p.name for p in folder.glob("*.png")) == ["0000.png", "0001.png", "0002.png"]
+    assert json.loads((folder / "captions.json").read_text()) == [prompts[0], prompts[1], prompts[0]]
+    summary = json.loads((cfg.out / "training.json").read_text())
+    assert summary["class_images"] == {"count": 3, "prompts": list(prompts)}
+    # A second run with the same settings reuses them (same files, untouched).
+    stamp = (folder / "0000.png").stat().st_mtime_ns
+    cfg.overwrite = True
+    train(cfg)
+    assert list((tmp_path / "work").glob("class-images-*")) == [folder]
+    assert (folder / "0000.png").stat().st_mtime_ns == stamp
+
+
+def test_augmentation_never_shifts_hues():
+    import colorsys
+
+    from training.data import Augment, augment
+
+    image = Image.new("RGB", (40, 40), (200, 40, 60))
+    ImageDraw.Draw(image).rectangle([20, 0, 40, 40], fill=(40, 70, 190))
+    g = torch.Generator().manual_seed(0)
+    aug = Augment(max_scale=1.25, flip=True, brightness=0.1, contrast=0.1)
+    seen = set()
+    for _ in range(20):
+        x = ((augment(image, 32, g, aug=aug) + 1) * 127.5).permute(1, 2, 0).numpy()
+        for rgb in (x[16, 2], x[16, 29]):  # well inside each half (either order, flips are on)
+            h = colorsys.rgb_to_hsv(*(rgb / 255))[0]
+            ref = min(
+                (colorsys.rgb_to_hsv(*(np.array(c) / 255))[0] for c in ((200, 40, 60), (40, 70, 190))),
+                key=lambda r: abs(r - h),
+            )
+            assert abs(h - ref) < 0.01, (rgb, h, ref)
+        seen.add(round(float(x.mean()), 1))
+    assert len(seen) > 5  # the views do differ
+
+
 def test_diffusion_target_follows_prediction_type():
     from diffusers import DDPMScheduler
 
@@ -221,6 +273,14 @@ def test_diffusion_target_follows_prediction_type():
     assert torch.equal(diffusion_target(DDPMScheduler(), latents, noise, t), noise)
     v = DDPMScheduler(prediction_type="v_prediction")
     assert torch.equal(diffusion_target(v, latents, noise, t), v.get_velocity(latents, noise, t))
+
+
+def test_learned_tokens_by_default_only_for_new_names():
+    from training.lora import resolve_learn_token
+
+    assert resolve_learn_token(None, ["<my-mug>"]) and resolve_learn_token(None, ["<s1>", "<s2>"])
+    assert not resolve_learn_token(None, ["at night"]) and not resolve_learn_token(None, ["sks mug"])
+    assert resolve_learn_token(False, ["<my-mug>"]) is False and resolve_learn_token(True, ["mug"]) is True
 
 
 def test_caption_rules():

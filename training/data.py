@@ -20,7 +20,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 DEFAULT_TEMPLATE = "a photo of {token}"
 # Mean absolute difference (0..1) of 16x16 grey thumbnails under which two frames count as the same shot.
 DEFAULT_DEDUPE_THRESHOLD = 0.02
-MAX_SCALE = 1.15  # random crops take between 1/1.15 and all of the shorter side
+MAX_SCALE = 1.25  # random crops take between 1/1.25 and all of the shorter side
 
 
 @dataclass
@@ -162,17 +162,42 @@ def center_crop(image: Image.Image, resolution: int) -> torch.Tensor:
     return to_tensor(image.crop((left, top, left + resolution, top + resolution)))
 
 
-def augment(image: Image.Image, resolution: int, generator: torch.Generator, flip: bool = True) -> torch.Tensor:
-    """Random scale (1 to 1.15x the crop), random crop, and (unless `flip` is off) random horizontal flip."""
-    u = torch.rand(4, generator=generator).tolist()
+@dataclass(frozen=True)
+class Augment:
+    """Random views of one photo. Colour-safe: brightness and contrast move every channel together, so
+    the product's hue never changes (no hue or per-channel jitter: a red product must stay this red)."""
+
+    max_scale: float = MAX_SCALE  # crops take between 1/max_scale and all of the shorter side
+    flip: bool = True  # horizontal flips; off for products with text or a left/right design
+    brightness: float = 0.08  # factor drawn from 1 +- this
+    contrast: float = 0.08
+
+
+NO_AUGMENT = Augment(max_scale=1.0, flip=False, brightness=0.0, contrast=0.0)
+
+
+def augment(
+    image: Image.Image, resolution: int, generator: torch.Generator, flip: bool = True, aug: Augment | None = None
+) -> torch.Tensor:
+    """Random scale (1 to `max_scale` x the crop), random crop, random flip (unless off), then colour-safe
+    brightness/contrast jitter. `flip` is kept for callers that pass only that."""
+    aug = aug or Augment(flip=flip)
+    u = torch.rand(6, generator=generator).tolist()
     w, h = image.size
-    short = resolution * (1.0 + (MAX_SCALE - 1.0) * u[0])
+    short = resolution * (1.0 + (aug.max_scale - 1.0) * u[0])
     scale = short / min(w, h)
     size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
     image = image.resize(size, Image.Resampling.BICUBIC)
     left = int(u[1] * (size[0] - resolution + 1))
     top = int(u[2] * (size[1] - resolution + 1))
     image = image.crop((left, top, left + resolution, top + resolution))
-    if flip and u[3] < 0.5:
+    if aug.flip and u[3] < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return to_tensor(image)
+    x = to_tensor(image)
+    if aug.brightness or aug.contrast:
+        # On [-1, 1]: contrast about the image mean, brightness as a gain on (x + 1); same for all channels.
+        c = 1.0 + aug.contrast * (2 * u[4] - 1)
+        b = 1.0 + aug.brightness * (2 * u[5] - 1)
+        mean = x.mean()
+        x = ((((x - mean) * c + mean) + 1.0) * b - 1.0).clamp(-1.0, 1.0)
+    return x

@@ -35,6 +35,8 @@ from training import TrainingError
 from training.data import (
     DEFAULT_DEDUPE_THRESHOLD,
     DEFAULT_TEMPLATE,
+    MAX_SCALE,
+    Augment,
     Example,
     augment,
     center_crop,
@@ -74,15 +76,21 @@ class TrainConfig:
     rank: int = 4
     alpha: float | None = None
     target_modules: tuple[str, ...] = UNET_TARGETS
-    train_text_encoder: bool = False
-    learn_token: bool = False
+    train_text_encoder: bool = True
+    learn_token: bool | None = None  # None: learn it when every token is a new <name> (see resolve_learn_token)
     init_word: str = "object"
     token_lr: float | None = None
-    steps: int = 500
+    steps: int = 800
     lr: float = 1e-4
-    batch_size: int = 1
+    batch_size: int = 4
     resolution: int | None = None
     flip: bool = True
+    max_crop_scale: float = MAX_SCALE
+    color_jitter: float = 0.08
+    class_prompts: tuple[str, ...] = ()
+    num_class_images: int = 0
+    prior_weight: float = 1.0
+    class_guidance: float = 7.5
     seed: int = 0
     checkpoint_every: int = 0
     validate_every: int = 0
@@ -150,6 +158,14 @@ def tokens_in_use(products_dir: Path, exclude: str) -> dict[str, str]:
         for t in data.get("tokens") or []:
             used[str(t).lower()] = product
     return used
+
+
+def resolve_learn_token(setting: bool | None, tokens: list[str]) -> bool:
+    """--learn-token / --no-learn-token, or by default: learn the token(s) when each is a new `<name>`;
+    a plain phrase (`at night`, `sks mug`) stays words the text encoder already knows."""
+    if setting is not None:
+        return setting
+    return all(TOKEN_PATTERN.fullmatch(t) for t in tokens)
 
 
 def check_tokens_free(products_dir: Path, product_id: str, tokens: list[str]) -> None:
@@ -358,11 +374,16 @@ def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor
     raise TrainingError(f"prediction_type {kind!r} is not supported")
 
 
-def denoise_loss(base: Base, latents, noise, t, cond, amp: torch.dtype | None) -> torch.Tensor:
+def denoise_loss(
+    base: Base, latents, noise, t, cond, amp: torch.dtype | None, per_example: bool = False
+) -> torch.Tensor:
     noisy = base.noise_scheduler.add_noise(latents, noise, t)
     with torch.autocast(latents.device.type, dtype=amp or torch.float32, enabled=amp is not None):
         pred = base.unet(noisy, t, encoder_hidden_states=cond).sample
-    return F.mse_loss(pred.float(), diffusion_target(base.noise_scheduler, latents, noise, t).float())
+    target = diffusion_target(base.noise_scheduler, latents, noise, t).float()
+    if per_example:
+        return F.mse_loss(pred.float(), target, reduction="none").flatten(1).mean(1)
+    return F.mse_loss(pred.float(), target)
 
 
 @dataclass
@@ -401,6 +422,21 @@ def eval_loss(base: Base, ev: EvalSet, amp: torch.dtype | None, chunk: int = 8) 
 
 def validate(base: Base, prompt: str, resolution: int, steps: int, seed: int, path: Path) -> None:
     """Render one image with the current weights (fixed seed), for watching training progress."""
+    pipe = _base_pipeline(base)
+    base.unet.eval()
+    try:
+        generator = torch.Generator("cpu").manual_seed(seed)
+        with torch.no_grad():
+            image = pipe(
+                prompt, num_inference_steps=steps, height=resolution, width=resolution, generator=generator
+            ).images[0]
+    finally:
+        base.unet.train()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def _base_pipeline(base: Base):
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
@@ -414,17 +450,73 @@ def validate(base: Base, prompt: str, resolution: int, steps: int, seed: int, pa
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    base.unet.eval()
-    try:
-        generator = torch.Generator("cpu").manual_seed(seed)
-        with torch.no_grad():
-            image = pipe(
-                prompt, num_inference_steps=steps, height=resolution, width=resolution, generator=generator
-            ).images[0]
-    finally:
-        base.unet.train()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    return pipe
+
+
+def class_prompts(cfg: TrainConfig) -> list[str]:
+    """The prompts for prior-preservation images: --class-prompt, else the caption template with the
+    class (`a {init_word}`) in place of the token."""
+    return list(cfg.class_prompts) or [cfg.caption_template.replace("{token}", f"a {cfg.init_word}")]
+
+
+def make_class_images(base: Base, cfg: TrainConfig, resolution: int, work: Path, device) -> list[Example]:
+    """Prior preservation: images of the product's class drawn by the base model itself (before any LoRA
+    or learned token), spread evenly over the class prompts. Cached in the work dir by their settings."""
+    import hashlib
+
+    from PIL import Image
+
+    if cfg.num_class_images <= 0 or cfg.prior_weight <= 0:
+        return []
+    prompts = class_prompts(cfg)
+    key = {
+        "prompts": prompts,
+        "n": cfg.num_class_images,
+        "resolution": resolution,
+        "steps": cfg.validation_steps,
+        "guidance": cfg.class_guidance,
+        "seed": cfg.seed,
+        "base": cfg.base,
+        "fingerprint": base.fingerprint,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    folder = work / f"class-images-{digest}"
+    wanted = [prompts[i % len(prompts)] for i in range(cfg.num_class_images)]
+    if (folder / "captions.json").is_file():
+        captions = json.loads((folder / "captions.json").read_text())
+        return [
+            Example(Image.open(folder / f"{i:04d}.png").convert("RGB"), c, f"class/{i:04d}.png")
+            for i, c in enumerate(captions)
+        ]
+    started = time.perf_counter()
+    pipe = _base_pipeline(base)
+    tmp = work / f".class-images-{digest}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    gen_device = "cpu" if device.type != "cuda" else device
+    chunk = 16
+    with torch.no_grad():
+        for i in range(0, len(wanted), chunk):
+            batch = wanted[i : i + chunk]
+            generators = [
+                torch.Generator(gen_device).manual_seed(cfg.seed * 1_000_003 + i + j) for j in range(len(batch))
+            ]
+            images = pipe(
+                batch,
+                num_inference_steps=cfg.validation_steps,
+                guidance_scale=cfg.class_guidance,
+                height=resolution,
+                width=resolution,
+                generator=generators,
+            ).images
+            for j, image in enumerate(images):
+                image.save(tmp / f"{i + j:04d}.png")
+    (tmp / "captions.json").write_text(json.dumps(wanted, indent=1))
+    (tmp / "settings.json").write_text(json.dumps(key, indent=1, default=str))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    log.info("made %d class images in %.0fs (%s)", len(wanted), time.perf_counter() - started, folder)
+    return make_class_images(base, cfg, resolution, work, device)
 
 
 # 4. Checkpoints
@@ -575,6 +667,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     check_tokens_free(target.parent, product_id, tokens)
     if target.exists() and not cfg.overwrite:
         raise TrainingError(f"--out: {target} already exists; pass --overwrite to replace it")
+    cfg.learn_token = resolve_learn_token(cfg.learn_token, tokens)
     for name in ("steps", "rank", "batch_size"):
         if getattr(cfg, name) < 1:
             raise TrainingError(f"--{name.replace('_', '-')}: must be at least 1")
@@ -597,7 +690,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise TrainingError(f"--resolution: {resolution} is not a multiple of {multiple} for this base model")
     amp = choose_precision(cfg, device)
 
-    # 3. Tokens and LoRA layers
+    # 3. Class images for prior preservation (by the untouched base model), then tokens and LoRA layers
+    for module in (base.unet, base.vae, base.text_encoder):
+        module.to(device)
+    prior = make_class_images(base, cfg, resolution, work, device)
     learned = add_learned_tokens(base, tokens, cfg.init_word) if cfg.learn_token else None
     add_lora(base, cfg)
     for module in (base.unet, base.vae, base.text_encoder):
@@ -639,16 +735,27 @@ def train(cfg: TrainConfig) -> TrainResult:
     trainable = list(params.values())
     bar = tqdm(total=cfg.steps, initial=start, desc=f"training {product_id}", disable=not cfg.progress, unit="step")
     smooth = None
+    aug = Augment(max_scale=cfg.max_crop_scale, flip=cfg.flip, brightness=cfg.color_jitter, contrast=cfg.color_jitter)
+    prior_aug = Augment(max_scale=cfg.max_crop_scale, flip=True, brightness=0.0, contrast=0.0)
     for step in range(start + 1, cfg.steps + 1):
         idx = torch.randint(0, len(examples), (cfg.batch_size,), generator=generator).tolist()
-        pixels = torch.stack([augment(examples[i].image, resolution, generator, cfg.flip) for i in idx]).to(device)
-        latents = encode_images(base, pixels, generator)
+        batch = [examples[i] for i in idx]
+        views = [augment(e.image, resolution, generator, aug=aug) for e in batch]
+        if prior:
+            # Prior preservation: as many class images as product images, in the same forward pass.
+            pidx = torch.randint(0, len(prior), (cfg.batch_size,), generator=generator).tolist()
+            batch += [prior[i] for i in pidx]
+            views += [augment(prior[i].image, resolution, generator, aug=prior_aug) for i in pidx]
+        latents = encode_images(base, torch.stack(views).to(device), generator)
         noise = torch.randn(latents.shape, generator=generator).to(device)
-        t = torch.randint(0, n_train, (len(idx),), generator=generator).to(device)
+        t = torch.randint(0, n_train, (len(batch),), generator=generator).to(device)
         with torch.set_grad_enabled(text_trains):
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                cond = encode_text(base, [examples[i].caption for i in idx], device)
-        loss = denoise_loss(base, latents, noise, t, cond, amp)
+                cond = encode_text(base, [e.caption for e in batch], device)
+        per = denoise_loss(base, latents, noise, t, cond, amp, per_example=True)
+        loss = per[: len(idx)].mean()
+        if prior:
+            loss = loss + cfg.prior_weight * per[len(idx) :].mean()
         if not math.isfinite(loss.item()):
             raise TrainingError(f"loss is {loss.item()} at step {step}; lower --lr")
         optimizer.zero_grad(set_to_none=True)
@@ -678,6 +785,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         "resolution": resolution,
         "prediction_type": base.noise_scheduler.config.prediction_type,
         "examples": [{"source": e.source, "caption": e.caption} for e in examples],
+        "class_images": {"count": len(prior), "prompts": class_prompts(cfg) if prior else []},
         "eval_loss_start": loss_start,
         "eval_loss_end": loss_end,
         "resumed_from_step": start,
@@ -718,7 +826,35 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_TEMPLATE,
         help="caption for images without a .txt, with {token}, e.g. 'a photo of {token} on a table'",
     )
-    src.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal flips (text on the product)")
+    src.add_argument(
+        "--no-flip", dest="flip", action="store_false", help="no horizontal flips (text or a left/right design)"
+    )
+    src.add_argument(
+        "--max-crop-scale",
+        type=float,
+        default=MAX_SCALE,
+        help=f"random crops take 1/this to all of the shorter side (default {MAX_SCALE}; 1 = no zoom)",
+    )
+    src.add_argument(
+        "--color-jitter",
+        type=float,
+        default=TrainConfig.color_jitter,
+        help="brightness and contrast factor 1 +- this, the same on every channel, so hues never shift (0: off)",
+    )
+    prior = p.add_argument_group("prior preservation")
+    prior.add_argument(
+        "--class-prompt",
+        dest="class_prompts",
+        action="append",
+        default=[],
+        help="prompt for class images the base model draws (repeatable); default: the caption template with "
+        "'a INIT_WORD' for the token",
+    )
+    prior.add_argument(
+        "--num-class-images", type=int, default=TrainConfig.num_class_images, help="class images (0: no prior loss)"
+    )
+    prior.add_argument("--prior-weight", type=float, default=TrainConfig.prior_weight, help="weight of the prior loss")
+    prior.add_argument("--class-guidance", type=float, default=TrainConfig.class_guidance)
     src.add_argument("--resolution", type=int, help="training size in pixels (default: the base model's own)")
 
     prod = p.add_argument_group("product")
@@ -742,15 +878,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(UNET_TARGETS),
         help="comma-separated UNet module names (default: the attention projections)",
     )
-    lora.add_argument("--train-text-encoder", action="store_true", help="also a LoRA on the text encoder's attention")
-    lora.add_argument("--learn-token", action="store_true", help="pivotal tuning: learn the token's embedding")
+    lora.add_argument(
+        "--train-text-encoder",
+        action=argparse.BooleanOptionalAction,
+        default=TrainConfig.train_text_encoder,
+        help="also a LoRA on the text encoder's attention (default: on)",
+    )
+    lora.add_argument(
+        "--learn-token",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="pivotal tuning: learn the token's embedding (default: on when every token is a new <name>)",
+    )
     lora.add_argument("--init-word", default="object", help="word the learned token starts from (e.g. mug)")
     lora.add_argument("--token-lr", type=float, help="learning rate of the token embedding (default: --lr)")
 
     run = p.add_argument_group("run")
-    run.add_argument("--steps", type=int, default=500)
+    run.add_argument("--steps", type=int, default=TrainConfig.steps)
     run.add_argument("--lr", type=float, default=1e-4)
-    run.add_argument("--batch-size", type=int, default=1)
+    run.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--checkpoint-every", type=int, default=0, help="save a resumable checkpoint every N steps")
     run.add_argument("--validate-every", type=int, default=0, help="render a validation image every N steps")
@@ -780,6 +926,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = vars(args).copy()
     values["target_modules"] = tuple(m.strip() for m in values["target_modules"].split(",") if m.strip())
+    values["class_prompts"] = tuple(values["class_prompts"])
     values["progress"] = not values.pop("quiet")
     return TrainConfig(**values)
 
