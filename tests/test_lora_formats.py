@@ -552,8 +552,8 @@ async def test_generator_refuses_bad_adapters_and_keeps_serving(formats_generato
 
 
 def test_adapter_cache_keeps_token_embeddings_per_product(fresh, orders, tmp_path):
-    from services.generator.messages import AdapterSpec
     from services.generator.adapter_cache import AdapterCache
+    from services.generator.messages import AdapterSpec
 
     specs = []
     for seed in (14, 15):
