@@ -1,15 +1,19 @@
 """Render the demo products' training images and train their LoRAs (plus one style adapter) on the demo SD.
 
-    python -m demo.make_products                      # products/split-star, products/striped-mug, adapters/night
-    python -m demo.make_products --only night --steps 300
+    nice -n 10 python -m demo.make_products --threads 1   # products/split-star, products/striped-mug, adapters/night
+    python -m demo.make_products --only night --style-steps 700 --resume   # continue a run
 
-For each product: renders from `demo.world` on every background except the product's held-out ones
-(`HELD_OUT`, used by `demo.fidelity`), with captions in the world's style carrying the product token
-(`a photo of <split-star> on the beach`), then `python -m training.lora` with a learned token and a UNet
-LoRA on the attention and ResNet conv layers. The style adapter `night` is trained the same way on
-generic objects (every colour, shape and background) rendered darker and bluish, captioned
-`a photo of a red star on the beach, at night`; its manifest is rewritten as `kind: style`.
-Everything is seeded; renders and work dirs go to `.cache/demo-products/`.
+For each product: 40 renders per background from `demo.world` on every background except the product's
+held-out ones (`HELD_OUT`, used by `demo.fidelity`), with captions in the world's style carrying the
+product token (`a photo of <split-star> on the beach`), then `python -m training.lora` with a learned
+token, a text-encoder LoRA and a UNet LoRA on the attention and ResNet conv layers, hue-safe jitter, flips
+only where a mirror image is still the product (`FLIP`), and prior preservation: class images of the
+product's class in all six scenes plus the empty prompt (`class_prompts`). The default scale is then
+chosen by validation on the training scenes (`choose_scale`) and written into the manifest.
+The style adapter `night` is trained on generic objects (every colour, shape and background) with the
+background darkened and bluish and the object in its own colours, captioned `a photo of a red star on
+the beach, at night`, with the same scenes by day as class images; its manifest is rewritten as
+`kind: style`. Everything is seeded; renders and work dirs go to `.cache/demo-products/`.
 """
 
 from __future__ import annotations
@@ -246,12 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--products-dir", type=Path, default=ROOT / "products")
     p.add_argument("--adapters-dir", type=Path, default=ROOT / "adapters")
     p.add_argument("--only", nargs="*", default=None, help="ids to build (default: all)")
-    p.add_argument("--per-background", type=int, default=15, help="renders per training background")
-    p.add_argument("--style-images", type=int, default=60)
-    p.add_argument("--style-steps", type=int, default=150, help="steps for the style adapter")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--per-background", type=int, default=40, help="renders per training background")
+    p.add_argument("--style-images", type=int, default=120)
+    p.add_argument("--style-steps", type=int, default=300, help="steps for the style adapter")
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--no-text-encoder", dest="text_encoder", action="store_false", help="UNet LoRA and token only")
-    p.add_argument("--num-class-images", type=int, default=0, help="prior preservation: class images (0: off)")
+    p.add_argument("--num-class-images", type=int, default=140, help="prior preservation: class images (0: off)")
+    p.add_argument("--style-class-images", type=int, default=130, help="class images for the style adapter")
     p.add_argument("--prior-weight", type=float, default=1.0)
     p.add_argument("--color-jitter", type=float, default=0.08)
     p.add_argument("--max-crop-scale", type=float, default=1.25)
@@ -261,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--token-lr", type=float, default=5e-3)
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy CPU")
     args = p.parse_args(argv)
@@ -282,9 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         extra += ["--color-jitter", str(args.color_jitter), "--max-crop-scale", str(args.max_crop_scale)]
         extra += [] if FLIP[pid] else ["--no-flip"]
         extra += ["--train-text-encoder"] if args.text_encoder else ["--no-train-text-encoder"]
+        extra += ["--num-class-images", str(args.num_class_images), "--prior-weight", str(args.prior_weight)]
         if args.num_class_images:
             # The base model's own class in every demo scene: keeps its scenes while the product is learnt.
-            extra += ["--num-class-images", str(args.num_class_images), "--prior-weight", str(args.prior_weight)]
             for prompt in class_prompts(CLASS_PHRASES[pid]):
                 extra += ["--class-prompt", prompt]
         out = args.products_dir / pid
@@ -306,9 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         extra = ["--display-name", "Night", "--description", "dark, blue night light over any scene"]
         extra += ["--no-learn-token", "--color-jitter", "0"]
         extra += ["--train-text-encoder"] if args.text_encoder else ["--no-train-text-encoder"]
-        if args.num_class_images:
+        extra += ["--num-class-images", str(args.style_class_images), "--prior-weight", str(args.prior_weight)]
+        if args.style_class_images:
             # The same scenes by day: the LoRA learns the *difference* `at night` makes (see class_prompts).
-            extra += ["--num-class-images", str(args.num_class_images), "--prior-weight", str(args.prior_weight)]
             for prompt in class_prompts():
                 extra += ["--class-prompt", prompt]
         seconds = train(
@@ -321,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             tokens=[STYLE_PHRASE],
             adapter=manifest.get("adapter", "pytorch_lora_weights.safetensors"),
             default_scale=1.0,
-            description="dark, blue night light over any scene (trained on darkened renders of generic objects)",
+            description="night over any scene: the background dark and blue, the product still lit",
             base_model=manifest.get("base_model", ""),
         )
         (out / "manifest.yaml").write_text(yaml.safe_dump(fields, sort_keys=False))

@@ -68,6 +68,7 @@ def config(out: Path, base: Path, images: Path | None, work: Path, **overrides) 
         steps=20,
         lr=2e-2,
         batch_size=1,  # the CLI default is 4; one keeps these tests lean
+        num_class_images=0,  # prior preservation has its own test
         resolution=32,
         target_modules=TARGETS,
         work_dir=work,

@@ -88,7 +88,7 @@ class TrainConfig:
     max_crop_scale: float = MAX_SCALE
     color_jitter: float = 0.08
     class_prompts: tuple[str, ...] = ()
-    num_class_images: int = 0
+    num_class_images: int = 100
     prior_weight: float = 1.0
     class_guidance: float = 7.5
     seed: int = 0
@@ -455,8 +455,10 @@ def _base_pipeline(base: Base):
 
 def class_prompts(cfg: TrainConfig) -> list[str]:
     """The prompts for prior-preservation images: --class-prompt, else the caption template with the
-    class (`a {init_word}`) in place of the token."""
-    return list(cfg.class_prompts) or [cfg.caption_template.replace("{token}", f"a {cfg.init_word}")]
+    class (`a {init_word}`) in place of the token, and the empty prompt. The empty prompt is classifier-free
+    guidance's unconditional branch: kept as the base model draws it, guidance amplifies what the adapter
+    adds instead of cancelling it (docs/TRAINING.md, "What was tried")."""
+    return list(cfg.class_prompts) or [cfg.caption_template.replace("{token}", f"a {cfg.init_word}"), ""]
 
 
 def make_class_images(base: Base, cfg: TrainConfig, resolution: int, work: Path, device) -> list[Example]:
@@ -848,7 +850,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="prompt for class images the base model draws (repeatable); default: the caption template with "
-        "'a INIT_WORD' for the token",
+        "'a INIT_WORD' for the token, and the empty prompt (add --class-prompt '' to yours)",
     )
     prior.add_argument(
         "--num-class-images", type=int, default=TrainConfig.num_class_images, help="class images (0: no prior loss)"
