@@ -248,7 +248,10 @@ class CompiledAdapterCache:
         adapter = read_adapter(path, self.pipe)
         weights = adapter.weights
         state, alphas = self.pipe.lora_state_dict(dict(weights) if isinstance(weights, dict) else weights)
-        unet = {k: v for k, v in state.items() if k.startswith("unet.")}
+        from diffusers.utils import convert_unet_state_dict_to_peft
+
+        # One naming (PEFT's lora_A/lora_B) whatever the file's, so the slots' layout has one key per layer.
+        unet = convert_unet_state_dict_to_peft({k: v for k, v in state.items() if k.startswith("unet.")})
         rest = {k: v for k, v in state.items() if not k.startswith("unet.")}
         return unet, (rest, alphas), adapter
 
