@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", default=None, help="ids to build (default: all)")
     p.add_argument("--per-background", type=int, default=40, help="renders per training background")
     p.add_argument("--style-images", type=int, default=120)
-    p.add_argument("--style-steps", type=int, default=300, help="steps for the style adapter")
+    p.add_argument("--style-steps", type=int, default=1200, help="steps for the style adapter")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--no-text-encoder", dest="text_encoder", action="store_false", help="UNet LoRA and token only")
     p.add_argument("--num-class-images", type=int, default=140, help="prior preservation: class images (0: off)")
