@@ -78,7 +78,7 @@ async def test_lists_demo_products_and_templates(demo_stub):
 CELL_FLOOR = 0.8
 # Cells where the shipped adapters miss issue 11's goal (all held out of training; docs/FIDELITY.md): they
 # are checked by a strict expected failure, so the day they pass the mark must go.
-KNOWN_MISSES = {("split-star", "black"), ("striped-mug", "flowers"), ("striped-mug", "city")}
+KNOWN_MISSES = {("split-star", "black"), ("striped-mug", "city")}
 HELD_OUT_CELLS = [(pid, bg) for pid in DEMO_PRODUCTS for bg in HELD_OUT[pid]]
 
 
@@ -104,19 +104,34 @@ async def test_product_adapter_raises_fidelity_on_held_out_scenes(demo_stub, pro
     assert with_adapter >= CELL_FLOOR and without <= 0.2, (with_adapter, without)
 
 
-async def test_style_adapter_darkens_the_scene_and_keeps_the_product(demo_stub):
+NIGHT_CASES = (("split-star", "demo-beach"), ("striped-mug", "demo-city"))
+
+
+async def night_effect(stub, product_id: str, template: str) -> tuple[float, float]:
+    """(background brightness with the night style / without, product fidelity with it)."""
     from demo.fidelity import background_brightness, fidelity
 
-    for product_id, template in (("split-star", "demo-beach"), ("striped-mug", "demo-city")):
-        kw = dict(product_id=product_id, template_id=template)
-        plain = await images(demo_stub, **kw)
-        styled = await images(demo_stub, adapters=[(STYLE, 1.0)], **kw)
-        ratio = np.mean([background_brightness(im) for im in styled]) / np.mean(
-            [background_brightness(im) for im in plain]
-        )
-        kept = fidelity(product_id, styled)
-        print(f"{product_id} {template} + night: background brightness x{ratio:.2f}, fidelity {kept:.2f}")
-        assert ratio <= 0.5 and kept >= CELL_FLOOR, (product_id, ratio, kept)
+    kw = dict(product_id=product_id, template_id=template)
+    plain = await images(stub, **kw)
+    styled = await images(stub, adapters=[(STYLE, 1.0)], **kw)
+    ratio = np.mean([background_brightness(im) for im in styled]) / np.mean([background_brightness(im) for im in plain])
+    kept = fidelity(product_id, styled)
+    print(f"{product_id} {template} + night: background brightness x{ratio:.2f}, fidelity {kept:.2f}")
+    return float(ratio), kept
+
+
+async def test_style_adapter_darkens_the_scene_and_keeps_the_product(demo_stub):
+    # Measured with 8 seeds: x0.54 / 0.89 (split-star, beach), x0.66 / 0.85 (mug, city); docs/FIDELITY.md.
+    for product_id, template in NIGHT_CASES:
+        ratio, kept = await night_effect(demo_stub, product_id, template)
+        assert ratio <= 0.8 and kept >= 0.7, (product_id, ratio, kept)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 11 night goal (background at most half as bright) not reached")
+async def test_style_adapter_halves_the_background(demo_stub):
+    for product_id, template in NIGHT_CASES:
+        ratio, _ = await night_effect(demo_stub, product_id, template)
+        assert ratio <= 0.5, (product_id, ratio)
 
 
 SCENES = {
