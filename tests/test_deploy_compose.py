@@ -17,9 +17,7 @@ import yaml
 from tests.conftest import ROOT
 
 BIN = Path(sys.executable).parent
-_VAR = re.compile(
-    r"\$(?:\$|\{(?P<braced>[A-Za-z_]\w*)(?P<op>:?[-?])?(?P<arg>[^}]*)\}|(?P<bare>[A-Za-z_]\w*))"
-)
+_VAR = re.compile(r"\$(?:\$|\{(?P<braced>[A-Za-z_]\w*)(?P<op>:?[-?])?(?P<arg>[^}]*)\}|(?P<bare>[A-Za-z_]\w*))")
 
 
 def env_example() -> dict[str, str]:
