@@ -416,7 +416,7 @@ class Scheduler:
 
     def _dispatch(self) -> None:
         ready = self.ready_workers
-        idle = [w for w in ready if w.job is None]
+        idle = [w for w in ready if w.job is None and w.conn is not None]
         while idle:
             ticket = self._next_ticket()
             if ticket is None:
@@ -565,6 +565,9 @@ class Scheduler:
         cause = "was killed by the watchdog" if w.hung else _describe_exit(process.exitcode)
         log.error("worker %s %s%s", w.device, cause, "" if was_ready else " while starting")
         job, w.job, w.job_limit = w.job, None, math.inf
+        # Not ready from here on: requeueing can fail a request, whose cancel dispatches again, and a
+        # job handed to this dead slot would never be sent nor requeued (the request hung until its deadline).
+        w.state = WorkerState.RESTARTING
         if job is not None:
             self._requeue(job, w)
         if was_ready and time.monotonic() - w.ready_since >= self.policy.healthy_s:
