@@ -268,10 +268,13 @@ async def test_stop_says_how_many_images_were_kept(stack, browser_page):
     page, _ = browser_page
     await open_page(page, stack)
     cancelled = stack.metric("pia_requests_total", 'outcome="cancelled"')
-    await set_number(page, "num-images", "4")
+    # Long enough that Stop always lands mid-run: 4 images of 20 steps finished within the checks below
+    # on a fast CI machine (the run said "Done" before Stop was pressed).
+    await set_number(page, "num-images", "16")
+    await advanced(page, steps=150)
     await page.get_by_text("Show step previews while generating").click()
     await page.locator("#generate").click()
-    await page.locator("#status").get_by_text(re.compile(r"Image \d of 4: step")).wait_for(timeout=120_000)
+    await page.locator("#status").get_by_text(re.compile(r"Image \d+ of 16: step")).wait_for(timeout=120_000)
     # The live preview's frame is the preview itself, enlarged by a whole number with a pixel-exact filter.
     live = page.locator("#preview img")
     await live.wait_for(timeout=60_000)
@@ -281,7 +284,8 @@ async def test_stop_says_how_many_images_were_kept(stack, browser_page):
     assert (box["width"], box["height"]) == (side * factor, side * factor) and 128 <= side * factor <= 256, caption
     assert await live.evaluate("img => getComputedStyle(img).imageRendering") == "pixelated"
     await page.locator("#stop").click()
-    await page.locator("#status").get_by_text(re.compile(r"Stopped after [0-3] of 4 images")).wait_for(timeout=60_000)
+    stopped = re.compile(r"Stopped after ([0-9]|1[0-5]) of 16 images")
+    await page.locator("#status").get_by_text(stopped).wait_for(timeout=60_000)
     assert await page.locator("#generate").is_enabled() and not await page.locator("#stop").is_enabled()
     for _ in range(100):
         if stack.metric("pia_requests_total", 'outcome="cancelled"') > cancelled:
@@ -296,6 +300,7 @@ async def test_closing_the_tab_cancels_its_run(stack, browser_page):
     cancelled = stack.metric("pia_requests_total", 'outcome="cancelled"')
     images = stack.metric("pia_images_generated_total")
     await set_number(page, "num-images", "8")
+    await advanced(page, steps=150)  # a run that cannot finish before the tab closes
     await page.locator("#generate").click()
     await page.locator("#status").get_by_text(re.compile(r"Image \d of 8: step")).wait_for(timeout=120_000)
     await page.close()
