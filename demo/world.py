@@ -214,11 +214,27 @@ def random_placement(rng: np.random.Generator) -> tuple[float, float, float]:
 
 def render_product(product_id: str, background: str, rng: np.random.Generator, size: int = 32) -> Image.Image:
     """Render product `product_id` on `background` at a random placement drawn from `rng`."""
+    return render_product_and_mask(product_id, background, rng, size)[0]
+
+
+def render_product_and_mask(
+    product_id: str, background: str, rng: np.random.Generator, size: int = 32
+) -> tuple[Image.Image, Image.Image]:
+    """`render_product` (the same draws from `rng`) and the product's coverage as an "L" mask (255 = product),
+    anti-aliased like the image. Coverage is where the product drawn over black and over white agree, so a
+    product's own black or white parts count as product."""
     product = get_product(product_id)
     cx, cy, r = random_placement(rng)
     img, draw, k = _canvas(background, size, int(rng.integers(0, 2**31)))
     product.draw(draw, cx * k, cy * k, r * k)
-    return _finish(img, size)
+    big = size * SUPERSAMPLE
+    on = []
+    for colour in ("black", "white"):
+        canvas = Image.new("RGB", (big, big), colour)
+        product.draw(ImageDraw.Draw(canvas), cx * k, cy * k, r * k)
+        on.append(np.asarray(canvas, dtype=np.int16))
+    covered = (np.abs(on[0] - on[1]).max(axis=-1) == 0).astype(np.uint8) * 255
+    return _finish(img, size), Image.fromarray(covered, "L").resize((size, size), Image.LANCZOS)
 
 
 def all_triples() -> list[tuple[str, str, str]]:

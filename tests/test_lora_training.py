@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from productinaction.v1 import generator_pb2 as pb
 from productinaction.v1 import generator_pb2_grpc
 from tests.conftest import generator_settings, render_product
+from training import TrainingError
 from training.data import drop_near_duplicates, extract_video_frames, make_caption
 from training.lora import TrainConfig, diffusion_target, main, train
 
@@ -267,6 +268,74 @@ def test_augmentation_never_shifts_hues():
     assert len(seen) > 5  # the views do differ
 
 
+def test_product_masks_come_from_a_mask_file_the_alpha_or_a_plain_background(tmp_path):
+    from training.data import product_mask, read_image_folder
+
+    square(10, 10).save(tmp_path / "plain.png")  # light plain background: found
+    cutout = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+    ImageDraw.Draw(cutout).ellipse([5, 5, 30, 30], fill=(20, 20, 200, 255))
+    cutout.save(tmp_path / "cutout.png")
+    rng = np.random.default_rng(0)
+    scene = Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))  # a busy scene: none
+    scene.save(tmp_path / "scene.png")
+    scene.save(tmp_path / "given.png")
+    given = Image.new("L", (40, 40), 0)
+    ImageDraw.Draw(given).rectangle([0, 0, 19, 39], fill=255)
+    given.save(tmp_path / "given.mask.png")
+    items = {p.name: (im, p) for im, _, p in read_image_folder(tmp_path)}
+    assert sorted(items) == ["cutout.png", "given.png", "plain.png", "scene.png"]  # a mask is not a photo
+    masks = {name: product_mask(p, im) for name, (im, p) in items.items()}
+    assert [masks[n][1] for n in ("given.png", "cutout.png", "plain.png")] == ["mask file", "alpha", "found"]
+    assert np.array_equal(np.asarray(masks["given.png"][0]), np.asarray(given))
+    assert np.array_equal(np.asarray(masks["cutout.png"][0]) >= 128, np.asarray(cutout)[..., 3] >= 128)
+    found = np.asarray(masks["plain.png"][0]) > 0
+    assert found[10:41, 10:41].all() and found.sum() == 31 * 31  # exactly the square
+    assert masks["scene.png"][0] is None and "not light" in masks["scene.png"][1]
+    (tmp_path / "given.mask.png").write_bytes(Image.new("L", (8, 8)).tobytes())  # not an image
+    with pytest.raises(TrainingError, match=r"given\.mask\.png"):
+        product_mask(*reversed(items["given.png"]))
+
+
+def test_background_swap_keeps_the_product_and_varies_the_background():
+    from training.data import swap_background
+
+    image = square(20, 20, (64, 64))
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle([20, 20, 50, 50], fill=255)
+    inside = np.asarray(mask) == 255
+    g = torch.Generator().manual_seed(0)
+    lumas = []
+    for _ in range(40):
+        out = np.asarray(swap_background(image, mask, g))
+        assert np.array_equal(out[inside], np.asarray(image)[inside])  # the product's own pixels
+        lumas.append(out[~inside].mean())
+    assert min(lumas) < 60 and max(lumas) > 190  # dark and light backgrounds both come up
+
+
+def test_swapped_views_are_captioned_without_the_scene(tiny_world, photos, tmp_path, monkeypatch, caplog):
+    """Every view swapped (share 1): the captions the text encoder sees are the scene-free template."""
+    import training.lora
+
+    calls: list[list[str]] = []
+    real = training.lora.encode_text
+
+    def spy(base, captions, device):
+        calls.append(list(captions))
+        return real(base, captions, device)
+
+    monkeypatch.setattr(training.lora, "encode_text", spy)
+    caplog.set_level("INFO", logger="training.lora")
+    cfg = config(tmp_path / "p" / "swapped", tiny_world / "tiny-sd", photos, tmp_path / "w", steps=3, background_swap=1)
+    train(cfg)
+    assert "4 of 4 images have a product mask (found: 4)" in caplog.text
+    steps = [c for c in calls if len(c) == 1]  # batch size 1; the evaluation passes encode 8 at a time
+    assert steps == [["a photo of <red-square>"]] * 3
+    # The evaluation set keeps the photos' own captions, "on a grey table" included.
+    assert any("a photo of <red-square> on a grey table" in c for c in calls if len(c) > 1)
+    summary = json.loads((cfg.out / "training.json").read_text())
+    assert all(e["mask"] for e in summary["examples"])
+
+
 def test_diffusion_target_follows_prediction_type():
     from diffusers import DDPMScheduler
 
@@ -407,6 +476,7 @@ def test_bad_inputs_fail_clearly(tiny_world, photos, products, trained, tmp_path
         (["--images", str(photos), "--token", "<n>", "--resolution", "30"], "not a multiple of 4", ""),
         (["--video", str(tmp_path / "missing.mp4"), "--token", "<n>"], "--video:", "missing"),
         (["--images", str(photos), "--token", "<n>", "--out", str(products / "bad id!")], "not a valid product id", ""),
+        (["--images", str(photos), "--token", "<n>", "--background-swap", "1.5"], "--background-swap: a share", "1.5"),
     ]
     for args, message, detail in cases:
         argv = ["--base", base, "--out", out, "--work-dir", str(tmp_path / "w"), *cli(*args)]

@@ -1,5 +1,6 @@
-"""Training data for a product LoRA: an image folder (with optional `.txt` captions) or video frames,
-captions from a template, and the random crop/flip augmentation.
+"""Training data for a product LoRA: an image folder (with optional `.txt` captions and `.mask.png`
+masks) or video frames, captions from a template, the random crop/flip augmentation and the background
+swap (the product cut out by its mask and put on a random background).
 """
 
 from __future__ import annotations
@@ -23,11 +24,15 @@ DEFAULT_DEDUPE_THRESHOLD = 0.02
 MAX_SCALE = 1.25  # random crops take between 1/1.25 and all of the shorter side
 
 
+MASK_SUFFIX = ".mask.png"
+
+
 @dataclass
 class Example:
     image: Image.Image
     caption: str
     source: str
+    mask: Image.Image | None = None  # "L", 255 = product; enables the background swap
 
 
 def _rgb(image: Image.Image) -> Image.Image:
@@ -41,11 +46,16 @@ def _rgb(image: Image.Image) -> Image.Image:
 
 
 def read_image_folder(folder: str | Path) -> list[tuple[Image.Image, str | None, Path]]:
-    """(image, sidecar caption or None, path) for every image in `folder`; errors name every bad file."""
+    """(image, sidecar caption or None, path) for every image in `folder` (`NAME.mask.png` files are masks,
+    not images); errors name every bad file."""
     folder = Path(folder)
     if not folder.is_dir():
         raise TrainingError(f"--images: {folder} is not a folder")
-    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.lower().endswith(MASK_SUFFIX)
+    )
     if not paths:
         raise TrainingError(f"--images: no images in {folder} (looked for {', '.join(IMAGE_SUFFIXES)})")
     items, bad = [], []
@@ -63,6 +73,52 @@ def read_image_folder(folder: str | Path) -> list[tuple[Image.Image, str | None,
     if bad:
         raise TrainingError(f"--images: cannot read {len(bad)} of {len(paths)} images in {folder}: " + "; ".join(bad))
     return items
+
+
+def product_mask(path: Path, image: Image.Image) -> tuple[Image.Image | None, str]:
+    """The product's mask for one photo and where it came from: `NAME.mask.png` beside it (grey, 255 =
+    product), else the photo's own alpha (an RGBA cutout), else found on a plain light background by the
+    placement mode's finder; (None, reason) when there is none (a product in a scene)."""
+    sidecar = path.with_name(path.stem + MASK_SUFFIX)
+    if sidecar.is_file():
+        try:
+            with Image.open(sidecar) as m:
+                mask = m.convert("L")
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise TrainingError(f"--images: cannot read the mask {sidecar.name} ({exc})") from exc
+        if mask.size != image.size:
+            raise TrainingError(f"--images: {sidecar.name} is {mask.size}, its photo {path.name} is {image.size}")
+        return mask, "mask file"
+    with Image.open(path) as im:
+        if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+            alpha = ImageOps.exif_transpose(im).convert("RGBA").getchannel("A")
+            if alpha.getextrema()[0] < 128:  # some of it transparent: a real cutout
+                return alpha, "alpha"
+    from services.common.errors import InvalidArgument
+    from services.generator.placement import find_mask
+
+    try:
+        found = find_mask(np.asarray(image))
+    except InvalidArgument as exc:
+        return None, exc.problem
+    return Image.fromarray(found.astype(np.uint8) * 255, "L"), "found"
+
+
+def swap_background(image: Image.Image, mask: Image.Image, generator: torch.Generator) -> Image.Image:
+    """The product (by its mask) over a random background: a plain colour or a two-colour gradient, any
+    brightness from black to white, so the adapter learns the product apart from the backgrounds it was
+    photographed on (a product shot only on light backgrounds otherwise comes out dim on a dark one)."""
+    u = torch.rand(8, generator=generator).tolist()
+    w, h = image.size
+    a, b = np.array(u[0:3]) * 255, np.array(u[3:6]) * 255
+    if u[6] < 0.5:
+        b = a  # plain
+    t = np.linspace(0.0, 1.0, h if u[7] < 0.75 else w, dtype=np.float32)[:, None]
+    ramp = a * (1 - t) + b * t
+    background = np.broadcast_to(ramp[:, None, :], (h, w, 3)) if u[7] < 0.75 else np.broadcast_to(ramp, (h, w, 3))
+    alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255.0
+    out = np.asarray(image, dtype=np.float32) * alpha + background * (1 - alpha)
+    return Image.fromarray(np.clip(out, 0, 255).round().astype(np.uint8))
 
 
 def thumbnail(image: Image.Image, size: int = 16) -> np.ndarray:

@@ -42,7 +42,9 @@ from training.data import (
     center_crop,
     extract_video_frames,
     make_caption,
+    product_mask,
     read_image_folder,
+    swap_background,
 )
 
 log = logging.getLogger("training.lora")
@@ -87,6 +89,7 @@ class TrainConfig:
     flip: bool = True
     max_crop_scale: float = MAX_SCALE
     color_jitter: float = 0.08
+    background_swap: float = 0.3  # share of product views put on a random background (photos with a mask)
     class_prompts: tuple[str, ...] = ()
     num_class_images: int = 100
     prior_weight: float = 1.0
@@ -184,11 +187,26 @@ def load_examples(cfg: TrainConfig, phrase: str, work: Path) -> list[Example]:
     if cfg.video:
         video = extract_video_frames(cfg.video, cfg.fps, cfg.dedupe_threshold, work / "frames")
         caption = make_caption(phrase, cfg.caption_template)
-        return [Example(f, caption, f"{Path(cfg.video).name}#{i}") for i, f in enumerate(video.frames)]
-    return [
-        Example(image, make_caption(phrase, cfg.caption_template, sidecar), path.name)
-        for image, sidecar, path in read_image_folder(cfg.images)
-    ]
+        examples = [Example(f, caption, f"{Path(cfg.video).name}#{i}") for i, f in enumerate(video.frames)]
+        paths = [work / "frames" / f"frame-{i:04d}.png" for i in range(len(examples))]
+    else:
+        items = read_image_folder(cfg.images)
+        examples = [Example(im, make_caption(phrase, cfg.caption_template, sc), p.name) for im, sc, p in items]
+        paths = [p for _, _, p in items]
+    if cfg.background_swap > 0:
+        sources: dict[str, int] = {}
+        for example, path in zip(examples, paths, strict=True):
+            example.mask, source = product_mask(path, example.image)
+            key = source if example.mask is not None else "none"
+            sources[key] = sources.get(key, 0) + 1
+        log.info(
+            "background swap (%.0f%% of views): %d of %d images have a product mask (%s)",
+            100 * cfg.background_swap,
+            len(examples) - sources.get("none", 0),
+            len(examples),
+            ", ".join(f"{k}: {v}" for k, v in sorted(sources.items())),
+        )
+    return examples
 
 
 # 2. Base model
@@ -673,6 +691,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     for name in ("steps", "rank", "batch_size"):
         if getattr(cfg, name) < 1:
             raise TrainingError(f"--{name.replace('_', '-')}: must be at least 1")
+    if not 0.0 <= cfg.background_swap <= 1.0:
+        raise TrainingError(f"--background-swap: a share between 0 and 1, got {cfg.background_swap}")
     work = Path(cfg.work_dir) if cfg.work_dir else Path(".cache") / "training" / product_id
     work.mkdir(parents=True, exist_ok=True)
     examples = load_examples(cfg, phrase, work)
@@ -728,6 +748,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         if start >= cfg.steps:
             raise TrainingError(f"--resume: {checkpoint} is at step {start}, --steps is {cfg.steps}")
     validation_prompt = cfg.validation_prompt or make_caption(phrase, cfg.caption_template)
+    swapped_caption = make_caption(phrase, DEFAULT_TEMPLATE)
 
     # 5. Train
     ev = make_eval_set(base, examples, resolution, cfg.seed, device)
@@ -742,6 +763,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     for step in range(start + 1, cfg.steps + 1):
         idx = torch.randint(0, len(examples), (cfg.batch_size,), generator=generator).tolist()
         batch = [examples[i] for i in idx]
+        if cfg.background_swap > 0 and any(e.mask is not None for e in batch):
+            # Cut out and put on a random background; the scene words go with the old background.
+            swap = (torch.rand(len(batch), generator=generator) < cfg.background_swap).tolist()
+            batch = [
+                Example(swap_background(e.image, e.mask, generator), swapped_caption, e.source)
+                if s and e.mask is not None
+                else e
+                for e, s in zip(batch, swap, strict=True)
+            ]
         views = [augment(e.image, resolution, generator, aug=aug) for e in batch]
         if prior:
             # Prior preservation: as many class images as product images, in the same forward pass.
@@ -786,7 +816,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "resolution": resolution,
         "prediction_type": base.noise_scheduler.config.prediction_type,
-        "examples": [{"source": e.source, "caption": e.caption} for e in examples],
+        "examples": [{"source": e.source, "caption": e.caption, "mask": e.mask is not None} for e in examples],
         "class_images": {"count": len(prior), "prompts": class_prompts(cfg) if prior else []},
         "eval_loss_start": loss_start,
         "eval_loss_end": loss_end,
@@ -842,6 +872,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=TrainConfig.color_jitter,
         help="brightness and contrast factor 1 +- this, the same on every channel, so hues never shift (0: off)",
+    )
+    src.add_argument(
+        "--background-swap",
+        type=float,
+        default=TrainConfig.background_swap,
+        help="share of product views cut out by their mask and put on a random plain or gradient background, "
+        "captioned without the scene (default 0.3; 0: off). Masks: NAME.mask.png beside a photo, the photo's "
+        "alpha, or found on a plain light background; photos without one are never swapped",
     )
     prior = p.add_argument_group("prior preservation")
     prior.add_argument(
