@@ -61,7 +61,11 @@ class WebSettings(ChannelSettings):  # token and TLS fields (PIA_WEB_TOKEN, ...)
         extra="ignore",
     )
 
-    host: str = Field("0.0.0.0", description="Interface to serve the page on.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Interface to serve the page on (0.0.0.0 for every interface: turn on a login first; "
+        "the container image sets it).",
+    )
     port: int = Field(7860, description="HTTP port of the page.")
     generator: str = Field(
         "localhost:50051",

@@ -343,7 +343,10 @@ def test_settings_from_flags_and_env(monkeypatch):
     monkeypatch.setenv("PIA_WEB_GENERATOR", "gen:1")
     monkeypatch.setenv("PIA_WEB_PORT", "7000")
     settings = WebSettings.from_cli(["--upscaler", "up:2", "--port", "7001"])
-    assert (settings.generator, settings.upscaler, settings.port, settings.host) == ("gen:1", "up:2", 7001, "0.0.0.0")
+    # Loopback unless told otherwise, like the services (the container image sets PIA_WEB_HOST=0.0.0.0).
+    assert (settings.generator, settings.upscaler, settings.port, settings.host) == ("gen:1", "up:2", 7001, "127.0.0.1")
+    monkeypatch.setenv("PIA_WEB_HOST", "0.0.0.0")
+    assert WebSettings.from_cli([]).host == "0.0.0.0"
 
 
 def test_page_builds_offline(tmp_path, closed):
