@@ -106,11 +106,11 @@ def product_mask(path: Path, image: Image.Image) -> tuple[Image.Image | None, st
 
 def swap_background(image: Image.Image, mask: Image.Image, generator: torch.Generator) -> Image.Image:
     """The product (by its mask) over a random background: a plain colour or a two-colour gradient, any
-    brightness from black to white, so the adapter learns the product apart from the backgrounds it was
-    photographed on (a product shot only on light backgrounds otherwise comes out dim on a dark one)."""
+    brightness from black to white, so the adapter sees the product apart from the backgrounds it was
+    photographed on. On the demo it lifted a dark held-out scene and hurt the white one (TRAINING.md)."""
     u = torch.rand(8, generator=generator).tolist()
     w, h = image.size
-    a, b = np.array(u[0:3]) * 255, np.array(u[3:6]) * 255
+    a, b = np.array(u[0:3]) * 255, np.array(u[3:6]) * 255  # neutral greys only measured no better (TRAINING.md)
     if u[6] < 0.5:
         b = a  # plain
     t = np.linspace(0.0, 1.0, h if u[7] < 0.75 else w, dtype=np.float32)[:, None]

@@ -89,7 +89,7 @@ class TrainConfig:
     flip: bool = True
     max_crop_scale: float = MAX_SCALE
     color_jitter: float = 0.08
-    background_swap: float = 0.3  # share of product views put on a random background (photos with a mask)
+    background_swap: float = 0.0  # share of product views put on a random background (photos with a mask)
     class_prompts: tuple[str, ...] = ()
     num_class_images: int = 100
     prior_weight: float = 1.0
@@ -878,8 +878,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=TrainConfig.background_swap,
         help="share of product views cut out by their mask and put on a random plain or gradient background, "
-        "captioned without the scene (default 0.3; 0: off). Masks: NAME.mask.png beside a photo, the photo's "
-        "alpha, or found on a plain light background; photos without one are never swapped",
+        "captioned without the scene (default 0: off; 0.3 tried, see docs/TRAINING.md). Masks: NAME.mask.png "
+        "beside a photo, the photo's alpha, or found on a plain light background; photos without one are never "
+        "swapped",
     )
     prior = p.add_argument_group("prior preservation")
     prior.add_argument(
