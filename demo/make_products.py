@@ -29,7 +29,16 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from demo.world import BACKGROUNDS, COLOURS, PRODUCTS, SCENE_PHRASES, SHAPES, Scene, random_placement, render_product
+from demo.world import (
+    BACKGROUNDS,
+    COLOURS,
+    PRODUCTS,
+    SCENE_PHRASES,
+    SHAPES,
+    Scene,
+    random_placement,
+    render_product_and_mask,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "demo-products"
@@ -67,7 +76,9 @@ def write_product_data(product_id: str, out: Path, per_background: int, seed: in
         if background in HELD_OUT[product_id]:
             continue
         for _ in range(per_background):
-            render_product(product_id, background, rng).save(out / f"{n:03d}.png")
+            image, mask = render_product_and_mask(product_id, background, rng)
+            image.save(out / f"{n:03d}.png")
+            mask.save(out / f"{n:03d}.mask.png")  # the world knows the product's outline (--background-swap)
             # `{token}` is replaced by the CLI with the product phrase.
             (out / f"{n:03d}.txt").write_text(product_captions("{token}", background, rng))
             n += 1
@@ -253,13 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-background", type=int, default=40, help="renders per training background")
     p.add_argument("--style-images", type=int, default=120)
     p.add_argument("--style-steps", type=int, default=1200, help="steps for the style adapter")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--no-text-encoder", dest="text_encoder", action="store_false", help="UNet LoRA and token only")
     p.add_argument("--num-class-images", type=int, default=140, help="prior preservation: class images (0: off)")
     p.add_argument("--style-class-images", type=int, default=130, help="class images for the style adapter")
     p.add_argument("--prior-weight", type=float, default=1.0)
     p.add_argument("--color-jitter", type=float, default=0.08)
     p.add_argument("--max-crop-scale", type=float, default=1.25)
+    p.add_argument("--background-swap", type=float, default=0.0, help="share of views on a random background")
     p.add_argument("--no-select-scale", dest="select_scale", action="store_false", help="keep default scale 1")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the work dir")
     p.add_argument("--work-root", type=Path, default=CACHE / "work", help="training work dirs go here")
@@ -279,12 +291,13 @@ def main(argv: list[str] | None = None) -> int:
         longest = f"a photo of {token} {SCENE_PHRASES['city'][0]}, {STYLE_PHRASE}"
         n_tok = token_count(longest, [token])
         assert n_tok <= 16, f"{longest!r} takes {n_tok} > 16 positions"
-        images = CACHE / "data" / pid
+        images = args.work_root.parent / "data" / pid  # beside the work dirs: experiments do not share it
         n = write_product_data(pid, images, args.per_background, args.seed)
         extra = ["--learn-token", "--init-word", INIT_WORDS[pid], "--token-lr", str(args.token_lr)]
         extra += ["--display-name", product.display_name, "--category", product.category]
         extra += ["--description", product.description, "--prompt-phrase", token]
         extra += ["--color-jitter", str(args.color_jitter), "--max-crop-scale", str(args.max_crop_scale)]
+        extra += ["--background-swap", str(args.background_swap)]
         extra += [] if FLIP[pid] else ["--no-flip"]
         extra += ["--train-text-encoder"] if args.text_encoder else ["--no-train-text-encoder"]
         extra += ["--num-class-images", str(args.num_class_images), "--prior-weight", str(args.prior_weight)]
