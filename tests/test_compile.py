@@ -51,18 +51,9 @@ def _catalog(world: Path) -> Catalog:
 @pytest.fixture(scope="module")
 def hotswap_adapters(tiny_world, tmp_path_factory) -> dict[str, AdapterSpec]:
     """test_hotswap's adapters: ranks 4 and 8, UNet only or with text-encoder layers, Kohya names, an fp16 file."""
-    from diffusers import StableDiffusionPipeline
+    from tests.test_hotswap import write_adapter_set
 
-    from tests.test_hotswap import _write_lora
-
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_world / "tiny-sd", local_files_only=True)
-    out = tmp_path_factory.mktemp("compile-adapters")
-    return {
-        "r4-unet-te": _write_lora(pipe, out / "r4-unet-te", seed=21, rank=4, text_encoder=True),
-        "r8-unet-te-kohya": _write_lora(pipe, out / "r8-unet-te-kohya", seed=22, rank=8, text_encoder=True, kohya=True),
-        "r4-unet": _write_lora(pipe, out / "r4-unet", seed=23, rank=4, text_encoder=False),
-        "r8-unet-fp16": _write_lora(pipe, out / "r8-unet-fp16", seed=24, rank=8, text_encoder=False, fp16=True),
-    }
+    return write_adapter_set(tiny_world, tmp_path_factory.mktemp("compile-adapters"))
 
 
 def _options(world: Path, extra: dict[str, AdapterSpec]) -> CompileOptions:

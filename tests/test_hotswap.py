@@ -65,18 +65,22 @@ def _write_lora(
     return AdapterSpec(key=f"{folder.name}@1", path=str(path), weight=1.0)
 
 
-@pytest.fixture(scope="module")
-def adapters(tiny_world, tmp_path_factory) -> dict[str, AdapterSpec]:
+def write_adapter_set(tiny_world: Path, out: Path) -> dict[str, AdapterSpec]:
+    """Ranks 4 and 8, UNet only or with text-encoder layers, Kohya names, an fp16 file (also test_compile's)."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_world / "tiny-sd", local_files_only=True)
-    out = tmp_path_factory.mktemp("hotswap-adapters")
     return {
         "r4-unet-te": _write_lora(pipe, out / "r4-unet-te", seed=21, rank=4, text_encoder=True),
         "r8-unet-te-kohya": _write_lora(pipe, out / "r8-unet-te-kohya", seed=22, rank=8, text_encoder=True, kohya=True),
         "r4-unet": _write_lora(pipe, out / "r4-unet", seed=23, rank=4, text_encoder=False),
         "r8-unet-fp16": _write_lora(pipe, out / "r8-unet-fp16", seed=24, rank=8, text_encoder=False, fp16=True),
     }
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_world, tmp_path_factory) -> dict[str, AdapterSpec]:
+    return write_adapter_set(tiny_world, tmp_path_factory.mktemp("hotswap-adapters"))
 
 
 def _settings(spec: AdapterSpec) -> RenderSettings:
