@@ -133,6 +133,18 @@ def background_brightness(image) -> float:
 
 
 RING = 3  # width of the background ring, in pixels of the 32x32 frame
+NIGHT_RATIO = 0.5  # the night style's goal: the background at most half as bright as by day
+NIGHT_DARK = 40.0  # a background darker than this by day (the black studio, ~25) cannot visibly halve
+NIGHT_FIDELITY = 0.9  # and the product kept
+
+
+def night_ok(brightness: float, brightness_night: float, fidelity_night: float) -> bool:
+    """The night criterion for one cell: the background halved (or, in a scene already dark by day, not
+    brighter) with the product's fidelity kept."""
+    darker = brightness_night <= NIGHT_RATIO * brightness or (
+        brightness < NIGHT_DARK and brightness_night <= brightness
+    )
+    return darker and fidelity_night >= NIGHT_FIDELITY
 
 
 @dataclass
@@ -234,11 +246,13 @@ def measure(
                 )
                 plain_b = float(np.mean([background_brightness(im) for im in with_adapter]))
                 dark_b = float(np.mean([background_brightness(im) for im in dark]))
+                kept = fidelity(pid, dark)
                 cell.night = {
                     "brightness": plain_b,
                     "brightness_night": dark_b,
                     "ratio": dark_b / max(plain_b, 1e-6),
-                    "fidelity_night": fidelity(pid, dark),
+                    "fidelity_night": kept,
+                    "ok": night_ok(plain_b, dark_b, kept),
                 }
             for s in scales:
                 row["sweep"].setdefault(str(s), {})[bg] = fidelity(pid, render(entry, template, [entry.spec(s)]))
@@ -249,6 +263,7 @@ def measure(
         if night and "night" in styles:
             row["night_ratio"] = float(np.mean([c["night"]["ratio"] for c in cells]))
             row["min_fidelity_night"] = min(c["night"]["fidelity_night"] for c in cells)
+            row["night_ok"] = sum(c["night"]["ok"] for c in cells)
         out["products"][pid] = row
     return out
 
@@ -260,7 +275,7 @@ def format_table(result: dict) -> str:
         head = f"  {'scene':9} {'adapter':>8} {'scale 0':>8} {'renders':>8} {'judge':>6} {'judge@0':>8}"
         has_night = any(c["night"] for c in row["scenes"].values())
         if has_night:
-            head += f" {'bg':>6} {'bg+night':>8} {'ratio':>6} {'fid+night':>9}"
+            head += f" {'bg':>6} {'bg+night':>8} {'ratio':>6} {'fid+night':>9} {'night ok':>8}"
         lines.append(head)
         for bg, c in row["scenes"].items():
             name = bg + ("*" if c["held_out"] else "")
@@ -271,12 +286,13 @@ def format_table(result: dict) -> str:
             if c["night"]:
                 nt = c["night"]
                 line += f" {nt['brightness']:6.0f} {nt['brightness_night']:8.0f} {nt['ratio']:6.2f}"
-                line += f" {nt['fidelity_night']:9.2f}"
+                line += f" {nt['fidelity_night']:9.2f} {'yes' if nt['ok'] else 'no':>8}"
             lines.append(line)
         summary = f"  min adapter fidelity {row['min_adapter']:.2f}, judge scene accuracy {row['judge_scene']:.0%}"
         if has_night:
             summary += f", night brightness ratio {row['night_ratio']:.2f}"
             summary += f", min fidelity with night {row['min_fidelity_night']:.2f}"
+            summary += f", night criterion met in {row['night_ok']} of {len(row['scenes'])} scenes"
         lines.append(summary)
         for s, by_scene in row["sweep"].items():
             vals = " ".join(f"{bg}={v:.2f}" for bg, v in by_scene.items())

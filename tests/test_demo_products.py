@@ -170,3 +170,13 @@ async def test_scene_templates_are_obeyed_and_products_kept_through_the_stack(de
     assert hits / total >= 0.95, f"background matched in {hits}/{total} images"
     low = {k: round(v, 2) for k, v in cells.items() if v < CELL_FLOOR and k not in KNOWN_MISSES}
     assert not low, f"fidelity under {CELL_FLOOR}: {low}"
+
+
+def test_night_criterion():
+    from demo.fidelity import night_ok
+
+    assert night_ok(160, 80, 0.95)  # halved, product kept
+    assert not night_ok(160, 81, 0.95)  # not quite half
+    assert not night_ok(160, 60, 0.85)  # dark enough, but the product lost
+    assert night_ok(25, 24, 0.95) and not night_ok(25, 26, 0.95)  # black by day: not brighter is enough
+    assert not night_ok(45, 44, 0.95)  # a dim scene that is not dark still has to halve

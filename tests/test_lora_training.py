@@ -24,7 +24,7 @@ from productinaction.v1 import generator_pb2_grpc
 from tests.conftest import generator_settings, render_product
 from training import TrainingError
 from training.data import drop_near_duplicates, extract_video_frames, make_caption
-from training.lora import TrainConfig, diffusion_target, main, train
+from training.lora import TrainConfig, build_parser, diffusion_target, main, train
 
 ROOT = Path(__file__).resolve().parent.parent
 # Attention and ResNet convs: on the random tiny model, attention alone barely moves the loss in 20 steps.
@@ -310,6 +310,29 @@ def test_background_swap_keeps_the_product_and_varies_the_background():
         assert np.array_equal(out[inside], np.asarray(image)[inside])  # the product's own pixels
         lumas.append(out[~inside].mean())
     assert min(lumas) < 60 and max(lumas) > 190  # dark and light backgrounds both come up
+
+
+def test_auto_background_swap_fills_in_dark_scenes_the_photos_lack():
+    from training.data import AUTO_SWAP, Example, auto_background_swap
+
+    mask = Image.new("L", (40, 40), 0)
+    ImageDraw.Draw(mask).rectangle([10, 10, 30, 30], fill=255)
+
+    def shot(bg: int, with_mask: bool = True) -> Example:
+        image = Image.new("RGB", (40, 40), (bg,) * 3)
+        ImageDraw.Draw(image).rectangle([10, 10, 30, 30], fill=(20, 20, 20))  # a dark product: not counted
+        return Example(image, "c", "s", mask if with_mask else None)
+
+    light = [shot(235) for _ in range(19)]
+    share, why = auto_background_swap(light)
+    assert share == AUTO_SWAP and "0 of 19" in why  # catalogue shots on white: swap onto dark greys
+    share, why = auto_background_swap([*light, shot(25)])
+    assert share == 0.0 and "1 of 20" in why  # 5% of the photos already in the dark
+    assert auto_background_swap([shot(235, with_mask=False)]) == (0.0, "no photo has a product mask")
+    args = ["--images", "d", "--token", "<n>", "--base", "b", "--out", "o"]
+    assert build_parser().parse_args([*args, "--background-swap", "auto"]).background_swap is None
+    assert build_parser().parse_args([*args, "--background-swap", "0.2"]).background_swap == 0.2
+    assert build_parser().parse_args(args).background_swap is TrainConfig.background_swap is None  # the default
 
 
 def test_swapped_views_are_captioned_without_the_scene(tiny_world, photos, tmp_path, monkeypatch, caplog):

@@ -104,13 +104,21 @@ def product_mask(path: Path, image: Image.Image) -> tuple[Image.Image | None, st
     return Image.fromarray(found.astype(np.uint8) * 255, "L"), "found"
 
 
-def swap_background(image: Image.Image, mask: Image.Image, generator: torch.Generator) -> Image.Image:
-    """The product (by its mask) over a random background: a plain colour or a two-colour gradient, any
-    brightness from black to white, so the adapter sees the product apart from the backgrounds it was
-    photographed on. On the demo it lifted a dark held-out scene and hurt the white one (TRAINING.md)."""
+def swap_background(
+    image: Image.Image,
+    mask: Image.Image,
+    generator: torch.Generator,
+    light: tuple[float, float] = (0.0, 1.0),
+    colour: float = 1.0,
+) -> Image.Image:
+    """The product (by its mask) over a random background: a plain colour or a two-colour gradient, its
+    brightness in `light` (0 black .. 1 white) and its saturation scaled by `colour` (0: greys only), so the
+    adapter sees the product apart from the backgrounds it was photographed on (TRAINING.md)."""
     u = torch.rand(8, generator=generator).tolist()
     w, h = image.size
-    a, b = np.array(u[0:3]) * 255, np.array(u[3:6]) * 255  # neutral greys only measured no better (TRAINING.md)
+    a = (light[0] + (light[1] - light[0]) * np.array(u[0:3])) * 255
+    b = (light[0] + (light[1] - light[0]) * np.array(u[3:6])) * 255
+    a, b = (x.mean() + colour * (x - x.mean()) for x in (a, b))
     if u[6] < 0.5:
         b = a  # plain
     t = np.linspace(0.0, 1.0, h if u[7] < 0.75 else w, dtype=np.float32)[:, None]
@@ -119,6 +127,32 @@ def swap_background(image: Image.Image, mask: Image.Image, generator: torch.Gene
     alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255.0
     out = np.asarray(image, dtype=np.float32) * alpha + background * (1 - alpha)
     return Image.fromarray(np.clip(out, 0, 255).round().astype(np.uint8))
+
+
+DARK_LUMA = 60.0  # a background darker than this is a dark scene (the demo's black studio ~25, fire ~125)
+AUTO_SWAP = 0.3  # share of views swapped when the photos have no dark background (TRAINING.md)
+AUTO_DARK_SHARE = 0.05  # photos on dark backgrounds needed to leave the swap off
+
+
+def background_luma(image: Image.Image, mask: Image.Image) -> float:
+    """Mean luma (0-255) of the photo outside the product's mask."""
+    luma = np.asarray(image.convert("L"), dtype=np.float32)
+    outside = np.asarray(mask) < 128
+    return float(luma[outside].mean()) if outside.any() else 255.0
+
+
+def auto_background_swap(examples: list[Example]) -> tuple[float, str]:
+    """`--background-swap auto`: swap `AUTO_SWAP` of the views onto dark grey backgrounds when the photos
+    (those with a mask) show no dark scene, so the adapter also knows the product in the dark; catalogue
+    shots on white are the usual case. Photos that already cover dark scenes are left as they are: there
+    the swap measured no better (TRAINING.md)."""
+    masked = [e for e in examples if e.mask is not None]
+    if not masked:
+        return 0.0, "no photo has a product mask"
+    dark = sum(background_luma(e.image, e.mask) < DARK_LUMA for e in masked)
+    if dark >= AUTO_DARK_SHARE * len(masked):
+        return 0.0, f"{dark} of {len(masked)} photos with a mask are on a dark background (luma < {DARK_LUMA:g})"
+    return AUTO_SWAP, f"{dark} of {len(masked)} photos with a mask are on a dark background (luma < {DARK_LUMA:g})"
 
 
 def thumbnail(image: Image.Image, size: int = 16) -> np.ndarray:

@@ -39,6 +39,7 @@ from training.data import (
     Augment,
     Example,
     augment,
+    auto_background_swap,
     center_crop,
     extract_video_frames,
     make_caption,
@@ -89,7 +90,10 @@ class TrainConfig:
     flip: bool = True
     max_crop_scale: float = MAX_SCALE
     color_jitter: float = 0.08
-    background_swap: float = 0.0  # share of product views put on a random background (photos with a mask)
+    # Share of product views put on a random background (photos with a mask); None: auto (`auto_background_swap`).
+    background_swap: float | None = None
+    swap_light: tuple[float, float] = (0.15, 0.4)  # brightness of the swapped backgrounds (0 black, 1 white)
+    swap_colour: float = 0.0  # saturation of the swapped backgrounds (0: greys)
     class_prompts: tuple[str, ...] = ()
     num_class_images: int = 100
     prior_weight: float = 1.0
@@ -193,15 +197,19 @@ def load_examples(cfg: TrainConfig, phrase: str, work: Path) -> list[Example]:
         items = read_image_folder(cfg.images)
         examples = [Example(im, make_caption(phrase, cfg.caption_template, sc), p.name) for im, sc, p in items]
         paths = [p for _, _, p in items]
-    if cfg.background_swap > 0:
+    if cfg.background_swap != 0:
         sources: dict[str, int] = {}
         for example, path in zip(examples, paths, strict=True):
             example.mask, source = product_mask(path, example.image)
             key = source if example.mask is not None else "none"
             sources[key] = sources.get(key, 0) + 1
+        why = "set by --background-swap"
+        if cfg.background_swap is None:
+            cfg.background_swap, why = auto_background_swap(examples)
         log.info(
-            "background swap (%.0f%% of views): %d of %d images have a product mask (%s)",
+            "background swap %.0f%% of views (%s): %d of %d images have a product mask (%s)",
             100 * cfg.background_swap,
+            why,
             len(examples) - sources.get("none", 0),
             len(examples),
             ", ".join(f"{k}: {v}" for k, v in sorted(sources.items())),
@@ -691,8 +699,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     for name in ("steps", "rank", "batch_size"):
         if getattr(cfg, name) < 1:
             raise TrainingError(f"--{name.replace('_', '-')}: must be at least 1")
-    if not 0.0 <= cfg.background_swap <= 1.0:
+    if cfg.background_swap is not None and not 0.0 <= cfg.background_swap <= 1.0:
         raise TrainingError(f"--background-swap: a share between 0 and 1, got {cfg.background_swap}")
+    if not 0.0 <= cfg.swap_colour <= 1.0:
+        raise TrainingError(f"--swap-colour: between 0 and 1, got {cfg.swap_colour}")
     work = Path(cfg.work_dir) if cfg.work_dir else Path(".cache") / "training" / product_id
     work.mkdir(parents=True, exist_ok=True)
     examples = load_examples(cfg, phrase, work)
@@ -767,7 +777,11 @@ def train(cfg: TrainConfig) -> TrainResult:
             # Cut out and put on a random background; the scene words go with the old background.
             swap = (torch.rand(len(batch), generator=generator) < cfg.background_swap).tolist()
             batch = [
-                Example(swap_background(e.image, e.mask, generator), swapped_caption, e.source)
+                Example(
+                    swap_background(e.image, e.mask, generator, cfg.swap_light, cfg.swap_colour),
+                    swapped_caption,
+                    e.source,
+                )
                 if s and e.mask is not None
                 else e
                 for e, s in zip(batch, swap, strict=True)
@@ -839,6 +853,25 @@ def train(cfg: TrainConfig) -> TrainResult:
 # 7. CLI
 
 
+def _swap_share(text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'auto' or a share between 0 and 1, got {text!r}") from None
+
+
+def _light_range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"LO,HI between 0 and 1, got {text!r}") from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise argparse.ArgumentTypeError(f"LO,HI with 0 <= LO <= HI <= 1, got {text!r}")
+    return lo, hi
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m training.lora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -875,12 +908,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     src.add_argument(
         "--background-swap",
-        type=float,
+        type=_swap_share,
         default=TrainConfig.background_swap,
-        help="share of product views cut out by their mask and put on a random plain or gradient background, "
-        "captioned without the scene (default 0: off; 0.3 tried, see docs/TRAINING.md). Masks: NAME.mask.png "
-        "beside a photo, the photo's alpha, or found on a plain light background; photos without one are never "
-        "swapped",
+        metavar="auto|SHARE",
+        help="share of product views cut out by their mask and put on a random plain or gradient background "
+        "(--swap-light, --swap-colour), captioned without the scene. Default auto: 0.3 when no photo shows the "
+        "product on a dark background, else 0 (docs/TRAINING.md). Masks: NAME.mask.png beside a photo, the "
+        "photo's alpha, or found on a plain light background; photos without one are never swapped",
+    )
+    src.add_argument(
+        "--swap-light",
+        type=_light_range,
+        default=TrainConfig.swap_light,
+        metavar="LO,HI",
+        help="brightness range of the swapped backgrounds, 0 black to 1 white (default 0.15,0.4: dark greys)",
+    )
+    src.add_argument(
+        "--swap-colour",
+        type=float,
+        default=TrainConfig.swap_colour,
+        help="saturation of the swapped backgrounds: 1 any colour, 0 greys only (default 0)",
     )
     prior = p.add_argument_group("prior preservation")
     prior.add_argument(
