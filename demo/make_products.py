@@ -7,9 +7,11 @@ For each product: 40 renders per background from `demo.world` on every backgroun
 held-out ones (`HELD_OUT`, used by `demo.fidelity`), with captions in the world's style carrying the
 product token (`a photo of <split-star> on the beach`), then `python -m training.lora` with a learned
 token, a text-encoder LoRA and a UNet LoRA on the attention and ResNet conv layers, hue-safe jitter, flips
-only where a mirror image is still the product (`FLIP`), and prior preservation: class images of the
-product's class in all six scenes plus the empty prompt (`class_prompts`). The default scale is then
-chosen by validation on the training scenes (`validate`, `pick_scale`) and written into the manifest.
+only where a mirror image is still the product (`FLIP`), prior preservation: class images of the
+product's class in all six scenes plus the empty prompt (`class_prompts`), and the background swap left
+to `auto` (the renders come with their masks). One run per `--train-seeds` seed; each is validated on the
+product's training scenes (`validate`, `pick_scale`), the best run is kept and its scale written into the
+manifest (`train_and_select`).
 The style adapter `night` is trained on generic objects (every colour, shape and background) with the
 background darkened and bluish and the object in its own colours, captioned `a photo of a red star on
 the beach, at night`, with the same scenes by day as class images; its manifest is rewritten as
@@ -331,12 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--token-lr", type=float, default=5e-3)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0, help="renders and training")
+    p.add_argument("--seed", type=int, default=0, help="renders and the style's training")
     p.add_argument(
         "--train-seeds",
         type=lambda t: [int(x) for x in t.split(",")],
-        default=None,
-        help="e.g. 0,1,2: train once per seed and keep the run with the best validation (default: --seed only)",
+        default=[0, 1, 2],
+        help="train once per seed (same renders) and keep the run with the best validation (default 0,1,2; "
+        "one seed: no selection)",
     )
     p.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy CPU")
     args = p.parse_args(argv)
@@ -365,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             for prompt in class_prompts(CLASS_PHRASES[pid]):
                 extra += ["--class-prompt", prompt]
         out = args.products_dir / pid
-        seeds = args.train_seeds or [args.seed]
+        seeds = args.train_seeds
         if len(seeds) == 1:
             seconds = train(images, out, token, extra, args, seeds[0])
             if args.select_scale:

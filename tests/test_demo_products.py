@@ -75,10 +75,11 @@ async def test_lists_demo_products_and_templates(demo_stub):
 
 
 # Floor for 3 seeds per cell through the stack; the figures with 8 seeds are in docs/FIDELITY.md.
-CELL_FLOOR = 0.8
+CELL_FLOOR = 0.8  # 3 seeds per held-out cell: a floor against regressions, the goal is checked on 8 below
+GOAL = 0.9  # issue 11: fidelity per scene, 8 seeds
 # Cells where the shipped adapters miss issue 11's goal (all held out of training; docs/FIDELITY.md): they
 # are checked by a strict expected failure, so the day they pass the mark must go.
-KNOWN_MISSES = {("split-star", "black"), ("striped-mug", "city")}
+KNOWN_MISSES = {("striped-mug", "city")}
 HELD_OUT_CELLS = [(pid, bg) for pid in DEMO_PRODUCTS for bg in HELD_OUT[pid]]
 
 
@@ -121,7 +122,7 @@ async def night_effect(stub, product_id: str, template: str) -> tuple[float, flo
 
 
 async def test_style_adapter_darkens_the_scene_and_keeps_the_product(demo_stub):
-    # Measured with 8 seeds: x0.54 / 0.89 (split-star, beach), x0.66 / 0.85 (mug, city); docs/FIDELITY.md.
+    # Measured with 8 seeds: x0.55 / 1.00 (split-star, beach), x0.75 / 0.97 (mug, city); docs/FIDELITY.md.
     for product_id, template in NIGHT_CASES:
         ratio, kept = await night_effect(demo_stub, product_id, template)
         assert ratio <= 0.8 and kept >= 0.7, (product_id, ratio, kept)
@@ -155,7 +156,7 @@ async def test_scene_templates_are_obeyed_and_products_kept_through_the_stack(de
     for template, background in SCENES.items():
         for product in DEMO_PRODUCTS:
             request = generate_request(
-                product_id=product, template_id=template, num_images=3, seed=7, inline_images=True
+                product_id=product, template_id=template, num_images=8, seed=0, inline_images=True
             )
             rendered = [
                 np.asarray(Image.open(io.BytesIO(e.image_ready.image.png)).convert("RGB"))
@@ -168,8 +169,9 @@ async def test_scene_templates_are_obeyed_and_products_kept_through_the_stack(de
             cells[(product, background)] = fidelity(product, rendered)
     print({f"{p}/{b}": round(v, 2) for (p, b), v in cells.items()})
     assert hits / total >= 0.95, f"background matched in {hits}/{total} images"
-    low = {k: round(v, 2) for k, v in cells.items() if v < CELL_FLOOR and k not in KNOWN_MISSES}
-    assert not low, f"fidelity under {CELL_FLOOR}: {low}"
+    # Seeds 0-7 as `demo.fidelity --n 8`, so this is issue 11's goal on the table in docs/FIDELITY.md.
+    low = {k: round(v, 2) for k, v in cells.items() if v < GOAL and k not in KNOWN_MISSES}
+    assert not low, f"fidelity under {GOAL}: {low}"
 
 
 def test_night_criterion():
