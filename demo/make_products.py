@@ -13,7 +13,7 @@ to `auto` (the renders come with their masks). One run per `--train-seeds` seed;
 product's training scenes (`validate`, `pick_scale`), the best run is kept and its scale written into the
 manifest (`train_and_select`).
 The style adapter `night` is trained on generic objects (every colour, shape and background) with the
-background darkened and bluish and the object in its own colours, captioned `a photo of a red star on
+background darkened (slightly blue) and the object in its own colours, captioned `a photo of a red star on
 the beach, at night`, with the same scenes by day as class images; its manifest is rewritten as
 `kind: style`. Everything is seeded; renders and work dirs go to `.cache/demo-products/`.
 """
@@ -61,7 +61,10 @@ VALIDATION_SEEDS = tuple(range(100, 106))
 
 STYLE_ID = "night"
 STYLE_PHRASE = "at night"
-STYLE_TINT = np.array([0.30, 0.34, 0.55])  # per-channel gain: dark, blue-shifted
+# The night target: per-channel gain plus a small blue lift. Dark and only slightly blue: a saturated blue
+# night (0.30/0.34/0.55 + 8, the first recipe) darkened less and ran into blue products (TRAINING.md).
+STYLE_TINT = np.array([0.20, 0.21, 0.28])
+STYLE_LIFT = np.array([0.0, 0.0, 6.0])
 
 
 def product_captions(token: str, background: str, rng: np.random.Generator) -> str:
@@ -90,7 +93,7 @@ def write_product_data(product_id: str, out: Path, per_background: int, seed: in
 
 def night(image) -> np.ndarray:
     arr = np.asarray(image, dtype=np.float32) * STYLE_TINT
-    return np.clip(arr + np.array([0, 0, 8]), 0, 255).round().astype(np.uint8)
+    return np.clip(arr + STYLE_LIFT, 0, 255).round().astype(np.uint8)
 
 
 def object_alpha(scene: Scene, size: int = 32) -> np.ndarray:
@@ -391,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         # only means something once the text encoder learns it: a text-encoder LoRA, kept from changing
         # other prompts by prior preservation (`--num-class-images`).
         extra = ["--display-name", "Night", "--description", "dark, blue night light over any scene"]
-        extra += ["--no-learn-token", "--color-jitter", "0"]
+        extra += ["--no-learn-token", "--color-jitter", "0", "--background-swap", "0"]  # no product to cut out
         extra += ["--train-text-encoder"] if args.text_encoder else ["--no-train-text-encoder"]
         extra += ["--num-class-images", str(args.style_class_images), "--prior-weight", str(args.prior_weight)]
         if args.style_class_images:
