@@ -150,9 +150,8 @@ def auto_background_swap(examples: list[Example]) -> tuple[float, str]:
     if not masked:
         return 0.0, "no photo has a product mask"
     dark = sum(background_luma(e.image, e.mask) < DARK_LUMA for e in masked)
-    if dark >= AUTO_DARK_SHARE * len(masked):
-        return 0.0, f"{dark} of {len(masked)} photos with a mask are on a dark background (luma < {DARK_LUMA:g})"
-    return AUTO_SWAP, f"{dark} of {len(masked)} photos with a mask are on a dark background (luma < {DARK_LUMA:g})"
+    why = f"{dark} of {len(masked)} photos with a mask are on a dark background (luma < {DARK_LUMA:g})"
+    return (0.0 if dark >= AUTO_DARK_SHARE * len(masked) else AUTO_SWAP), why
 
 
 def thumbnail(image: Image.Image, size: int = 16) -> np.ndarray:
