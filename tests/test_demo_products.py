@@ -182,3 +182,46 @@ def test_night_criterion():
     assert not night_ok(160, 60, 0.85)  # dark enough, but the product lost
     assert night_ok(25, 24, 0.95) and not night_ok(25, 26, 0.95)  # black by day: not brighter is enough
     assert not night_ok(45, 44, 0.95)  # a dim scene that is not dark still has to halve
+
+
+def test_stacked_style_words_are_read_without_the_product_text_encoder_lora(monkeypatch):
+    # A product's text-encoder LoRA re-read "at night" and weakened the style; the pipeline now encodes the
+    # stacked phrase and what follows it with the product at weight 0 (services/generator/pipeline.py).
+    import torch
+
+    from demo.fidelity import background_brightness, fidelity
+    from services.generator.catalog import scan_folder
+    from services.generator.messages import RenderSettings
+    from services.generator.pipeline import ProductPipeline, first_phrase_position
+
+    pipe = ProductPipeline(str(MODEL), "cpu")
+    star = scan_folder(ROOT / "products", ("product",))["split-star"]
+    night = scan_folder(ROOT / "adapters", ("style",))[STYLE]
+    prompt = "a photo of <split-star> among flowers, at night"
+    styled = RenderSettings(prompt, "", 20, 6.0, 32, 32, "", (star.spec(1.0), night.spec(1.0)))
+    assert styled.adapters[1].phrases == ("at night",) and styled.adapters[0].kind == "product"
+    pipe.adapters.activate(styled.adapters)  # adds the learned <split-star> token to the tokenizer
+    tokenizer = pipe.pipe.tokenizer
+    start = first_phrase_position(tokenizer, prompt, ["at night"])
+    assert tokenizer.decode(tokenizer(prompt).input_ids[start : start + 2]) == "at night"
+    assert first_phrase_position(tokenizer, prompt, ["by day"]) is None
+    routed = pipe.encode_prompt(styled)["prompt_embeds"]
+    plain, _ = pipe.pipe.encode_prompt(prompt, pipe.device, 1, False)
+    assert torch.equal(routed[:, :start], plain[:, :start])  # the product and its scene keep the product's LoRA
+    assert (routed[:, start:] - plain[:, start:]).abs().max() > 1e-3
+    alone = RenderSettings(prompt, "", 20, 6.0, 32, 32, "", (star.spec(1.0),))
+    assert pipe.encode_prompt(alone) == {}  # nothing stacked: diffusers encodes the prompt itself
+
+    seeds = tuple(range(6))
+    day = RenderSettings("a photo of <split-star> among flowers", "", 20, 6.0, 32, 32, "", (star.spec(1.0),))
+    day_b = np.mean([background_brightness(im) for im in pipe(day, seeds)])
+    routed_images = pipe(styled, seeds)
+    monkeypatch.setattr(pipe, "encode_prompt", lambda settings: {})
+    unrouted_images = pipe(styled, seeds)
+    ratio = {
+        k: np.mean([background_brightness(im) for im in v]) / day_b
+        for k, v in (("routed", routed_images), ("unrouted", unrouted_images))
+    }
+    print(ratio, fidelity("split-star", routed_images))
+    # Measured: x0.34 routed, x0.56 before; the star kept (0.94).
+    assert ratio["routed"] < ratio["unrouted"] - 0.1 and fidelity("split-star", routed_images) >= 0.8

@@ -79,6 +79,8 @@ class Entry:
             weight=float(weight),
             embeddings=str(self.embeddings_path) if self.embeddings_path else None,
             tokens=tuple(self.manifest.tokens) if self.embeddings_path else (),
+            kind=self.manifest.kind,
+            phrases=tuple(self.manifest.tokens) if self.manifest.kind != "product" else (),
         )
 
 

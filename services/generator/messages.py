@@ -33,6 +33,9 @@ class AdapterSpec:
     weight: float
     embeddings: str | None = None
     tokens: tuple[str, ...] = ()
+    kind: str = "product"  # "product", "style" or "background" (the manifest's kind)
+    # Words a style/background adapter adds to the prompt: its text-encoder LoRA, not the product's, reads them.
+    phrases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

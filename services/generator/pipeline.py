@@ -10,6 +10,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -188,12 +189,18 @@ class ProductPipeline:
         # 2. Activate exactly this job's adapters, from the cache when possible
         self.adapters.activate(settings.adapters)
 
-        # 3. Fresh scheduler; one generator per image so results do not depend on batching
+        # 3. Prompt embeddings, with each stacked adapter's words read by its own text-encoder LoRA
+        prompt = self.encode_prompt(settings) or {
+            "prompt": settings.prompt,
+            "negative_prompt": settings.negative_prompt or None,
+        }
+
+        # 4. Fresh scheduler; one generator per image so results do not depend on batching
         self.pipe.scheduler = self.inpaint.scheduler = self.make_scheduler(settings.scheduler)
         gen_device = "cpu" if self.device.type != "cuda" else self.device
         generators = [torch.Generator(gen_device).manual_seed(int(s)) for s in seeds]
 
-        # 4. Step hook: progress, previews and cancellation, outside the denoising loop itself
+        # 5. Step hook: progress, previews and cancellation, outside the denoising loop itself
         def callback(pipe, step: int, timestep, kwargs: dict) -> dict:
             if should_stop():
                 raise JobCancelled()
@@ -204,7 +211,7 @@ class ProductPipeline:
                 on_step(done, settings.steps, frames)
             return kwargs
 
-        # 5. Denoise and decode; placement mode inpaints around the product, then composites it back
+        # 6. Denoise and decode; placement mode inpaints around the product, then composites it back
         placed = settings.placement
         extra = {}
         if placed is not None:
@@ -215,8 +222,7 @@ class ProductPipeline:
             }
         with self.accel.watch(settings.width, settings.height, len(seeds), settings.guidance_scale > 1):
             out = (self.inpaint if placed is not None else self.pipe)(
-                prompt=settings.prompt,
-                negative_prompt=settings.negative_prompt or None,
+                **prompt,
                 num_images_per_prompt=len(seeds),
                 num_inference_steps=settings.steps,
                 guidance_scale=settings.guidance_scale,
@@ -231,6 +237,33 @@ class ProductPipeline:
             return [placement.composite(image, placed) for image in out.images]
         return list(out.images)
 
+    def encode_prompt(self, settings: RenderSettings) -> dict:
+        """Prompt embeddings where a product adapter is stacked with style/background adapters, else {}.
+
+        A product's text-encoder LoRA was trained on its own captions; left on, it also re-reads the words
+        a stacked style adds ("at night") and the end-of-prompt states that summarise the prompt, and
+        weakens the style (docs/FIDELITY.md, night). So the states from the first stacked phrase to the
+        end come from a second text-encoder pass with the product at weight 0; the product's token and
+        the scene before it keep the product's LoRA. The negative prompt is encoded as usual.
+        SD 1.x/2.x only for now: SDXL's two text encoders and pooled embeddings are left to diffusers."""
+        product, stacked = (settings.adapters or (None,))[0], settings.adapters[1:]
+        if product is None or product.kind != "product" or product.weight == 0 or not stacked:
+            return {}
+        if getattr(self.pipe, "text_encoder_2", None) is not None:
+            return {}
+        start = first_phrase_position(self.pipe.tokenizer, settings.prompt, [p for a in stacked for p in a.phrases])
+        if start is None:
+            return {}
+        cfg = settings.guidance_scale > 1
+        negative = settings.negative_prompt or None
+        with_product, negative_embeds = self.pipe.encode_prompt(settings.prompt, self.device, 1, cfg, negative)
+        self.adapters.activate((replace(product, weight=0.0), *stacked))
+        without_product, _ = self.pipe.encode_prompt(settings.prompt, self.device, 1, False)
+        self.adapters.activate(settings.adapters)
+        embeds = with_product.clone()
+        embeds[:, start:] = without_product[:, start:]
+        return {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds}
+
     def warmup(self, size: int = 64) -> float:
         if self.accel.options.enabled:  # compiles every configured shape before the worker reports Ready
             return self.accel.warm_up(self)
@@ -239,6 +272,19 @@ class ProductPipeline:
         settings = RenderSettings("warm-up", "", 2, 1.0, size, size, "", ())
         self(settings, (0,))
         return time.perf_counter() - started
+
+
+def first_phrase_position(tokenizer, prompt: str, phrases: list[str]) -> int | None:
+    """Token index (BOS counted, as the text encoder sees it) where the earliest of `phrases` starts in
+    `prompt`, using each phrase's last occurrence; None when none survives truncation."""
+    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    found = []
+    for phrase in phrases:
+        sub = tokenizer(phrase, add_special_tokens=False).input_ids
+        starts = [i for i in range(len(ids) - len(sub), 0, -1) if sub and ids[i : i + len(sub)] == sub]
+        if starts:
+            found.append(starts[0])
+    return min(found, default=None)
 
 
 def image_to_array(image: Image.Image) -> np.ndarray:
