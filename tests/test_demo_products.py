@@ -100,31 +100,25 @@ async def test_product_adapter_raises_fidelity_on_held_out_scenes(demo_stub, pro
 NIGHT_CASES = (("split-star", "demo-beach"), ("striped-mug", "demo-city"))
 
 
-async def night_effect(stub, product_id: str, template: str) -> tuple[float, float]:
+async def night_effect(stub, product_id: str, template: str, seeds: range = SEEDS) -> tuple[float, float]:
     """(background brightness with the night style / without, product fidelity with it)."""
     from demo.fidelity import background_brightness, fidelity
 
     kw = dict(product_id=product_id, template_id=template)
-    plain = await images(stub, **kw)
-    styled = await images(stub, adapters=[(STYLE, 1.0)], **kw)
+    plain = await images(stub, seeds, **kw)
+    styled = await images(stub, seeds, adapters=[(STYLE, 0.0)], **kw)  # 0: the style's default weight (1.5)
     ratio = np.mean([background_brightness(im) for im in styled]) / np.mean([background_brightness(im) for im in plain])
     kept = fidelity(product_id, styled)
     print(f"{product_id} {template} + night: background brightness x{ratio:.2f}, fidelity {kept:.2f}")
     return float(ratio), kept
 
 
-async def test_style_adapter_darkens_the_scene_and_keeps_the_product(demo_stub):
-    # Measured with 32 seeds: x0.59 / 1.00 (split-star, beach), x0.57 / 0.96 (mug, city); docs/FIDELITY.md.
+async def test_style_adapter_halves_the_background_and_keeps_the_product(demo_stub):
+    # Issue 11's night criterion (demo.fidelity.night_ok). Measured with 32 seeds: x0.16 / 0.96 (split-star,
+    # beach), x0.25 / 1.00 (mug, city); docs/FIDELITY.md. The style acts on the scene only (regional.py).
     for product_id, template in NIGHT_CASES:
-        ratio, kept = await night_effect(demo_stub, product_id, template)
-        assert ratio <= 0.8 and kept >= 0.7, (product_id, ratio, kept)
-
-
-@pytest.mark.xfail(strict=True, reason="issue 11 night goal (background at most half as bright) not reached")
-async def test_style_adapter_halves_the_background(demo_stub):
-    for product_id, template in NIGHT_CASES:
-        ratio, _ = await night_effect(demo_stub, product_id, template)
-        assert ratio <= 0.5, (product_id, ratio)
+        ratio, kept = await night_effect(demo_stub, product_id, template, range(GOAL_SEEDS))
+        assert ratio <= 0.5 and kept >= 0.9, (product_id, ratio, kept)
 
 
 SCENES = {
@@ -183,7 +177,8 @@ def test_stacked_style_words_are_read_without_the_product_text_encoder_lora(monk
     star = scan_folder(ROOT / "products", ("product",))["split-star"]
     night = scan_folder(ROOT / "adapters", ("style",))[STYLE]
     prompt = "a photo of <split-star> among flowers, at night"
-    styled = RenderSettings(prompt, "", 20, 6.0, 32, 32, "", (star.spec(1.0), night.spec(1.0)))
+    # Plain stacking (scene_only_styles off), so the text encoder's part is measured alone.
+    styled = RenderSettings(prompt, "", 20, 6.0, 32, 32, "", (star.spec(1.0), night.spec(1.0)), scene_only_styles=False)
     assert styled.adapters[1].phrases == ("at night",) and styled.adapters[0].kind == "product"
     pipe.adapters.activate(styled.adapters)  # adds the learned <split-star> token to the tokenizer
     tokenizer = pipe.pipe.tokenizer

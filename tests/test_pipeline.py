@@ -96,6 +96,52 @@ def test_step_hook_previews_and_cancel(tiny_world, specs):
     assert len(calls) == 3
 
 
+def test_scene_only_styles_blend_and_leave_the_pipeline_as_it_was(tiny_world, specs):
+    # services/generator/regional.py: a style stacked on a product is kept off the product; the demo-level
+    # effect (night halves every scene, the products kept) is in tests/test_demo_products.py.
+    from services.generator.pipeline import JobCancelled, ProductPipeline
+
+    pipe = ProductPipeline(str(tiny_world / "tiny-sd"), "cpu")
+    real_unet = pipe.pipe.unet
+    star = specs["tiny-star"]
+    sunset = dataclasses.replace(specs["tiny-sunset"], kind="style", phrases=("at sunset",))
+    stacked = settings(star, sunset)
+    plain = render(pipe, dataclasses.replace(stacked, scene_only_styles=False))[0]
+    scene_only = render(pipe, stacked)[0]
+    assert np.abs(scene_only.astype(int) - plain).mean() > 1  # the blend changed the picture
+    assert pipe.pipe.unet is real_unet and all(v.unet is real_unet for v in pipe.views.values())
+    assert pipe.adapters.active == ((pipe.adapters.slots[star.key], 1.0), (pipe.adapters.slots[sunset.key], 1.0))
+    # Deterministic, and nothing changes for a product alone or for two products stacked.
+    np.testing.assert_array_equal(render(pipe, stacked)[0], scene_only)
+    for adapters in ((star,), (star, specs["tiny-mug"])):
+        a, b = (render(pipe, dataclasses.replace(settings(*adapters), scene_only_styles=f))[0] for f in (True, False))
+        np.testing.assert_array_equal(a, b)
+    # A job cancelled mid-way leaves the real UNet in place.
+    with pytest.raises(JobCancelled):
+        pipe(stacked, (1,), on_step=lambda *a: None, should_stop=lambda: True)
+    assert all(v.unet is real_unet for v in pipe.views.values())
+    np.testing.assert_array_equal(render(pipe, stacked)[0], scene_only)
+
+
+def test_product_mask_follows_the_product_adapter_effect():
+    import torch
+
+    from services.generator.messages import AdapterSpec
+    from services.generator.regional import applies, product_mask
+
+    base = torch.zeros(2, 4, 16, 16)
+    product = base.clone()
+    product[1, :, 4:8, 4:8] = 1.0  # the conditional branch: the product adapter acts on one square
+    product[0, :, 10:14, 10:14] = 5.0  # the unconditional branch does not decide where the product is
+    mask = product_mask(product, base, cfg=True)
+    assert mask.shape == (2, 1, 16, 16) and torch.equal(mask[0], mask[1])
+    assert mask[1, 0, 5:7, 5:7].min() == 1 and mask[1, 0, 12:, 12:].max() == 0
+
+    p, s = AdapterSpec("p", "p", 1.0), AdapterSpec("s", "s", 1.0, kind="style")
+    assert applies((p, s)) and not applies((p,)) and not applies((s, p)) and not applies((p, p))
+    assert not applies((AdapterSpec("p", "p", 0.0), s)) and not applies((p, AdapterSpec("s", "s", 0.0, kind="style")))
+
+
 def test_sdxl_pipeline_serves_with_a_product_lora(tmp_path):
     from demo.tiny import build_tiny_sdxl, write_random_lora
     from services.generator.pipeline import ProductPipeline

@@ -68,6 +68,9 @@ class RenderSettings:
     adapters: tuple[AdapterSpec, ...]
     # Placement mode: inpaint the scene around these pixels, then composite them back.
     placement: PlacedProduct | None = None
+    # Stacked style/background adapters act on the scene only (services/generator/regional.py); the service's
+    # --scene-only-styles sets it per job.
+    scene_only_styles: bool = True
 
 
 # Parent -> worker

@@ -10,6 +10,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from services.generator import placement
+from services.generator import placement, regional
 from services.generator.adapter_cache import AdapterCache
 from services.generator.compile import CompileOptions, accelerator_for
 from services.generator.messages import SCHEDULERS, RenderSettings
@@ -77,6 +78,16 @@ def inpainting_from(pipe):
     inpaint = AutoPipelineForInpainting.from_pipe(pipe)
     inpaint.set_progress_bar_config(disable=True)
     return inpaint
+
+
+def text2image_from(pipe):
+    """Another text-to-image pipeline object over the same modules (like `inpainting_from`)."""
+    from diffusers import AutoPipelineForText2Image
+
+    # AutoPipeline's from_pipe, not the pipeline class's: the latter casts the shared modules to its dtype.
+    view = AutoPipelineForText2Image.from_pipe(pipe)
+    view.set_progress_bar_config(disable=True)
+    return view
 
 
 def latents_to_rgb(latents: torch.Tensor) -> torch.Tensor:
@@ -144,6 +155,8 @@ class ProductPipeline:
         self.pipe = load_text2image(model, self.device, self.dtype)
         compiled_adapters = self.accel.setup(self.pipe, adapter_cache_size)
         self.inpaint = inpainting_from(self.pipe)
+        # Second pipeline objects over the same modules, whose `unet` one job may wrap (regional.py)
+        self.views = {id(self.pipe): text2image_from(self.pipe), id(self.inpaint): inpainting_from(self.pipe)}
         self.load_seconds = time.perf_counter() - started
         self.base_scheduler_config = self.pipe.scheduler.config
         self.adapters = compiled_adapters or AdapterCache(self.pipe, adapter_cache_size, hotswap_rank)
@@ -220,8 +233,17 @@ class ProductPipeline:
                 "mask_image": placement.repaint_mask(placed),
                 "strength": 1.0,
             }
-        with self.accel.watch(settings.width, settings.height, len(seeds), settings.guidance_scale > 1):
-            out = (self.inpaint if placed is not None else self.pipe)(
+        pipe = self.inpaint if placed is not None else self.pipe
+        cfg = settings.guidance_scale > 1
+        guard = nullcontext()
+        if settings.scene_only_styles and regional.applies(settings.adapters):
+            # A second pipeline object over the same modules: its `unet` can be wrapped for this job while the
+            # adapter cache keeps switching weights through the real one.
+            pipe = self.views[id(pipe)]
+            pipe.scheduler = self.pipe.scheduler
+            guard = regional.scene_only_styles(pipe, self.adapters.activate, settings.adapters, cfg)
+        with self.accel.watch(settings.width, settings.height, len(seeds), cfg), guard:
+            out = pipe(
                 **prompt,
                 num_images_per_prompt=len(seeds),
                 num_inference_steps=settings.steps,

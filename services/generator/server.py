@@ -249,6 +249,7 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
             height=height,
             scheduler=request.scheduler,
             adapters=tuple(specs),
+            scene_only_styles=s.scene_only_styles,
         )
         params = generator_pb2.GenerationParameters(
             product_id=product.id if product else "",

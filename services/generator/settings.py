@@ -33,6 +33,11 @@ class GeneratorSettings(ServiceSettings):
         2 * 768 * 768, ge=0, description="Upper bound of width*height*images in one auto-sized batch."
     )
     adapter_cache_size: int = Field(8, description="LoRA adapters each worker keeps loaded (LRU).")
+    scene_only_styles: bool = Field(
+        True,
+        description="Style/background adapters stacked on a product act on the scene, not on the product "
+        "(three UNet evaluations per step for such requests; off: plain stacking).",
+    )
     hotswap_rank: int = Field(
         0,
         description="Enable diffusers LoRA hot-swap, padding ranks to this (0: off; must cover every adapter). "
