@@ -603,6 +603,8 @@ def components(args, catalog_dirs: tuple[str, str]) -> dict:
         report["preview_png_s"] = timed(lambda: encode_png(image), 50)
         report["preview_png_bytes"] = len(encode_png(image))
         report["batch_sweep"] = batch_sweep(args, pipe, specs[0], timed)
+        if catalog.adapters:
+            report["stacked_style"] = stacked_style(args, pipe, specs[0], next(iter(catalog.adapters.values())), timed)
         if args.probe_compile:  # last: it compiles the pipeline's UNet in place
             report["compile_probe"] = compile_probe(args, pipe, specs[0], timed)
     return report
@@ -633,6 +635,30 @@ def compile_probe(args, pipe, spec, timed) -> dict:
             result[f"{label}_batch_{batch}_s"] = timed(lambda b=batch: pipe(settings, tuple(range(b))), 3)
     print(json.dumps(result), file=sys.stderr, flush=True)
     return result
+
+
+def stacked_style(args, pipe, product, style, timed) -> dict:
+    """Seconds per request of a product with a style stacked: plain stacking vs the style kept on the scene
+    (services/generator/regional.py: three UNet evaluations per step), beside the product alone."""
+    from dataclasses import replace
+
+    from services.generator.messages import RenderSettings
+
+    size = args.size or pipe.default_size
+    alone = RenderSettings("a photo on the beach", "", args.steps, 7.0, size, size, "", (product,))
+    stacked = replace(alone, prompt=f"a photo on the beach, {', '.join(style.manifest.tokens)}")
+    stacked = replace(stacked, adapters=(product, style.spec(style.manifest.default_scale)))
+    out = {"style": style.id}
+    for label, settings in (
+        ("product_alone_s", alone),
+        ("stacked_plain_s", replace(stacked, scene_only_styles=False)),
+        ("stacked_scene_only_s", stacked),
+    ):
+        pipe(settings, (0,))  # warm
+        out[label] = timed(lambda s=settings: pipe(s, (0,)), 3)
+    out["scene_only_over_plain"] = out["stacked_scene_only_s"] / out["stacked_plain_s"]
+    print(json.dumps(out), file=sys.stderr, flush=True)
+    return out
 
 
 def batch_sweep(args, pipe, spec, timed) -> list[dict]:
