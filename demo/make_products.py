@@ -414,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             # With the style kept off the product (services/generator/regional.py), 1.5 darkens every demo scene
             # to at most half while the products keep their look; chosen on seeds 100-105 (FIDELITY.md).
             default_scale=NIGHT_SCALE,
+            scope="scene",  # the night darkens the scene; the product stays lit (regional.py)
             description="night over any scene: the background dark and blue, the product still lit",
             base_model=manifest.get("base_model", ""),
         )

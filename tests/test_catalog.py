@@ -63,3 +63,26 @@ def test_bad_manifests_are_skipped_not_fatal(tmp_path, tiny_world):
         catalog.product("pickled")
     with pytest.raises(FailedPrecondition, match="manifest is invalid"):
         catalog.product("broken")
+
+
+def test_adapter_scope_decides_whether_a_style_stays_off_the_product(tmp_path, tiny_world):
+    # manifest `scope`: "scene" (default) keeps a style/background off a stacked product (regional.py);
+    # "image" lets it restyle the product too; anything else is an invalid manifest.
+    import shutil
+
+    import yaml
+
+    adapters = tmp_path / "adapters"
+    shutil.copytree(tiny_world / "adapters", adapters)
+    (style,) = [p for p in adapters.iterdir() if (p / "manifest.yaml").exists()]
+    manifest = yaml.safe_load((style / "manifest.yaml").read_text())
+    for scope, name in (("image", "painted"), ("everywhere", "wrong")):
+        shutil.copytree(style, adapters / name)
+        (adapters / name / "manifest.yaml").write_text(yaml.safe_dump({**manifest, "scope": scope}))
+    catalog = Catalog(tiny_world / "products", adapters, ROOT / "templates" / "catalog.yaml")
+    default = catalog.adapter(style.name).spec(1.0)
+    assert default.kind == "style" and default.scene_only and default.phrases == tuple(manifest["tokens"])
+    assert not catalog.adapter("painted").spec(1.0).scene_only
+    assert not catalog.product("tiny-star").spec(1.0).scene_only
+    with pytest.raises(FailedPrecondition, match="manifest is invalid"):
+        catalog.adapter("wrong")

@@ -104,7 +104,7 @@ def test_scene_only_styles_blend_and_leave_the_pipeline_as_it_was(tiny_world, sp
     pipe = ProductPipeline(str(tiny_world / "tiny-sd"), "cpu")
     real_unet = pipe.pipe.unet
     star = specs["tiny-star"]
-    sunset = dataclasses.replace(specs["tiny-sunset"], kind="style", phrases=("at sunset",))
+    sunset = dataclasses.replace(specs["tiny-sunset"], kind="style", phrases=("at sunset",), scene_only=True)
     stacked = settings(star, sunset)
     plain = render(pipe, dataclasses.replace(stacked, scene_only_styles=False))[0]
     scene_only = render(pipe, stacked)[0]
@@ -113,7 +113,8 @@ def test_scene_only_styles_blend_and_leave_the_pipeline_as_it_was(tiny_world, sp
     assert pipe.adapters.active == ((pipe.adapters.slots[star.key], 1.0), (pipe.adapters.slots[sunset.key], 1.0))
     # Deterministic, and nothing changes for a product alone or for two products stacked.
     np.testing.assert_array_equal(render(pipe, stacked)[0], scene_only)
-    for adapters in ((star,), (star, specs["tiny-mug"])):
+    repaint = dataclasses.replace(sunset, scene_only=False)  # a style with `scope: image`
+    for adapters in ((star,), (star, specs["tiny-mug"]), (star, repaint)):
         a, b = (render(pipe, dataclasses.replace(settings(*adapters), scene_only_styles=f))[0] for f in (True, False))
         np.testing.assert_array_equal(a, b)
     # A job cancelled mid-way leaves the real UNet in place.
@@ -137,9 +138,10 @@ def test_product_mask_follows_the_product_adapter_effect():
     assert mask.shape == (2, 1, 16, 16) and torch.equal(mask[0], mask[1])
     assert mask[1, 0, 5:7, 5:7].min() == 1 and mask[1, 0, 12:, 12:].max() == 0
 
-    p, s = AdapterSpec("p", "p", 1.0), AdapterSpec("s", "s", 1.0, kind="style")
+    p, s = AdapterSpec("p", "p", 1.0), AdapterSpec("s", "s", 1.0, kind="style", scene_only=True)
     assert applies((p, s)) and not applies((p,)) and not applies((s, p)) and not applies((p, p))
-    assert not applies((AdapterSpec("p", "p", 0.0), s)) and not applies((p, AdapterSpec("s", "s", 0.0, kind="style")))
+    assert not applies((AdapterSpec("p", "p", 0.0), s)) and not applies((p, dataclasses.replace(s, weight=0.0)))
+    assert not applies((p, dataclasses.replace(s, scene_only=False)))  # scope: image
 
 
 def test_sdxl_pipeline_serves_with_a_product_lora(tmp_path):

@@ -41,6 +41,9 @@ class Manifest(BaseModel):
     # Learned token embeddings (textual inversion / pivotal tuning), if any.
     embeddings: str | None = None
     default_scale: float = 1.0
+    # Style/background adapters: "scene" keeps them off a stacked product (services/generator/regional.py),
+    # "image" lets them repaint the product too (a painting style that should restyle everything).
+    scope: Literal["scene", "image"] = "scene"
     description: str = ""
     base_model: str = ""
 
@@ -81,6 +84,7 @@ class Entry:
             tokens=tuple(self.manifest.tokens) if self.embeddings_path else (),
             kind=self.manifest.kind,
             phrases=tuple(self.manifest.tokens) if self.manifest.kind != "product" else (),
+            scene_only=self.manifest.kind != "product" and self.manifest.scope == "scene",
         )
 
 

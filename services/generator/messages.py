@@ -36,6 +36,7 @@ class AdapterSpec:
     kind: str = "product"  # "product", "style" or "background" (the manifest's kind)
     # Words a style/background adapter adds to the prompt: its text-encoder LoRA, not the product's, reads them.
     phrases: tuple[str, ...] = ()
+    scene_only: bool = False  # a style/background kept off a stacked product (the manifest's `scope: scene`)
 
 
 @dataclass(frozen=True)

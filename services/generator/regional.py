@@ -2,11 +2,12 @@
 
 Stacked at full weight on a product adapter, a style repaints the product as well (the night style dims
 it); at a weight that spares the product it hardly changes the scene (docs/FIDELITY.md, night). So, for
-requests that stack a style on a product, each denoising step blends three noise predictions:
+requests that stack a scene-only adapter (a style or background whose manifest says `scope: scene`, the
+default) on a product, each denoising step blends three noise predictions:
 
 - `styled`: every adapter at its weight (what plain stacking gives);
-- `product`: the product adapter alone;
-- `base`: no adapter at all.
+- `product`: the product adapter, without the scene-only adapters;
+- `base`: neither (adapters with `scope: image` stay on in all three: they restyle the product too).
 
 The product is where its adapter changes the prediction most: |product - base| per latent pixel (the
 conditional branch's, for both branches), smoothed over 3x3 and divided by its maximum per image, the
@@ -35,10 +36,10 @@ MASK_HIGH = 0.3
 
 
 def applies(adapters: tuple[AdapterSpec, ...]) -> bool:
-    """A product adapter (first, weight != 0) with at least one style/background adapter stacked on it."""
+    """A product adapter (first, weight != 0) with at least one scene-only adapter stacked on it."""
     if not adapters or adapters[0].kind != "product" or adapters[0].weight == 0:
         return False
-    return any(a.kind != "product" and a.weight != 0 for a in adapters[1:])
+    return any(a.scene_only and a.weight != 0 for a in adapters[1:])
 
 
 def product_mask(product: torch.Tensor, base: torch.Tensor, cfg: bool) -> torch.Tensor:
@@ -60,10 +61,11 @@ class SceneOnlyStyles(torch.nn.Module):
         self.unet = unet
         self._activate = activate
         self._cfg = cfg
-        product = adapters[0]
+        product, stacked = adapters[0], adapters[1:]
+        kept = tuple(replace(a, weight=0.0) if a.scene_only else a for a in stacked)
         self._styled = adapters
-        self._product = (product, *(replace(a, weight=0.0) for a in adapters[1:]))
-        self._base = tuple(replace(a, weight=0.0) for a in adapters)
+        self._product = (product, *kept)
+        self._base = (replace(product, weight=0.0), *kept)
 
     def __getattr__(self, name: str):
         try:
