@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,20 @@ class AdapterCache:
         else:
             self.pipe.disable_lora()
         self.active = wanted
+
+    def switcher(self, adapters: tuple[AdapterSpec, ...]) -> Callable[[tuple[AdapterSpec, ...]], None]:
+        """For switching weights many times within one job (regional.py): `adapters` are active; the returned
+        function sets new weights for the same adapters on the UNet's LoRA layers only (the prompt is encoded
+        already), about 100x faster than `set_adapters`, which walks every module of UNet and text encoder."""
+        slots = [self.slots[a.key] for a in adapters]
+        layers = [m for m in self.pipe.unet.modules() if hasattr(m, "set_scale") and any(s in m.scaling for s in slots)]
+
+        def switch(specs: tuple[AdapterSpec, ...]) -> None:
+            for layer in layers:
+                for slot, spec in zip(slots, specs, strict=True):
+                    layer.set_scale(slot, spec.weight)
+
+        return switch
 
 
 def _fresh(weights):

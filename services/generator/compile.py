@@ -25,7 +25,7 @@ import os
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -360,6 +360,10 @@ class CompiledAdapterCache:
             for tensor, base in slot.scalings:
                 tensor.fill_(base * weight)
         self._activate_text_encoder(weights)
+
+    def switcher(self, adapters: tuple) -> Callable[[tuple], None]:
+        """Weights switched within one job (regional.py): `activate` only fills scalings here, cheap enough."""
+        return self.activate
 
     def _activate_text_encoder(self, weights: dict[str, float]) -> None:
         from diffusers.utils.peft_utils import set_adapter_layers, set_weights_and_activate_adapters

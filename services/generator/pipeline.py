@@ -241,7 +241,7 @@ class ProductPipeline:
             # adapter cache keeps switching weights through the real one.
             pipe = self.views[id(pipe)]
             pipe.scheduler = self.pipe.scheduler
-            guard = regional.scene_only_styles(pipe, self.adapters.activate, settings.adapters, cfg)
+            guard = regional.scene_only_styles(pipe, self.adapters.switcher(settings.adapters), settings.adapters, cfg)
         with self.accel.watch(settings.width, settings.height, len(seeds), cfg), guard:
             out = pipe(
                 **prompt,

@@ -15,7 +15,9 @@ idea of DiffEdit's mask (Couairon et al., 2022) with the adapter in place of a s
 ramps from 0 at `MASK_LOW` of that maximum to 1 at `MASK_HIGH`, and the step's prediction is
 `mask * product + (1 - mask) * styled`: the scene gets the style, the product keeps its adapter's look.
 
-Cost: three UNet evaluations per step instead of one, for those requests only (docs/PERFORMANCE.md).
+Cost: three UNet evaluations per step while the noise is high, two after (`MASK_SETTLED`), for those
+requests only; the weights switch between passes by `switcher`, which sets only the UNet's LoRA scales
+(docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ from services.generator.messages import AdapterSpec
 # (fidelity 0.88 on black); 0.1/0.3 kept every demo cell >= 0.94 with the scene's light at most halved.
 MASK_LOW = 0.1
 MASK_HIGH = 0.3
+# Below this share of the training noise levels (t < 500 of 1000) the product's place is settled: the last
+# mask is kept and the no-adapter pass skipped. Same night figures on seeds 100-105 as a mask at every step.
+MASK_SETTLED = 0.5
 
 
 def applies(adapters: tuple[AdapterSpec, ...]) -> bool:
@@ -56,10 +61,12 @@ def product_mask(product: torch.Tensor, base: torch.Tensor, cfg: bool) -> torch.
 class SceneOnlyStyles(torch.nn.Module):
     """Stands in for the pipeline's UNet during one job; everything but `forward` is the real UNet's."""
 
-    def __init__(self, unet: torch.nn.Module, activate, adapters: tuple[AdapterSpec, ...], cfg: bool):
+    def __init__(self, unet: torch.nn.Module, switch, adapters: tuple[AdapterSpec, ...], cfg: bool, train_steps: int):
         super().__init__()
+        self._settled_below = MASK_SETTLED * train_steps
+        self._mask: torch.Tensor | None = None
         self.unet = unet
-        self._activate = activate
+        self._switch = switch
         self._cfg = cfg
         product, stacked = adapters[0], adapters[1:]
         kept = tuple(replace(a, weight=0.0) if a.scene_only else a for a in stacked)
@@ -75,14 +82,18 @@ class SceneOnlyStyles(torch.nn.Module):
 
     def forward(self, sample, timestep, *args, return_dict: bool = True, **kwargs):
         def predict(adapters):
-            self._activate(adapters)
+            self._switch(adapters)
             return self.unet(sample, timestep, *args, return_dict=False, **kwargs)[0]
 
-        styled = predict(self._styled)
-        product = predict(self._product)
-        base = predict(self._base)
-        self._activate(self._styled)
-        mask = product_mask(product, base, self._cfg).to(styled.dtype)
+        try:
+            styled = predict(self._styled)
+            product = predict(self._product)
+            t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+            if self._mask is None or self._mask.shape[0] != styled.shape[0] or t >= self._settled_below:
+                self._mask = product_mask(product, predict(self._base), self._cfg)
+        finally:  # the cache believes the job's weights are set: leave them so, whatever happened
+            self._switch(self._styled)
+        mask = self._mask.to(styled.dtype)
         out = mask * product + (1 - mask) * styled
         if return_dict:
             from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -92,11 +103,13 @@ class SceneOnlyStyles(torch.nn.Module):
 
 
 @contextmanager
-def scene_only_styles(pipe, activate, adapters: tuple[AdapterSpec, ...], cfg: bool) -> Iterator[None]:
-    """While the block runs, `pipe` denoises with the style kept off the product (see the module doc)."""
+def scene_only_styles(pipe, switch, adapters: tuple[AdapterSpec, ...], cfg: bool) -> Iterator[None]:
+    """While the block runs, `pipe` denoises with the style kept off the product (see the module doc).
+    `switch(adapters)` sets the active adapters' weights (the adapter cache's `switcher`)."""
     unet = pipe.unet
+    train_steps = int(getattr(pipe.scheduler.config, "num_train_timesteps", 1000))
     # object.__setattr__: diffusers' own __setattr__ would re-register the component in the pipeline config.
-    object.__setattr__(pipe, "unet", SceneOnlyStyles(unet, activate, adapters, cfg))
+    object.__setattr__(pipe, "unet", SceneOnlyStyles(unet, switch, adapters, cfg, train_steps))
     try:
         yield
     finally:
