@@ -4,7 +4,8 @@
 
 One sheet per product. Columns: the product photo (the catalogue shot on the white studio background
 that placement mode receives), then the six scenes. Rows: LoRA mode (the product adapter, no photo),
-placement mode (the photo, no adapter) and placement mode with the adapter. Every cell is the same
+placement mode (the photo, no adapter), placement mode with the adapter, and LoRA mode with the `night`
+style stacked (kept off the product, services/generator/regional.py). Every cell is the same
 seed, rendered by the generator's own pipeline (`demo.placement_eval.Renderer`), 32x32 shown x4.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from demo.placement_eval import MODES, Renderer, product_photo
+from demo.placement_eval import Renderer, product_photo
 from demo.world import BACKGROUNDS, PRODUCTS, SCENE_PHRASES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +25,13 @@ CELL = 32 * SCALE
 PAD = 8
 LABEL_W = 150
 HEADER_H = 34
-ROW_NAMES = {"lora": "LoRA mode", "placement": "placement", "placement+lora": "placement + LoRA"}
+# (mode, stacked style, label)
+ROWS = (
+    ("lora", "", "LoRA mode"),
+    ("placement", "", "placement"),
+    ("placement+lora", "", "placement + LoRA"),
+    ("lora", "night", "LoRA + night style"),
+)
 
 
 def _font(size: int = 13) -> ImageFont.ImageFont:
@@ -42,20 +49,20 @@ def sheet(renderer: Renderer, product_id: str, seed: int) -> Image.Image:
     photo, mask = product_photo(product_id, "white", seed=0)
     columns = ["photo", *BACKGROUNDS]
     width = LABEL_W + len(columns) * (CELL + PAD)
-    height = HEADER_H + len(MODES) * (CELL + PAD) + PAD
+    height = HEADER_H + len(ROWS) * (CELL + PAD) + PAD
     out = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(out)
     font = _font()
     for c, name in enumerate(columns):
         label = "product photo" if name == "photo" else SCENE_PHRASES[name][1]
         draw.text((LABEL_W + c * (CELL + PAD), 10), label, fill=(30, 30, 30), font=font)
-    for r, mode in enumerate(MODES):
+    for r, (mode, style, label) in enumerate(ROWS):
         y = HEADER_H + r * (CELL + PAD)
-        draw.text((8, y + CELL // 2 - 8), ROW_NAMES[mode], fill=(30, 30, 30), font=font)
+        draw.text((8, y + CELL // 2 - 8), label, fill=(30, 30, 30), font=font)
         if mode != "lora":
             out.paste(_big(photo), (LABEL_W, y))
         for c, background in enumerate(BACKGROUNDS, start=1):
-            (image,), _ = renderer.render(product_id, background, [seed], mode, photo, mask)
+            (image,), _ = renderer.render(product_id, background, [seed], mode, photo, mask, style)
             out.paste(_big(image), (LABEL_W + c * (CELL + PAD), y))
     return out
 

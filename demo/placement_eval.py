@@ -69,18 +69,23 @@ class Renderer:
         self.catalog = Catalog(ROOT / "products", ROOT / "adapters", ROOT / "templates" / "catalog.yaml")
         self.pipe = ProductPipeline(str(ROOT / "models" / "demo-sd"), "cpu")
 
-    def render(self, product_id: str, background: str, seeds: list[int], mode: str, photo=None, mask=None) -> list:
+    def render(
+        self, product_id: str, background: str, seeds: list[int], mode: str, photo=None, mask=None, style: str = ""
+    ) -> list:
         """Images of `product_id` in the demo scene `background`.
 
         mode: "lora" (the product adapter, no photo), "placement" (the photo only, no adapter) or
-        "placement+lora" (the photo and the product adapter)."""
+        "placement+lora" (the photo and the product adapter). `style`: a style adapter stacked at its default
+        weight, its words added to the prompt (as the generator does)."""
         from services.generator import placement
         from services.generator.catalog import compose_prompt
         from services.generator.messages import RenderSettings
 
         template = self.catalog.template(f"demo-{background}")
         product = self.catalog.product(product_id) if mode != "placement" else None
-        composed = compose_prompt(product, template, "", None, self.catalog.templates.defaults)
+        stacked = [self.catalog.adapter(style)] if style else []
+        extra = [t for a in stacked for t in a.manifest.tokens]
+        composed = compose_prompt(product, template, "", None, self.catalog.templates.defaults, extra)
         placed = None
         if mode != "lora":
             default = placement.Placement(**template.placement.model_dump())
@@ -95,7 +100,8 @@ class Renderer:
             width=32,
             height=32,
             scheduler="",
-            adapters=(product.spec(product.manifest.default_scale),) if product else (),
+            adapters=((product.spec(product.manifest.default_scale),) if product else ())
+            + tuple(a.spec(a.manifest.default_scale) for a in stacked),
             placement=placed,
         )
         images = []
