@@ -646,8 +646,11 @@ def stacked_style(args, pipe, product, style, timed) -> dict:
 
     size = args.size or pipe.default_size
     alone = RenderSettings("a photo on the beach", "", args.steps, 7.0, size, size, "", (product,))
-    stacked = replace(alone, prompt=f"a photo on the beach, {', '.join(style.manifest.tokens)}")
-    stacked = replace(stacked, adapters=(product, style.spec(style.manifest.default_scale)))
+    stacked = replace(
+        alone,
+        prompt=f"a photo on the beach, {', '.join(style.manifest.tokens)}",
+        adapters=(product, style.spec(style.manifest.default_scale)),
+    )
     out = {"style": style.id}
     for label, settings in (
         ("product_alone_s", alone),

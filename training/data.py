@@ -116,8 +116,8 @@ def swap_background(
     adapter sees the product apart from the backgrounds it was photographed on (TRAINING.md)."""
     u = torch.rand(8, generator=generator).tolist()
     w, h = image.size
-    a = (light[0] + (light[1] - light[0]) * np.array(u[0:3])) * 255
-    b = (light[0] + (light[1] - light[0]) * np.array(u[3:6])) * 255
+    lo, hi = light
+    a, b = ((lo + (hi - lo) * np.array(u[i : i + 3])) * 255 for i in (0, 3))
     a, b = (x.mean() + colour * (x - x.mean()) for x in (a, b))
     if u[6] < 0.5:
         b = a  # plain

@@ -209,7 +209,9 @@ class ProductPipeline:
         }
 
         # 4. Fresh scheduler; one generator per image so results do not depend on batching
-        self.pipe.scheduler = self.inpaint.scheduler = self.make_scheduler(settings.scheduler)
+        scheduler = self.make_scheduler(settings.scheduler)
+        for pipe in (self.pipe, self.inpaint, *self.views.values()):
+            pipe.scheduler = scheduler
         gen_device = "cpu" if self.device.type != "cuda" else self.device
         generators = [torch.Generator(gen_device).manual_seed(int(s)) for s in seeds]
 
@@ -240,7 +242,6 @@ class ProductPipeline:
             # A second pipeline object over the same modules: its `unet` can be wrapped for this job while the
             # adapter cache keeps switching weights through the real one.
             pipe = self.views[id(pipe)]
-            pipe.scheduler = self.pipe.scheduler
             guard = regional.scene_only_styles(pipe, self.adapters.switcher(settings.adapters), settings.adapters, cfg)
         with self.accel.watch(settings.width, settings.height, len(seeds), cfg), guard:
             out = pipe(

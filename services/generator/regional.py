@@ -15,8 +15,8 @@ idea of DiffEdit's mask (Couairon et al., 2022) with the adapter in place of a s
 ramps from 0 at `MASK_LOW` of that maximum to 1 at `MASK_HIGH`, and the step's prediction is
 `mask * product + (1 - mask) * styled`: the scene gets the style, the product keeps its adapter's look.
 
-Cost: three UNet evaluations per step (two once the mask is kept, `MASK_SETTLED`), for those requests
-only; between passes `switcher` sets only the UNet's LoRA scales (docs/PERFORMANCE.md).
+Cost: three UNet evaluations per step, for those requests only; between passes `switcher` sets only the
+UNet's LoRA scales (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -30,15 +30,10 @@ import torch.nn.functional as F
 
 from services.generator.messages import AdapterSpec
 
-# Chosen on validation seeds 100-105 (TRAINING.md): 0.2/0.5 let the night style dim the split star's edges
+# Chosen on validation seeds 100-105 (docs/FIDELITY.md): 0.2/0.5 let the night style dim the split star's edges
 # (fidelity 0.88 on black); 0.1/0.3 kept every demo cell >= 0.94 with the scene's light at most halved.
 MASK_LOW = 0.1
 MASK_HIGH = 0.3
-# Below this share of the training noise levels the last mask is kept and the no-adapter pass skipped (0: a
-# mask at every step). 0.5 cut the cost from 3 to about 2.3 UNet passes per step, but the split star's night
-# on the black studio went from ratio 0.50 to 0.51 on the validation seeds (0.495 -> 0.52 on seeds 0-31),
-# across the criterion's line: kept at 0 until a product needs the speed more than that margin.
-MASK_SETTLED = 0.0
 
 
 def applies(adapters: tuple[AdapterSpec, ...]) -> bool:
@@ -62,10 +57,8 @@ def product_mask(product: torch.Tensor, base: torch.Tensor, cfg: bool) -> torch.
 class SceneOnlyStyles(torch.nn.Module):
     """Stands in for the pipeline's UNet during one job; everything but `forward` is the real UNet's."""
 
-    def __init__(self, unet: torch.nn.Module, switch, adapters: tuple[AdapterSpec, ...], cfg: bool, train_steps: int):
+    def __init__(self, unet: torch.nn.Module, switch, adapters: tuple[AdapterSpec, ...], cfg: bool):
         super().__init__()
-        self._settled_below = MASK_SETTLED * train_steps
-        self._mask: torch.Tensor | None = None
         self.unet = unet
         self._switch = switch
         self._cfg = cfg
@@ -89,12 +82,10 @@ class SceneOnlyStyles(torch.nn.Module):
         try:
             styled = predict(self._styled)
             product = predict(self._product)
-            t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-            if self._mask is None or self._mask.shape[0] != styled.shape[0] or t >= self._settled_below:
-                self._mask = product_mask(product, predict(self._base), self._cfg)
+            base = predict(self._base)
         finally:  # the cache believes the job's weights are set: leave them so, whatever happened
             self._switch(self._styled)
-        mask = self._mask.to(styled.dtype)
+        mask = product_mask(product, base, self._cfg).to(styled.dtype)
         out = mask * product + (1 - mask) * styled
         if return_dict:
             from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -108,9 +99,8 @@ def scene_only_styles(pipe, switch, adapters: tuple[AdapterSpec, ...], cfg: bool
     """While the block runs, `pipe` denoises with the style kept off the product (see the module doc).
     `switch(adapters)` sets the active adapters' weights (the adapter cache's `switcher`)."""
     unet = pipe.unet
-    train_steps = int(getattr(pipe.scheduler.config, "num_train_timesteps", 1000))
     # object.__setattr__: diffusers' own __setattr__ would re-register the component in the pipeline config.
-    object.__setattr__(pipe, "unet", SceneOnlyStyles(unet, switch, adapters, cfg, train_steps))
+    object.__setattr__(pipe, "unet", SceneOnlyStyles(unet, switch, adapters, cfg))
     try:
         yield
     finally:
