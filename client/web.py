@@ -118,7 +118,7 @@ def _progress_html(fraction: float, text: str) -> str:
     return f'<progress max="1" value="{fraction:.3f}"></progress><div>{text}</div>'
 
 
-def _placement_widgets() -> tuple[gr.Checkbox, gr.Image, gr.Image, gr.Markdown]:
+def _placement_widgets() -> tuple[gr.Checkbox, gr.Image, gr.Checkbox, gr.Slider, gr.Image, gr.Markdown]:
     """Placement mode: upload the product's photo, tick "keep my exact product", see the detected mask."""
     with gr.Accordion("Keep my exact product (use a photo)", open=False, elem_id="placement"):
         keep = gr.Checkbox(label="Keep my exact product", value=False, elem_id="keep-product")
@@ -130,14 +130,25 @@ def _placement_widgets() -> tuple[gr.Checkbox, gr.Image, gr.Image, gr.Markdown]:
             sources=["upload"],
             elem_id="product-photo",
         )
+        with gr.Row():
+            shadow = gr.Checkbox(label="Contact shadow", value=True, elem_id="shadow")
+            strength = gr.Slider(
+                label="Shadow strength (0: the scene's default)",
+                minimum=0,
+                maximum=1,
+                step=0.05,
+                value=0,
+                elem_id="shadow-strength",
+            )
         mask = gr.Image(
-            label="Where the generator found it (left) and the mask it keeps exactly (right)",
+            label="Where the generator found it, with its shadow (left), and the mask it keeps exactly (right)",
             interactive=False,
             format="png",
+            height=340,
             elem_id="product-mask",
         )
         note = gr.Markdown("", elem_id="product-mask-note")
-    return keep, photo, mask, note
+    return keep, photo, shadow, strength, mask, note
 
 
 def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
@@ -172,7 +183,7 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
                     label=f"Number of images (1–{settings.max_images})", value=4, precision=0, elem_id="num-images"
                 )
                 show_previews = gr.Checkbox(label="Show step previews while generating", value=False)
-                keep_product, product_photo, mask_view, mask_note = _placement_widgets()
+                keep_product, product_photo, shadow, shadow_strength, mask_view, mask_note = _placement_widgets()
                 with gr.Accordion("Advanced", open=False):
                     with gr.Row():
                         seed = gr.Number(label="Seed", value=None, precision=0, placeholder="random", elem_id="seed")
@@ -270,6 +281,8 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
             "background_weight": background_weight,
             "keep_product": keep_product,
             "product_photo": product_photo,
+            "shadow": shadow,
+            "shadow_strength": shadow_strength,
         }
         assert list(form) == FORM_FIELDS, "one widget per web_logic.Form field"
         catalog_outputs = [banner, product, template, text, style, background, status]
@@ -374,7 +387,7 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
             view = await logic.detect_mask(backends, Form(**values))
             return view.image, view.message
 
-        for trigger in (product_photo.change, template.change):
+        for trigger in (product_photo.change, template.change, shadow.change, shadow_strength.release):
             trigger(on_photo, inputs_kwargs=form, outputs=[mask_view, mask_note], show_progress="hidden")
 
         # Generate / Generate more / Stop.

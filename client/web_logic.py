@@ -94,6 +94,9 @@ class Form:
     # Placement mode: "keep my exact product" and the uploaded photo's file (see placement_image).
     keep_product: bool = False
     product_photo: str | None = None
+    # Its contact shadow: off, or on at the scene's own default (strength 0) or at the strength given (0..1).
+    shadow: bool = True
+    shadow_strength: float | None = 0.0
 
 
 @dataclass
@@ -721,6 +724,9 @@ async def reuse_settings(backends: Backends, session: Session, form: Form) -> Re
         background_weight=round(backgrounds[0].weight, 4) if backgrounds else form.background_weight,
         keep_product=p.HasField("placement"),
         product_photo=form.product_photo,
+        # The shadow it was made with: off, or on at its strength (softness and offsets are the page's own).
+        shadow=p.placement.shadow.strength > 0 if p.HasField("placement") else form.shadow,
+        shadow_strength=round(p.placement.shadow.strength, 2) if p.HasField("placement") else form.shadow_strength,
     )
     message = f"Settings of image #{session.selected + 1} copied into the form."
     if p.HasField("placement") and photo_digest(form.product_photo) != p.placement.product_image_sha256:
@@ -811,7 +817,19 @@ def placement_image(form: Form) -> generator_pb2.ProductImage | None:
         data = Path(form.product_photo).read_bytes()
     except OSError:
         raise ValueError("The uploaded photo is gone; upload it again.") from None
-    return generator_pb2.ProductImage(image=data)
+    message = generator_pb2.ProductImage(image=data)
+    strength = float(form.shadow_strength or 0.0)
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError("Shadow strength goes from 0 (the scene's default) to 1.")
+    if not form.shadow:
+        message.shadow.CopyFrom(generator_pb2.Shadow(strength=0.0))
+    elif strength > 0:
+        message.shadow.CopyFrom(generator_pb2.Shadow(strength=strength, softness=SHADOW_SOFTNESS))
+    return message
+
+
+SHADOW_SOFTNESS = 0.5  # the page's shadow: as soft as the demo scenes' defaults
+PREVIEW_SIDE = 320  # px: the placement preview is enlarged to at least this (pixel-exact), so small frames are readable
 
 
 def photo_digest(path: str | None) -> str:
@@ -850,16 +868,21 @@ async def detect_mask(backends: Backends, form: Form) -> MaskView:
         reply = await backends.generator().stub.PreviewPlacement(request, timeout=30)
     except grpc.aio.AioRpcError as exc:
         return MaskView(None, friendly_error(exc, "generator", backends.generator_address))
+    # Enlarged pixel for pixel (a 32 x 32 demo frame would be a thin strip otherwise).
+    k = max(1, -(-PREVIEW_SIDE // max(reply.width, reply.height)))
+    w, h, gap = reply.width * k, reply.height * k, 8
     with Image.open(io.BytesIO(reply.preview_png)) as placed, Image.open(io.BytesIO(reply.mask_png)) as mask:
-        # Side by side: the product as it will sit in the frame, and the mask kept pixel for pixel.
-        shown = Image.new("RGB", (reply.width * 2 + 4, reply.height), (255, 255, 255))
-        shown.paste(placed.convert("RGB"), (0, 0))
-        shown.paste(mask.convert("RGB"), (reply.width + 4, 0))
+        # Side by side: the product (and its shadow) as it will sit in the frame, and the mask kept pixel for pixel.
+        shown = Image.new("RGB", (w * 2 + gap, h), (255, 255, 255))
+        shown.paste(placed.convert("RGB").resize((w, h), Image.Resampling.NEAREST), (0, 0))
+        shown.paste(mask.convert("RGB").resize((w, h), Image.Resampling.NEAREST), (w + gap, 0))
     record = reply.placement
     how = {"alpha": "from the photo's transparency", "mask": "from the mask", "found": "found on the light background"}
+    where = f"standing on the scene's ground at {record.ground_line:.0%} of the height" if record.ground_line else ""
+    shadow = f"a contact shadow of strength {record.shadow.strength:.2f}" if record.shadow.strength else "no shadow"
     return MaskView(
         shown,
         f"Product {how.get(record.mask_source, record.mask_source)}; it will fill {record.placement.height:.0%} "
-        f"of the height of a {reply.width} × {reply.height} image. Inside the white mask its pixels are kept "
-        f"exactly (apart from a {record.feather}-pixel blended edge).",
+        f"of the height of a {reply.width} × {reply.height} image{', ' + where if where else ''}, with {shadow}. "
+        f"Inside the white mask its pixels are kept exactly (apart from a {record.feather}-pixel blended edge).",
     )

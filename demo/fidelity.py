@@ -31,34 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
+from demo.colours import colour_classes, to_array
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _masks(arr: np.ndarray) -> dict[str, np.ndarray]:
-    a = np.asarray(arr, dtype=np.int32)[..., :3]
-    r, g, b = a[..., 0], a[..., 1], a[..., 2]
-    return {
-        "red": (r > 140) & (g < 90) & (b < 100) & (r - np.maximum(g, b) > 80) & (b > 0.35 * g - 5),
-        "blue": (b > 140) & (r < 110) & (g < 110) & (b - np.maximum(r, g) > 60),
-        "yellow": (r > 170) & (g > 150) & (b < 110),
-        # The band: anything clearly darker in green than the yellow body (the demo model draws the black
-        # stripe as a dark orange-brown band at 32x32).
-        "dark": g < 125,
-    }
-
-
-def _to_array(image) -> np.ndarray:
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        image = image.convert("RGB")
-        if image.size != (32, 32):
-            image = image.resize((32, 32), Image.LANCZOS)
-    return np.asarray(image)
-
-
 def raw_split_star(image) -> float:
-    m = _masks(_to_array(image))
+    m = colour_classes(to_array(image))
     # Pixels per column of the central 24x24 box; the split may sit anywhere near the middle (the star
     # is placed off-centre), so take the column that fits best. Background colour that is on both sides
     # (a red fire) cancels in the differences.
@@ -73,7 +52,7 @@ BOX = slice(4, 28)  # the central 24x24 box the product sits in
 
 
 def raw_striped_mug(image) -> float:
-    m = _masks(_to_array(image))
+    m = colour_classes(to_array(image))
     yellow, dark = m["yellow"][BOX, BOX], m["dark"][BOX, BOX]
     count = 0
     for x in range(yellow.shape[1]):
@@ -125,7 +104,7 @@ def fidelity(product_id: str, images) -> float:
 
 def background_brightness(image) -> float:
     """Mean luma (0-255) of the frame's outer ring (3 px): the background, since products sit near the centre."""
-    a = _to_array(image).astype(np.float32)[..., :3]
+    a = to_array(image).astype(np.float32)[..., :3]
     luma = a @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     ring = np.ones(luma.shape, bool)
     ring[RING:-RING, RING:-RING] = False
@@ -158,6 +137,10 @@ class Cell:
     judge_scene: float  # fraction of adapter images the judge puts in the right scene
     judge_scene_scale0: float
     renders: float  # fidelity of real renders of the product in this scene (the metric's ceiling)
+    shape: float = 0.0  # share of adapter images that pass the shape criterion (demo.shape)
+    shape_scale0: float = 0.0
+    shape_renders: float = 0.0
+    both: float = 0.0  # share of adapter images with colour score >= 0.5 and the shape passed
     per_seed: list[float] = field(default_factory=list)
     night: dict | None = None  # brightness with/without the night style, fidelity with it
 
@@ -190,6 +173,7 @@ def measure(
     night style stacked on top. `scales` adds a fidelity sweep over other product scales."""
     from demo.judge import load_judge
     from demo.make_products import HELD_OUT
+    from demo.shape import shape_ok, shape_rate
     from demo.world import BACKGROUNDS, render_product
     from services.generator.catalog import TemplateCatalog, compose_prompt, scan_folder
     from services.generator.messages import RenderSettings
@@ -226,6 +210,8 @@ def measure(
             with_adapter = render(entry, template, [entry.spec(scale)])
             at_zero = render(entry, template, [entry.spec(0.0)])
             scores = [score(pid, im) for im in with_adapter]
+            shapes = [shape_ok(pid, bg, im) for im in with_adapter]
+            true_renders = [render_product(pid, bg, rng) for _ in range(n)]
             cell = Cell(
                 scene=bg,
                 held_out=bg in HELD_OUT.get(pid, ()),
@@ -233,7 +219,11 @@ def measure(
                 scale0=fidelity(pid, at_zero),
                 judge_scene=float(np.mean([p == bg for p in judge.predict(with_adapter)["background"]])),
                 judge_scene_scale0=float(np.mean([p == bg for p in judge.predict(at_zero)["background"]])),
-                renders=fidelity(pid, [render_product(pid, bg, rng) for _ in range(n)]),
+                renders=fidelity(pid, true_renders),
+                shape=float(np.mean(shapes)),
+                shape_scale0=shape_rate(pid, bg, at_zero),
+                shape_renders=shape_rate(pid, bg, true_renders),
+                both=float(np.mean([c >= 0.5 and s for c, s in zip(scores, shapes, strict=True)])),
                 per_seed=[round(s, 3) for s in scores],
             )
             if night and "night" in styles:
@@ -259,6 +249,7 @@ def measure(
             row["scenes"][bg] = asdict(cell)
         cells = row["scenes"].values()
         row["min_adapter"] = min(c["adapter"] for c in cells)
+        row["min_shape"] = min(c["shape"] for c in cells)
         row["judge_scene"] = float(np.mean([c["judge_scene"] for c in cells]))
         if night and "night" in styles:
             row["night_ratio"] = float(np.mean([c["night"]["ratio"] for c in cells]))
@@ -273,6 +264,7 @@ def format_table(result: dict) -> str:
     for pid, row in result["products"].items():
         lines.append(f"{pid} (default scale {row['default_scale']:g}; * = held out of training)")
         head = f"  {'scene':9} {'adapter':>8} {'scale 0':>8} {'renders':>8} {'judge':>6} {'judge@0':>8}"
+        head += f" {'shape':>6} {'shape@0':>7} {'shape renders':>13}"
         has_night = any(c["night"] for c in row["scenes"].values())
         if has_night:
             head += f" {'bg':>6} {'bg+night':>8} {'ratio':>6} {'fid+night':>9} {'night ok':>8}"
@@ -282,13 +274,15 @@ def format_table(result: dict) -> str:
             line = (
                 f"  {name:9} {c['adapter']:8.2f} {c['scale0']:8.2f} {c['renders']:8.2f} "
                 f"{c['judge_scene']:6.0%} {c['judge_scene_scale0']:8.0%}"
+                f" {c['shape']:6.2f} {c['shape_scale0']:7.2f} {c['shape_renders']:13.2f}"
             )
             if c["night"]:
                 nt = c["night"]
                 line += f" {nt['brightness']:6.0f} {nt['brightness_night']:8.0f} {nt['ratio']:6.2f}"
                 line += f" {nt['fidelity_night']:9.2f} {'yes' if nt['ok'] else 'no':>8}"
             lines.append(line)
-        summary = f"  min adapter fidelity {row['min_adapter']:.2f}, judge scene accuracy {row['judge_scene']:.0%}"
+        summary = f"  min adapter fidelity {row['min_adapter']:.2f}, min shape {row['min_shape']:.2f}"
+        summary += f", judge scene accuracy {row['judge_scene']:.0%}"
         if has_night:
             summary += f", night brightness ratio {row['night_ratio']:.2f}"
             summary += f", min fidelity with night {row['min_fidelity_night']:.2f}"

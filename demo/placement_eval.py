@@ -70,15 +70,26 @@ class Renderer:
         self.pipe = ProductPipeline(str(ROOT / "models" / "demo-sd"), "cpu")
 
     def render(
-        self, product_id: str, background: str, seeds: list[int], mode: str, photo=None, mask=None, style: str = ""
+        self,
+        product_id: str,
+        background: str,
+        seeds: list[int],
+        mode: str,
+        photo=None,
+        mask=None,
+        style: str = "",
+        shadow="template",
+        region: bool = True,
     ) -> list:
         """Images of `product_id` in the demo scene `background`.
 
         mode: "lora" (the product adapter, no photo), "placement" (the photo only, no adapter) or
         "placement+lora" (the photo and the product adapter). `style`: a style adapter stacked at its default
-        weight, its words added to the prompt (as the generator does)."""
+        weight, its words added to the prompt (as the generator does). Placement mode as the server runs it:
+        the template's ground line and shadow (`shadow`: "template", None for none, or a `Shadow`) and, with
+        `region`, the scene prompt outside the product (services/generator/product_region.py)."""
         from services.generator import placement
-        from services.generator.catalog import compose_prompt
+        from services.generator.catalog import compose_prompt, compose_scene_prompt
         from services.generator.messages import RenderSettings
 
         template = self.catalog.template(f"demo-{background}")
@@ -88,9 +99,19 @@ class Renderer:
         composed = compose_prompt(product, template, "", None, self.catalog.templates.defaults, extra)
         placed = None
         if mode != "lora":
-            default = placement.Placement(**template.placement.model_dump())
+            tp = template.placement
+            if shadow == "template":
+                shadow = tp.shadow.spec() if tp.shadow else None
             placed, _ = placement.prepare(
-                png_bytes(photo), placement.mask_png(mask), None, default, 32, 32, max_pixels=1 << 20
+                png_bytes(photo),
+                placement.mask_png(mask) if mask is not None else b"",
+                None,
+                placement.Placement(**tp.box()),
+                32,
+                32,
+                max_pixels=1 << 20,
+                ground=tp.ground,
+                shadow=shadow,
             )
         settings = RenderSettings(
             prompt=composed.prompt,
@@ -103,6 +124,7 @@ class Renderer:
             adapters=((product.spec(product.manifest.default_scale),) if product else ())
             + tuple(a.spec(a.manifest.default_scale) for a in stacked),
             placement=placed,
+            scene_prompt=compose_scene_prompt(template, "") if placed is not None and region else "",
         )
         images = []
         for seed in seeds:

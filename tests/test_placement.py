@@ -177,8 +177,9 @@ async def test_generated_images_keep_the_product_pixels_exactly(generator_stub):
     data, photo, mask = rgba_cutout()
     inner = P.inner_mask(mask, P.default_feather(64, 64))
     for product_id in ("", "tiny-star"):  # instead of, and together with, the product adapter
+        # Flowers: no surface, so a photo of the frame's size stays where it is (the beach would stand it on the sand).
         req = generate_request(
-            product_id=product_id, template_id="beach", num_images=2, seed=5, steps=3, inline_images=True
+            product_id=product_id, template_id="flowers", num_images=2, seed=5, steps=3, inline_images=True
         )
         req.product_image.image = data
         events = [e async for e in generator_stub.Generate(req, timeout=120)]
@@ -230,7 +231,7 @@ async def test_preview_shows_the_servers_mask_and_reads_storage_uris(generator_s
     stored.write_bytes(data)
     for source in ({"image": data}, {"uri": stored.as_uri()}):
         reply = await generator_stub.PreviewPlacement(
-            pb.PreviewPlacementRequest(product_image=pb.ProductImage(**source), template_id="beach")
+            pb.PreviewPlacementRequest(product_image=pb.ProductImage(**source), template_id="flowers")
         )
         assert (reply.width, reply.height) == (64, 64) and reply.placement.mask_source == "alpha"
         assert np.array_equal(P.load_mask_png(reply.mask_png), mask)
@@ -286,15 +287,25 @@ async def test_web_page_sends_the_photo_and_shows_the_servers_mask(generator, tm
     data, _, mask = rgba_cutout()
     photo = tmp_path / "photo.png"
     photo.write_bytes(data)
-    form = logic.Form(template_id="beach", keep_product=True, product_photo=str(photo))
+    form = logic.Form(template_id="flowers", keep_product=True, product_photo=str(photo))
     assert logic.build_request(form).product_image.image == data  # no product needed with a photo
     with pytest.raises(ValueError, match="Upload a photo"):
         logic.build_request(logic.Form(product_id="tiny-star", keep_product=True))
+    # The shadow controls: the scene's default (unset), off (strength 0), or a strength of the user's.
+    assert not logic.build_request(form).product_image.HasField("shadow")
+    off = logic.build_request(dataclasses.replace(form, shadow=False)).product_image
+    assert off.HasField("shadow") and off.shadow.strength == 0
+    assert logic.build_request(dataclasses.replace(form, shadow_strength=0.7)).product_image.shadow.strength == pytest.approx(0.7)
     backends = logic.Backends(f"127.0.0.1:{generator.port}", "127.0.0.1:1", tmp_path)
     view = await logic.detect_mask(backends, form)
-    assert view.image.size == (64 * 2 + 4, 64) and "transparency" in view.message
-    shown_mask = np.asarray(view.image.convert("L"))[:, 64 + 4 :] >= 128
+    # Shown enlarged pixel for pixel (readable, not a 64-px strip): the placed product, a gap, the mask.
+    k = -(-logic.PREVIEW_SIDE // 64)
+    assert view.image.size == (64 * k * 2 + 8, 64 * k) and "transparency" in view.message
+    shown_mask = np.asarray(view.image.convert("L"))[:, 64 * k + 8 :][::k, ::k] >= 128
     assert np.array_equal(shown_mask, mask)
+    # On the beach the product stands on the sand with its shadow, and the page says so.
+    beach = await logic.detect_mask(backends, dataclasses.replace(form, template_id="beach"))
+    assert "ground" in beach.message and "contact shadow" in beach.message, beach.message
     # Generate from the page, then "Reuse settings": the photo stays and "keep my exact product" stays ticked.
     session = logic.Session()
     views = [v async for v in logic.generate(backends, session, dataclasses.replace(form, steps=2))]

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.ids import ID_PATTERN, is_valid_id  # noqa: F401  (ID_PATTERN: training imports it from here)
-from services.generator.messages import AdapterSpec
+from services.generator.messages import AdapterSpec, Shadow
 
 log = logging.getLogger(__name__)
 
@@ -144,14 +144,38 @@ def _rank(path: Path) -> int:
     return _RANKS[key]
 
 
+class TemplateShadow(BaseModel):
+    """The contact shadow placement mode draws by default (services/generator/placement.py, `shadow_map`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strength: float = Field(0.5, ge=0, le=1)
+    softness: float = Field(0.5, ge=0, le=1)
+    offset_x: float = Field(0.0, ge=-1, le=1)
+    offset_y: float = Field(0.0, ge=-1, le=1)
+
+    def spec(self) -> Shadow | None:
+        return Shadow(self.strength, self.softness, self.offset_x, self.offset_y) if self.strength > 0 else None
+
+
 class TemplatePlacement(BaseModel):
-    """Where placement mode puts the product by default (fractions of the frame)."""
+    """Where placement mode puts the product by default (fractions of the frame), the scene's surface and the
+    product's shadow on it."""
 
     model_config = ConfigDict(extra="forbid")
 
     center_x: float = Field(0.5, ge=0, le=1)
     center_y: float = Field(0.5, ge=0, le=1)
     height: float = Field(0.6, gt=0, le=1)
+    # The scene's surface (a beach's sand, a studio floor, a table) as a fraction of the frame's height: a default
+    # placement stands the product on it (its bottom on the line) instead of at center_y. None: no surface.
+    ground: float | None = Field(None, gt=0, le=1)
+    # The default contact shadow; None (scenes without a surface): none.
+    shadow: TemplateShadow | None = None
+
+    def box(self) -> dict[str, float]:
+        """The placement proper (centre and height), as `placement.Placement` and the protobuf take it."""
+        return {"center_x": self.center_x, "center_y": self.center_y, "height": self.height}
 
 
 class Template(BaseModel):
@@ -162,6 +186,9 @@ class Template(BaseModel):
     scene: str = ""
     prompt: str = ""
     negative_prompt: str | None = None
+    # Placement mode: the prompt outside the product's mask, with `{scene}` (the product is already there, so
+    # the words that would draw it are left out: no second product beside it). Empty: "{scene}".
+    scene_prompt: str = ""
     categories: list[str] = Field(default_factory=lambda: ["*"])
     free_text: bool = False
     # Per-template generation defaults (e.g. for small demo models).
@@ -190,6 +217,7 @@ class TemplateCatalog(BaseModel):
         for item in raw.get("templates") or []:
             merged = {
                 "prompt": defaults.prompt,
+                "scene_prompt": defaults.scene_prompt,
                 "negative_prompt": defaults.negative_prompt,
                 "placement": defaults.placement,
                 **item,
@@ -252,6 +280,19 @@ def compose_prompt(
             prompt = f"{prompt}, {token}"
     prompt = re.sub(r"\s*,\s*(,\s*)+", ", ", prompt).strip(" ,")
     return ComposedPrompt(prompt, default_negative if negative is None else negative)
+
+
+def compose_scene_prompt(template: Template | None, user_text: str) -> str:
+    """Placement mode's prompt outside the product: the template's scene (and the user's text) without the words
+    that stand for the product, which is already in the picture."""
+    user_text = user_text.strip()
+    if template is None:
+        scene = user_text.replace("{product}", "")
+        pattern = "{scene}"
+    else:
+        scene = user_text if template.free_text else ", ".join(s for s in (template.scene, user_text) if s)
+        pattern = template.scene_prompt or "{scene}"
+    return re.sub(r"\s*,\s*(,\s*)+", ", ", re.sub(r"\s+", " ", pattern.replace("{scene}", scene))).strip(" ,")
 
 
 class Catalog:

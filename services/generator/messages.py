@@ -40,6 +40,16 @@ class AdapterSpec:
 
 
 @dataclass(frozen=True)
+class Shadow:
+    """A contact shadow under a placed product (placement mode). strength 0: none."""
+
+    strength: float  # 0..1: how much the shadow's core darkens the scene (0.5 halves its luminance)
+    softness: float  # 0..1: blur, up to a quarter of the product's height
+    offset_x: float = 0.0  # -1..1: shift to the right, as a fraction of the product's height (light from the left)
+    offset_y: float = 0.0  # -1..1: shift downwards, likewise
+
+
+@dataclass(frozen=True)
 class PlacedProduct:
     """Placement mode: the product placed in the frame (services/generator/placement.py makes it).
 
@@ -53,6 +63,12 @@ class PlacedProduct:
     digest: str  # sha256 of the uploaded image (and mask) bytes
     rgb: bytes = field(compare=False, repr=False)  # (height, width, 3) uint8; the product inside the mask
     mask: bytes = field(compare=False, repr=False)  # (height, width) uint8; 1 inside the mask
+    # (height, width) uint8: the product's weight in the composite, 255 on the kept pixels, its coverage (or the
+    # feather ramp) on the edge; empty: the feather ramp, computed from the mask.
+    alpha: bytes = field(default=b"", compare=False, repr=False)
+    shadow: Shadow | None = None
+    # (height, width) uint8: the shadow's shape (255 at its core); empty without a shadow.
+    shadow_map: bytes = field(default=b"", compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -72,6 +88,9 @@ class RenderSettings:
     # Stacked style/background adapters act on the scene only (services/generator/regional.py); the service's
     # --scene-only-styles sets it per job.
     scene_only_styles: bool = True
+    # Placement mode: the prompt outside the product's mask (the scene without the product), where the product's
+    # adapter is off too (services/generator/product_region.py). Empty: the one prompt everywhere.
+    scene_prompt: str = ""
 
 
 # Parent -> worker

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from services.generator import placement, regional
+from services.generator import placement, product_region, regional
 from services.generator.adapter_cache import AdapterCache
 from services.generator.compile import CompileOptions, accelerator_for
 from services.generator.messages import SCHEDULERS, RenderSettings
@@ -238,7 +238,18 @@ class ProductPipeline:
         pipe = self.inpaint if placed is not None else self.pipe
         cfg = settings.guidance_scale > 1
         guard = nullcontext()
-        if settings.scene_only_styles and regional.applies(settings.adapters):
+        if placed is not None and settings.scene_prompt and getattr(self.pipe, "text_encoder_2", None) is None:
+            # The product's words and adapter inside its mask only (product_region.py); SDXL's two text
+            # encoders are left to the plain path for now.
+            pipe = self.views[id(pipe)]
+            guard = product_region.product_region(
+                pipe,
+                self.adapters.switcher(settings.adapters),
+                settings.adapters,
+                self.scene_states(settings, len(seeds), cfg),
+                product_region.latent_mask(placed, self.pipe.vae_scale_factor, self.device, self.dtype),
+            )
+        elif settings.scene_only_styles and regional.applies(settings.adapters):
             # A second pipeline object over the same modules: its `unet` can be wrapped for this job while the
             # adapter cache keeps switching weights through the real one.
             pipe = self.views[id(pipe)]
@@ -286,6 +297,18 @@ class ProductPipeline:
         embeds = with_product.clone()
         embeds[:, start:] = without_product[:, start:]
         return {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds}
+
+    def scene_states(self, settings: RenderSettings, images: int, cfg: bool) -> torch.Tensor:
+        """The scene prompt's text states for placement mode, read with the product's text-encoder LoRA off."""
+        _, outside = product_region.adapter_sets(settings.adapters)
+        if outside != settings.adapters:
+            self.adapters.activate(outside)
+        try:
+            negative = settings.negative_prompt or None
+            return product_region.scene_states(self.pipe, settings.scene_prompt, negative, images, cfg, self.device)
+        finally:
+            if outside != settings.adapters:
+                self.adapters.activate(settings.adapters)
 
     def warmup(self, size: int = 64) -> float:
         if self.accel.options.enabled:  # compiles every configured shape before the worker reports Ready

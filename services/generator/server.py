@@ -32,7 +32,7 @@ from services.common.ids import check_id
 from services.common.logs import request_id_var
 from services.common.storage import ImageStore
 from services.generator import metrics, placement
-from services.generator.catalog import Catalog, Entry, Template, compose_prompt
+from services.generator.catalog import Catalog, Entry, Template, compose_prompt, compose_scene_prompt
 from services.generator.messages import (
     SCHEDULERS,
     Failed,
@@ -115,7 +115,13 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
                     categories=t.categories,
                     free_text=t.free_text,
                     supports_placement=t.placement is not None,
-                    default_placement=generator_pb2.Placement(**t.placement.model_dump()) if t.placement else None,
+                    default_placement=generator_pb2.Placement(**t.placement.box()) if t.placement else None,
+                    ground_line=(t.placement.ground or 0.0) if t.placement else 0.0,
+                    default_shadow=(
+                        generator_pb2.Shadow(**t.placement.shadow.model_dump())
+                        if t.placement and t.placement.shadow
+                        else None
+                    ),
                 )
                 for t in self.catalog.templates.for_category(category)
             ]
@@ -281,9 +287,11 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
             self.store,
             width=width,
             height=height,
-            default=placement.Placement(**default.model_dump()) if default else None,
+            default=placement.Placement(**default.box()) if default else None,
             max_bytes=self.settings.max_product_bytes,
             max_pixels=self.settings.max_product_pixels,
+            ground=default.ground if default else None,
+            default_shadow=default.shadow.spec() if default and default.shadow else None,
         )
 
     async def _place(self, request: generator_pb2.GenerateRequest, plan: Plan) -> Plan:
@@ -293,7 +301,10 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
         r = plan.settings
         placed, record = await self._placed(request.product_image, request.template_id, r.width, r.height)
         plan.params.placement.CopyFrom(ParseDict(record, generator_pb2.PlacementRecord()))
-        return dataclasses.replace(plan, settings=dataclasses.replace(r, placement=placed))
+        template = self.catalog.template(request.template_id) if request.template_id else None
+        # Outside the product's mask the scene prompt, without the product's words or adapter (product_region.py).
+        scene_prompt = compose_scene_prompt(template, request.prompt)
+        return dataclasses.replace(plan, settings=dataclasses.replace(r, placement=placed, scene_prompt=scene_prompt))
 
     async def PreviewPlacement(self, request, context) -> generator_pb2.PlacementPreview:
         if not request.HasField("product_image"):

@@ -1,0 +1,182 @@
+"""Placement mode's composite, measured: no ghost, no halo, a shadow of the strength asked for, exact pixels.
+
+    python -m demo.composite_eval --n 8 --json composite.json     # figures for docs/FIDELITY.md ("Composite")
+
+For each demo product, scene and mode (placement alone, placement + the product adapter), the catalogue shot
+(`demo.placement_eval.product_photo`) goes through placement mode as the server runs it (template ground
+line and shadow, scene prompt outside the product), seeds `--seed0`.. (never used to choose anything):
+
+- **ghost**: pixels of the product's own colours (split-star: red, blue; striped-mug: the mug's yellow)
+  outside its mask dilated by 2 px. The level of the same scene without a product is the 99th percentile of
+  that count over 100 empty renders of the scene (`demo.world.draw_background`), per colour; a colour the
+  empty scene itself is full of (the fire's red) says nothing there and is skipped. An image passes when
+  every counted colour stays within that level + 2 px. Goal: >= 95% of images.
+- **halo**: the mean luma of the edge ring (the mask's pixels that are blended) against the product just
+  inside it and the scene just outside (2 px): a halo is a ring lighter than both by more than 8 levels.
+- **shadow**: the mean luma of the shadow's core outside the product (`placement.shadow_band`) against the
+  same seed without a shadow: the fall should be the requested strength (+-10%).
+- **exact**: pixels with weight 255 (kept exactly) that differ from the placed product after the PNG round
+  trip (goal 0); **scene**: the judge's background accuracy (goal >= 95%).
+- `--before` renders the same without the scene prompt (the product's prompt and adapter everywhere), as
+  the generator did before issue 20.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+from demo.colours import colour_classes, to_array
+from demo.shape import mug_yellow
+from demo.world import BACKGROUNDS, SUPERSAMPLE, draw_background
+
+GHOST_DILATION = 2  # px around the mask that belong to the product's own edge
+GHOST_SLACK = 2  # px over the empty scene's level still counted as "at its level"
+BUSY = 20  # px: a colour the empty scene shows this much of (99th percentile) is not counted there
+HALO_MARGIN = 8.0  # luma levels a ring may exceed both its sides by before it is a halo
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def product_colours(product_id: str, image) -> dict[str, np.ndarray]:
+    """The product's own colours, per pixel (the strict classes of demo.shape)."""
+    arr = to_array(image)
+    if product_id == "split-star":
+        m = colour_classes(arr)
+        return {"red": m["red"] & (arr[..., 0] > 170), "blue": m["blue"]}
+    return {"yellow": mug_yellow(arr)}
+
+
+@functools.cache
+def _empty_scenes(background: str, n: int = 100) -> tuple:
+    out = []
+    for s in range(n):
+        big = Image.new("RGB", (32 * SUPERSAMPLE,) * 2)
+        draw_background(ImageDraw.Draw(big), background, 32 * SUPERSAMPLE, np.random.default_rng(10_000 + s))
+        out.append(big.resize((32, 32), Image.LANCZOS))
+    return tuple(out)
+
+
+def empty_level(product_id: str, background: str, outside: np.ndarray) -> dict[str, float]:
+    """Per product colour, the 99th percentile of its pixel count in `outside` over empty renders of the scene."""
+    counts: dict[str, list[int]] = {}
+    for im in _empty_scenes(background):
+        for name, m in product_colours(product_id, im).items():
+            counts.setdefault(name, []).append(int((m & outside).sum()))
+    return {name: float(np.percentile(c, 99)) for name, c in counts.items()}
+
+
+def ghost_free(product_id: str, background: str, image, mask: np.ndarray) -> bool:
+    outside = ~ndimage.binary_dilation(mask, np.ones((3, 3), bool), iterations=GHOST_DILATION)
+    level = empty_level(product_id, background, outside)
+    counts = {name: int((m & outside).sum()) for name, m in product_colours(product_id, image).items()}
+    return all(counts[c] <= level[c] + GHOST_SLACK for c in counts if level[c] < BUSY)
+
+
+def ring_lumas(image, mask: np.ndarray, weights: np.ndarray) -> tuple[float, float, float]:
+    """(edge ring, product just inside, scene just outside) mean luma."""
+    luma = np.asarray(image.convert("RGB"), np.float32) @ LUMA
+    ring = mask & (weights < 255)
+    inside = (weights == 255) & ndimage.binary_dilation(ring, np.ones((3, 3), bool))
+    outside = ndimage.binary_dilation(mask, np.ones((3, 3), bool), iterations=2) & ~mask
+    return float(luma[ring].mean()), float(luma[inside].mean()), float(luma[outside].mean())
+
+
+def halo(image, mask: np.ndarray, weights: np.ndarray) -> bool:
+    ring, inside, outside = ring_lumas(image, mask, weights)
+    return ring > max(inside, outside) + HALO_MARGIN
+
+
+def measure(n: int = 8, seed0: int = 300, before: bool = False, backgrounds=BACKGROUNDS) -> dict:
+    from demo.judge import load_judge
+    from demo.placement_eval import Renderer, product_photo
+    from services.generator import placement
+
+    judge = load_judge()
+    renderer = Renderer()
+    seeds = list(range(seed0, seed0 + n))
+    rows = []
+    for product_id in ("split-star", "striped-mug"):
+        photo, mask = product_photo(product_id, "white", seed=0)
+        for background in backgrounds:
+            template = renderer.catalog.template(f"demo-{background}").placement
+            for mode in ("placement", "placement+lora"):
+                images, placed = renderer.render(product_id, background, seeds, mode, photo, mask, region=not before)
+                rgb, frame_mask = placement.arrays(placed)
+                w = placement.weights(placed)
+                exact = w == 255
+                row = {
+                    "product": product_id,
+                    "scene": background,
+                    "mode": mode,
+                    "images": n,
+                    "ghost_free": float(np.mean([ghost_free(product_id, background, im, frame_mask) for im in images])),
+                    "halo": float(np.mean([halo(im, frame_mask, w) for im in images])),
+                    "ring_luma": [round(v, 1) for v in np.mean([ring_lumas(im, frame_mask, w) for im in images], 0)],
+                    "scene_accuracy": judge.accuracy(images, {"background": [background] * n})["background"],
+                    "mismatched": int(sum((np.asarray(im)[exact] != rgb[exact]).any(-1).sum() for im in images)),
+                    "exact_pixels": int(exact.sum()) * n,
+                    "ground_line": template.ground or 0.0,
+                    "box": list(placed.box),
+                }
+                if placed.shadow is not None:
+                    plain, _ = renderer.render(
+                        product_id, background, seeds, mode, photo, mask, shadow=None, region=not before
+                    )
+                    band = placement.shadow_band(placed)
+                    lum = [
+                        (
+                            float((np.asarray(a, np.float32) @ LUMA)[band].mean()),
+                            float((np.asarray(b, np.float32) @ LUMA)[band].mean()),
+                        )
+                        for a, b in zip(images, plain, strict=True)
+                    ]
+                    fall = float(np.mean([1 - s / max(p, 1e-6) for s, p in lum]))
+                    row["shadow"] = {
+                        "strength": placed.shadow.strength,
+                        "fall": round(fall, 3),
+                        "band_pixels": int(band.sum()),
+                    }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return {"n": n, "seeds": [seeds[0], seeds[-1]], "before": before, "rows": rows}
+
+
+def summary(result: dict) -> str:
+    head = f"{'product':12} {'scene':8} {'mode':15} {'ghost-free':>10} {'halo':>5} {'scene':>6} {'mismatch':>9}"
+    lines = [head + f" {'shadow fall/asked':>18}"]
+    for r in result["rows"]:
+        sh = r.get("shadow")
+        shadow = f"{sh['fall']:.2f}/{sh['strength']:.2f}" if sh else "-"
+        lines.append(
+            f"{r['product']:12} {r['scene']:8} {r['mode']:15} {r['ghost_free']:10.0%} {r['halo']:5.0%} "
+            f"{r['scene_accuracy']:6.0%} {r['mismatched']:>4}/{r['exact_pixels']:<4} {shadow:>18}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--seed0", type=int, default=300)
+    p.add_argument("--before", action="store_true", help="without the scene prompt outside the product")
+    p.add_argument("--json", help="write the result here too")
+    args = p.parse_args(argv)
+    started = time.time()
+    result = measure(args.n, args.seed0, args.before)
+    result["seconds"] = round(time.time() - started)
+    print(summary(result))
+    print(f"{result['seconds']}s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
