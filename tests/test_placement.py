@@ -295,7 +295,9 @@ async def test_web_page_sends_the_photo_and_shows_the_servers_mask(generator, tm
     assert not logic.build_request(form).product_image.HasField("shadow")
     off = logic.build_request(dataclasses.replace(form, shadow=False)).product_image
     assert off.HasField("shadow") and off.shadow.strength == 0
-    assert logic.build_request(dataclasses.replace(form, shadow_strength=0.7)).product_image.shadow.strength == pytest.approx(0.7)
+    assert logic.build_request(
+        dataclasses.replace(form, shadow_strength=0.7)
+    ).product_image.shadow.strength == pytest.approx(0.7)
     backends = logic.Backends(f"127.0.0.1:{generator.port}", "127.0.0.1:1", tmp_path)
     view = await logic.detect_mask(backends, form)
     # Shown enlarged pixel for pixel (readable, not a 64-px strip): the placed product, a gap, the mask.
