@@ -11,8 +11,9 @@ line and shadow, scene prompt outside the product), seeds `--seed0`.. (never use
   that count over 100 empty renders of the scene (`demo.world.draw_background`), per colour; a colour the
   empty scene itself is full of (the fire's red) says nothing there and is skipped. An image passes when
   every counted colour stays within that level + 2 px. Goal: >= 95% of images.
-- **halo**: the mean luma of the edge ring (the mask's pixels that are blended) against the product just
-  inside it and the scene just outside (2 px): a halo is a ring lighter than both by more than 8 levels.
+- **halo**: each pixel of the edge ring (the mask's pixels that are blended) against the nearest kept product
+  pixel and the nearest scene pixel outside the mask: a halo is a ring of which more than 10% is lighter
+  than both its sides by more than 8 luma levels.
 - **shadow**: the mean luma of the shadow's core outside the product (`placement.shadow_band`) against the
   same seed without a shadow: the fall should be the requested strength (+-10%).
 - **exact**: pixels with weight 255 (kept exactly) that differ from the placed product after the PNG round
@@ -39,7 +40,8 @@ from demo.world import BACKGROUNDS, SUPERSAMPLE, draw_background
 GHOST_DILATION = 2  # px around the mask that belong to the product's own edge
 GHOST_SLACK = 2  # px over the empty scene's level still counted as "at its level"
 BUSY = 20  # px: a colour the empty scene shows this much of (99th percentile) is not counted there
-HALO_MARGIN = 8.0  # luma levels a ring may exceed both its sides by before it is a halo
+HALO_MARGIN = 8.0  # luma levels a ring pixel may exceed both its sides by
+HALO_RING_SHARE = 0.1  # a ring with more such pixels than this is a halo
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
@@ -87,9 +89,23 @@ def ring_lumas(image, mask: np.ndarray, weights: np.ndarray) -> tuple[float, flo
     return float(luma[ring].mean()), float(luma[inside].mean()), float(luma[outside].mean())
 
 
+def light_ring_share(image, mask: np.ndarray, weights: np.ndarray) -> float:
+    """Share of the edge ring's pixels lighter than both the nearest kept product pixel and the nearest scene
+    pixel outside the mask, by more than `HALO_MARGIN` luma levels: the pale outline of a halo."""
+    luma = np.asarray(image.convert("RGB"), np.float32) @ LUMA
+    ring = mask & (weights < 255)
+    kept, outside = weights == 255, ~mask
+    if not ring.any() or not kept.any() or not outside.any():
+        return 0.0
+    ky, kx = ndimage.distance_transform_edt(~kept, return_distances=False, return_indices=True)
+    oy, ox = ndimage.distance_transform_edt(~outside, return_distances=False, return_indices=True)
+    sides = np.maximum(luma[ky, kx], luma[oy, ox])
+    return float((luma[ring] > sides[ring] + HALO_MARGIN).mean())
+
+
 def halo(image, mask: np.ndarray, weights: np.ndarray) -> bool:
-    ring, inside, outside = ring_lumas(image, mask, weights)
-    return ring > max(inside, outside) + HALO_MARGIN
+    """A halo: more than `HALO_RING_SHARE` of the edge ring is lighter than both its sides."""
+    return light_ring_share(image, mask, weights) > HALO_RING_SHARE
 
 
 def measure(n: int = 8, seed0: int = 300, before: bool = False, backgrounds=BACKGROUNDS) -> dict:
@@ -117,6 +133,7 @@ def measure(n: int = 8, seed0: int = 300, before: bool = False, backgrounds=BACK
                     "images": n,
                     "ghost_free": float(np.mean([ghost_free(product_id, background, im, frame_mask) for im in images])),
                     "halo": float(np.mean([halo(im, frame_mask, w) for im in images])),
+                    "light_ring": round(float(np.mean([light_ring_share(im, frame_mask, w) for im in images])), 3),
                     "ring_luma": [round(v, 1) for v in np.mean([ring_lumas(im, frame_mask, w) for im in images], 0)],
                     "scene_accuracy": judge.accuracy(images, {"background": [background] * n})["background"],
                     "mismatched": int(sum((np.asarray(im)[exact] != rgb[exact]).any(-1).sum() for im in images)),

@@ -13,7 +13,6 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
-from scipy import ndimage
 
 from client.api import generate_request
 from demo.placement_eval import png_bytes, product_photo
@@ -53,7 +52,7 @@ def test_rgba_cutout_mask_is_its_alpha():
 @pytest.mark.parametrize("product_id", ["split-star", "striped-mug"])
 def test_light_background_mask_is_found_deterministically(product_id):
     photo, exact = product_photo(product_id, "white", size=128)
-    exact = ndimage.binary_fill_holes(exact)  # background enclosed by the product (the mug's handle) stays with it
+    # The background seen through the mug's thin handle is not product (the new scene shows there).
     first = P.load_product(png_bytes(photo), max_pixels=LIMIT)
     again = P.load_product(png_bytes(photo), max_pixels=LIMIT)
     assert first.source == "found" and np.array_equal(first.mask, again.mask) and first.origin == again.origin
