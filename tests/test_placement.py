@@ -318,3 +318,52 @@ async def test_web_page_sends_the_photo_and_shows_the_servers_mask(generator, tm
     other.write_bytes(png_bytes(Image.new("RGB", (8, 8))))
     reused = await logic.reuse_settings(backends, session, dataclasses.replace(form, product_photo=str(other)))
     assert "upload that photo again" in reused.message
+
+
+async def test_beach_stands_the_product_on_the_sand_with_its_shadow_through_grpc(generator_stub):
+    data, photo, mask = rgba_cutout()
+    beach = next(
+        t for t in (await generator_stub.ListTemplates(pb.ListTemplatesRequest())).templates if t.id == "beach"
+    )
+    assert beach.ground_line == pytest.approx(0.88) and beach.default_shadow.strength > 0
+    req = generate_request(template_id="beach", num_images=1, seed=3, steps=2, inline_images=True)
+    req.product_image.image = data
+    events = [e async for e in generator_stub.Generate(req, timeout=120)]
+    (ready,) = [e.image_ready for e in events if e.WhichOneof("event") == "image_ready"]
+    record = read_parameters(ready.image.png)["placement"]
+    assert record["ground_line"] == pytest.approx(0.88) and record["shadow"]["strength"] == pytest.approx(0.45)
+    x0, y0, _x1, y1 = record["box"]
+    assert abs(y1 - 0.88 * 64) <= 1 and ready.parameters.placement.shadow.strength == pytest.approx(0.45)
+    # Moved onto the sand, never resampled: the kept pixels are the photo's own, one box lower.
+    out = np.asarray(Image.open(io.BytesIO(ready.image.png)).convert("RGB"))
+    ys, xs = np.nonzero(mask)
+    dy, dx = y0 - ys.min(), x0 - xs.min()
+    inner = P.inner_mask(mask, 1)
+    moved = np.zeros_like(inner)
+    moved[ys.min() + dy : ys.max() + 1 + dy, xs.min() + dx : xs.max() + 1 + dx] = inner[
+        ys.min() : ys.max() + 1, xs.min() : xs.max() + 1
+    ]
+    assert dy > 0 and np.array_equal(out[moved], photo[inner])
+    # strength 0 turns the shadow off; the record says so.
+    req.product_image.shadow.CopyFrom(pb.Shadow(strength=0))
+    events = [e async for e in generator_stub.Generate(req, timeout=120)]
+    (ready,) = [e.image_ready for e in events if e.WhichOneof("event") == "image_ready"]
+    assert read_parameters(ready.image.png)["placement"]["shadow"]["strength"] == 0
+
+
+@pytest.mark.parametrize(
+    ("shadow", "field"),
+    [
+        ({"strength": 1.5}, "product_image.shadow.strength"),
+        ({"strength": 0.5, "softness": -1}, "product_image.shadow.softness"),
+        ({"strength": 0.5, "offset_x": 3}, "product_image.shadow.offset_x"),
+        ({"strength": 0.5, "offset_y": float("nan")}, "product_image.shadow.offset_y"),
+    ],
+)
+async def test_bad_shadow_settings_are_invalid_argument_over_grpc(generator_stub, shadow, field):
+    data, _, _ = rgba_cutout()
+    req = generate_request(template_id="beach", num_images=1)
+    req.product_image.CopyFrom(pb.ProductImage(image=data, shadow=pb.Shadow(**shadow)))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        [e async for e in generator_stub.Generate(req, timeout=30)]
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details(), err.value.details()
