@@ -218,11 +218,18 @@ def class_prompts(thing: str | None = None) -> list[str]:
 
 @dataclass(frozen=True)
 class Validation:
-    """One scale of one trained adapter on the validation seeds: worst training-scene fidelity, judge."""
+    """One scale of one trained adapter on the validation seeds: worst training-scene colour fidelity and shape
+    pass rate (`demo.shape`), judge."""
 
     scale: float
     worst: float
     judge: float
+    shape: float = 1.0
+
+    @property
+    def both(self) -> float:
+        """The worse of colour and shape: a product with the right colours and the wrong shape is no win."""
+        return min(self.worst, self.shape)
 
 
 def validate(product_id: str, folder: Path, threads: int) -> list[Validation]:
@@ -230,6 +237,7 @@ def validate(product_id: str, folder: Path, threads: int) -> list[Validation]:
     seeds apart from the evaluation's: the worst scene's mean fidelity and the judge's scene accuracy."""
     from demo.fidelity import _load_pipeline, score
     from demo.judge import load_judge
+    from demo.shape import shape_rate
     from services.generator.catalog import TemplateCatalog, compose_prompt, scan_folder
     from services.generator.messages import RenderSettings
 
@@ -239,30 +247,31 @@ def validate(product_id: str, folder: Path, threads: int) -> list[Validation]:
     entry = scan_folder(folder.parent, ("product",))[folder.name]
     results = []
     for scale in SCALE_CANDIDATES:
-        worst, hits, total = 1.0, 0, 0
+        worst, shape, hits, total = 1.0, 1.0, 0, 0
         for bg in training_scenes(product_id):
             t = templates.get(f"demo-{bg}")
             c = compose_prompt(entry, t, "", None, templates.defaults, [])
             settings = RenderSettings(c.prompt, "", t.steps, t.guidance_scale, 32, 32, "", (entry.spec(scale),))
             images = pipe(settings, VALIDATION_SEEDS)
             worst = min(worst, float(np.mean([score(product_id, im) for im in images])))
+            shape = min(shape, shape_rate(product_id, bg, images))
             hits += sum(p == bg for p in judge.predict(images)["background"])
             total += len(images)
-        results.append(Validation(scale, worst, hits / total))
+        results.append(Validation(scale, worst, hits / total, shape))
         print(
             f"  {folder.name} validation: scale {scale:g}: worst training-scene fidelity {worst:.2f}, "
-            f"judge scene accuracy {hits / total:.0%}",
+            f"shape {shape:.2f}, judge scene accuracy {hits / total:.0%}",
             flush=True,
         )
     return results
 
 
 def pick_scale(results: list[Validation]) -> Validation:
-    """The best worst-scene fidelity among the scales that keep the judge's scene accuracy >= 95% (a
-    product that erases its scene is no win); ties within 0.02 go to the smaller scale."""
+    """The best worst-scene colour fidelity and shape (`Validation.both`) among the scales that keep the judge's
+    scene accuracy >= 95% (a product that erases its scene is no win); ties within 0.02 go to the smaller scale."""
     ok = [r for r in results if r.judge >= 0.95] or results
-    best = max(r.worst for r in ok)
-    return min((r for r in ok if r.worst >= best - 0.02), key=lambda r: r.scale)
+    best = max(r.both for r in ok)
+    return min((r for r in ok if r.both >= best - 0.02), key=lambda r: r.scale)
 
 
 def training_scenes(product_id: str) -> list[str]:
@@ -279,7 +288,13 @@ def write_validation(product_id: str, folder: Path, results: list[Validation], c
         "seeds": list(VALIDATION_SEEDS),
         "scenes": training_scenes(product_id),
         "results": [
-            {"scale": r.scale, "worst_fidelity": round(r.worst, 3), "judge_scene": round(r.judge, 3)} for r in results
+            {
+                "scale": r.scale,
+                "worst_fidelity": round(r.worst, 3),
+                "worst_shape": round(r.shape, 3),
+                "judge_scene": round(r.judge, 3),
+            }
+            for r in results
         ],
         "chosen": chosen.scale,
         **extra,
@@ -299,7 +314,7 @@ def train_and_select(
         seconds += train(images, candidate, token, extra, args, seed, args.work_root / f"{pid}-seed{seed}")
         results = validate(pid, candidate, args.threads)
         runs.append((seed, candidate, results, pick_scale(results)))
-    seed, candidate, results, chosen = max(runs, key=lambda r: (r[3].judge >= 0.95, r[3].worst, -r[0]))
+    seed, candidate, results, chosen = max(runs, key=lambda r: (r[3].judge >= 0.95, r[3].both, r[3].worst, -r[0]))
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(candidate, out)
     selection = [
@@ -317,10 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--products-dir", type=Path, default=ROOT / "products")
     p.add_argument("--adapters-dir", type=Path, default=ROOT / "adapters")
     p.add_argument("--only", nargs="*", default=None, help="ids to build (default: all)")
-    p.add_argument("--per-background", type=int, default=40, help="renders per training background")
+    p.add_argument("--per-background", type=int, default=80, help="renders per training background")
     p.add_argument("--style-images", type=int, default=120)
     p.add_argument("--style-steps", type=int, default=1200, help="steps for the style adapter")
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=2400)
     p.add_argument("--no-text-encoder", dest="text_encoder", action="store_false", help="UNet LoRA and token only")
     p.add_argument("--num-class-images", type=int, default=140, help="prior preservation: class images (0: off)")
     p.add_argument("--style-class-images", type=int, default=130, help="class images for the style adapter")
@@ -333,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-select-scale", dest="select_scale", action="store_false", help="keep default scale 1")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the work dir")
     p.add_argument("--work-root", type=Path, default=CACHE / "work", help="training work dirs go here")
-    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--rank", type=int, default=16, help="product adapters (issue 20: 8 drew blunt stars)")
+    p.add_argument("--style-rank", type=int, default=8, help="the style adapter (the shipped night recipe)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--token-lr", type=float, default=5e-3)
     p.add_argument("--batch-size", type=int, default=4)
@@ -403,7 +419,11 @@ def main(argv: list[str] | None = None) -> int:
             for prompt in class_prompts():
                 extra += ["--class-prompt", prompt]
         seconds = train(
-            images, out, STYLE_PHRASE, extra, argparse.Namespace(**{**vars(args), "steps": args.style_steps})
+            images,
+            out,
+            STYLE_PHRASE,
+            extra,
+            argparse.Namespace(**{**vars(args), "steps": args.style_steps, "rank": args.style_rank}),
         )
         manifest = yaml.safe_load((out / "manifest.yaml").read_text())
         fields = dict(
