@@ -82,6 +82,13 @@ def add_placement_flags(g: argparse.ArgumentParser) -> None:
         help="product centre x, y and height as fractions of the frame (default: the template's)",
     )
     g.add_argument("--tolerance", type=int, default=0, help="mask finding on a light background (0: default)")
+    g.add_argument(
+        "--shadow",
+        default="",
+        metavar="STRENGTH[,SOFTNESS[,DX,DY]]",
+        help="contact shadow under the product: 0 for none, or strength (0-1), softness (0-1) and offsets "
+        "(fractions of its height); default: the template's (on for scenes with a surface)",
+    )
 
 
 def product_image_from_args(args: argparse.Namespace):
@@ -106,6 +113,17 @@ def product_image_from_args(args: argparse.Namespace):
         except ValueError:
             raise CliError(f"--place {args.place!r}: give three fractions, x,y,height (e.g. 0.5,0.6,0.5)") from None
         message.placement.CopyFrom(generator_pb2.Placement(center_x=x, center_y=y, height=h))
+    if args.shadow:
+        try:
+            values = [float(v) for v in args.shadow.split(",")]
+            if len(values) not in (1, 2, 4):
+                raise ValueError
+        except ValueError:
+            raise CliError(
+                f"--shadow {args.shadow!r}: give STRENGTH, STRENGTH,SOFTNESS or STRENGTH,SOFTNESS,DX,DY"
+            ) from None
+        strength, softness, dx, dy = (*values, *(0.5, 0.0, 0.0)[len(values) - 1 :])
+        message.shadow.CopyFrom(generator_pb2.Shadow(strength=strength, softness=softness, offset_x=dx, offset_y=dy))
     return message
 
 
@@ -217,10 +235,12 @@ def _rerun_request(params: dict):
         # The photo itself is not in the image (only its hash): say how to make it again.
         where = ",".join(f"{placed['placement'][k]:.6g}" for k in ("center_x", "center_y", "height"))
         product = f" --product {params['product_id']}" if params.get("product_id") else ""
+        sh = placed.get("shadow") or {}
+        shadow = ",".join(f"{sh.get(k, 0.0):.6g}" for k in ("strength", "softness", "offset_x", "offset_y"))
         raise CliError(
             f"made in placement mode from a product photo (sha256 {placed['product_image_sha256'][:12]}…): "
             f"run generate --product-image PHOTO{product} --template {params.get('template_id') or '…'} "
-            f"--place {where} --seed {params['seed']}"
+            f"--place {where} --shadow {shadow} --seed {params['seed']}"
         )
     # Same template + user text recompose to the same prompt; _generate checks it did.
     return generate_request(

@@ -268,15 +268,29 @@ def test_cli_product_image_flags(tmp_path):
         product_image_from_args(_parser().parse_args(["generate", "--product-image", str(photo), "--place", "1,2"]))
     with pytest.raises(CliError, match="--product-image"):
         product_image_from_args(_parser().parse_args(["generate"]))
+    # --shadow: off, a strength, or every setting; the template's default when absent.
+    assert not message.HasField("shadow")
+    base = ["generate", "--product-image", str(photo), "--shadow"]
+    assert product_image_from_args(_parser().parse_args([*base, "0"])).shadow.strength == 0
+    full = product_image_from_args(_parser().parse_args([*base, "0.6,0.3,0.1,0"])).shadow
+    assert (full.strength, full.softness, full.offset_x) == pytest.approx((0.6, 0.3, 0.1))
+    with pytest.raises(CliError, match="STRENGTH"):
+        product_image_from_args(_parser().parse_args([*base, "0.6,0.3,0.1"]))
     # A placement image cannot be rerun from its parameters alone (the photo is only hashed): say how.
     from client.cli import rerun_request
     from services.common.pngmeta import encode_png
 
-    record = {"product_image_sha256": "ab" * 32, "placement": {"center_x": 0.5, "center_y": 0.25, "height": 0.5}}
+    record = {
+        "product_image_sha256": "ab" * 32,
+        "placement": {"center_x": 0.5, "center_y": 0.25, "height": 0.5},
+        "shadow": {"strength": 0.45, "softness": 0.5},
+    }
     params = {"product_id": "", "template_id": "beach", "prompt": "p", "seed": 9, "placement": record}
     image = tmp_path / "placed.png"
     image.write_bytes(encode_png(Image.new("RGB", (8, 8)), params))
-    with pytest.raises(CliError, match=re.escape("--template beach --place 0.5,0.25,0.5 --seed 9")):
+    with pytest.raises(
+        CliError, match=re.escape("--template beach --place 0.5,0.25,0.5 --shadow 0.45,0.5,0,0 --seed 9")
+    ):
         rerun_request(image)
 
 
