@@ -38,18 +38,16 @@ from demo.colours import colour_classes, to_array
 MODEL = Path(__file__).resolve().parent.parent / "models" / "demo-sd"
 EIGHT = np.ones((3, 3), bool)
 TWIN_SHARE = 1 / 3  # a second product-coloured object at least this share of the first: drawn twice
-HANDLE_REACH = (1, 6)  # columns beyond the body's edge where the handle sits (32x32 frame)
+MAX_RING = 3  # px: a handle's ring is thin; a wider yellow run beyond the gap is another object
+HANDLE_GAP = (1, 4)  # px of the hole between the body and the handle's ring, in a row that crosses both (32x32)
 BLOCK_SHARE = 0.2  # a yellow object at least this share of the largest is part of the mug's body
 HANDLE_ROWS = (0.1, 0.75)  # the rows of the body (top to bottom) the handle hangs from
 CALIBRATION = 200  # true renders per scene the thresholds are taken from
 STAR_PERCENTILE = 99  # a star passes when no more convex than 99% of true renders through the model's VAE
-MIN_HANDLE = 4  # px: fewer is no handle, whatever the decoder keeps of a true one
+MIN_HANDLE = 1  # row: at least one row must cross body, hole and ring
 MIN_AREA_SHARE = 0.5  # of the smallest true renders' area (1st percentile): less is no product at all
 DECODED_FOUND = 0.9  # the decoder's ceiling counts only if it keeps the product's colours in this share of renders
-HANDLE_PERCENTILE = 1  # a mug passes when its handle count reaches this percentile of true renders
-# ... or of true renders through the model's VAE, which drops a 1-px handle now and then (its 1st percentile is
-# 0-3 px in some scenes, where a handle-less mug's stray yellow reaches as much)
-DECODED_HANDLE_PERCENTILE = 5
+HANDLE_PERCENTILE = 1  # a mug passes when its handle rows reach this percentile of true renders
 
 
 def _components(mask: np.ndarray) -> list[np.ndarray]:
@@ -116,8 +114,10 @@ def mug_yellow(arr: np.ndarray) -> np.ndarray:
 
 
 def handle_count(image) -> int:
-    """Yellow pixels where a mug's handle sits: 1-6 columns beyond either side of the body, within its rows.
-    The larger of the two sides (a mug may be drawn facing either way)."""
+    """Rows that cross a handle: from the body's edge outwards, a gap of 1-4 px that is not the mug's yellow (the
+    hole), then its yellow again (the ring), within the body's upper three quarters (the flames rise from
+    below). The larger of the two sides (a mug may be drawn facing either way). A ragged or wider body has
+    no gap, so it counts nothing: the hole is what makes a handle."""
     yellow = mug_yellow(to_array(image))
     mug = mug_body(image)
     if not mug.any():
@@ -131,15 +131,30 @@ def handle_count(image) -> int:
     while x1 < len(tall) - 1 and tall[x1 + 1]:
         x1 += 1
     rows = np.nonzero(mug[:, x0 : x1 + 1].any(1))[0]
-    # The handle hangs from the top tenth to three quarters of the body; below it a scene's yellow (the
-    # fire's flames) rises from the ground.
     top, height = int(rows.min()), int(rows.max() - rows.min() + 1)
     y0, y1 = top + round(HANDLE_ROWS[0] * height), top + round(HANDLE_ROWS[1] * height)
-    near, far = HANDLE_REACH
-    # Counted whether or not they touch the body: the 1-px ring often breaks at 32x32.
-    right = yellow[y0:y1, x1 + near : x1 + far + 1].sum()
-    left = yellow[y0:y1, max(x0 - far, 0) : max(x0 - near + 1, 0)].sum()
-    return int(max(right, left))
+    centre = (x0 + x1) // 2
+    sides = []
+    for row_step in (1, -1):  # right, then left (mirrored)
+        count = 0
+        for y in range(y0, y1):
+            line = yellow[y, centre:] if row_step == 1 else yellow[y, : centre + 1][::-1]
+            if not line[0]:
+                continue  # the band's rows: the scan starts in the band, not the body
+            edge = 0
+            while edge + 1 < len(line) and line[edge + 1]:
+                edge += 1  # the body, out to its edge in this row
+            gap = 0
+            while edge + 1 + gap < len(line) and not line[edge + 1 + gap]:
+                gap += 1
+            start = edge + 1 + gap
+            run = 0
+            while start + run < len(line) and line[start + run]:
+                run += 1  # the ring: yellow again after the gap, and thin
+            if HANDLE_GAP[0] <= gap <= HANDLE_GAP[1] and 1 <= run <= MAX_RING:
+                count += 1
+        sides.append(count)
+    return max(sides)
 
 
 def decoded(images: list, model: Path = MODEL) -> list:
@@ -184,9 +199,10 @@ def thresholds(product_id: str, background: str, n: int = CALIBRATION, seed: int
         ceiling = float(np.percentile(found, STAR_PERCENTILE))
         return {"max_solidity": max(crisp, ceiling), "decoder_found": len(found) / n, **presence}
     if product_id == "striped-mug":
+        # The decoder keeps the ring but mostly blurs the 1-2 px hole shut (docs/FIDELITY.md), so it sets no
+        # ceiling here: the bar is the true renders' own.
         crisp = float(np.percentile([handle_count(im) for im in renders], HANDLE_PERCENTILE))
-        ceiling = float(np.percentile([handle_count(im) for im in through], DECODED_HANDLE_PERCENTILE))
-        return {"min_handle": max(MIN_HANDLE, min(crisp, ceiling)), **presence}
+        return {"min_handle": max(MIN_HANDLE, crisp), **presence}
     raise KeyError(f"no shape criterion for {product_id!r}")
 
 
