@@ -605,6 +605,7 @@ def components(args, catalog_dirs: tuple[str, str]) -> dict:
         report["batch_sweep"] = batch_sweep(args, pipe, specs[0], timed)
         if catalog.adapters:
             report["stacked_style"] = stacked_style(args, pipe, specs[0], next(iter(catalog.adapters.values())), timed)
+        report["placement"] = placement_cost(args, pipe, specs[0], timed)
         if args.probe_compile:  # last: it compiles the pipeline's UNet in place
             report["compile_probe"] = compile_probe(args, pipe, specs[0], timed)
     return report
@@ -660,6 +661,45 @@ def stacked_style(args, pipe, product, style, timed) -> dict:
         pipe(settings, (0,))  # warm
         out[label] = timed(lambda s=settings: pipe(s, (0,)), 3)
     out["scene_only_over_plain"] = out["stacked_scene_only_s"] / out["stacked_plain_s"]
+    print(json.dumps(out), file=sys.stderr, flush=True)
+    return out
+
+
+def placement_cost(args, pipe, product, timed) -> dict:
+    """Seconds per placement request (a catalogue shot with the product adapter): the product's words and adapter
+    inside its mask only (services/generator/product_region.py: two UNet evaluations per step) against one
+    prompt everywhere, beside plain text-to-image; the composite with a shadow is included in both."""
+    from dataclasses import replace
+
+    from demo.placement_eval import png_bytes, product_photo
+    from services.generator import placement
+    from services.generator.messages import RenderSettings, Shadow
+
+    size = args.size or pipe.default_size
+    photo, _ = product_photo("split-star", "white", size=size)
+    placed, _ = placement.prepare(
+        png_bytes(photo),
+        b"",
+        None,
+        placement.Placement(0.5, 0.5, 0.6),
+        size,
+        size,
+        max_pixels=1 << 24,
+        ground=0.85,
+        shadow=Shadow(0.45, 0.5),
+    )
+    text = RenderSettings("a photo on the beach", "", args.steps, 7.0, size, size, "", (product,))
+    one_prompt = replace(text, placement=placed)
+    region = replace(one_prompt, scene_prompt="on the beach")
+    out: dict = {"size": size}
+    for label, settings in (
+        ("text2image_s", text),
+        ("placement_one_prompt_s", one_prompt),
+        ("placement_region_s", region),
+    ):
+        pipe(settings, (0,))  # warm
+        out[label] = timed(lambda s=settings: pipe(s, (0,)), 3)
+    out["region_over_one_prompt"] = out["placement_region_s"] / out["placement_one_prompt_s"]
     print(json.dumps(out), file=sys.stderr, flush=True)
     return out
 

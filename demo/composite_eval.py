@@ -7,10 +7,12 @@ For each demo product, scene and mode (placement alone, placement + the product 
 line and shadow, scene prompt outside the product), seeds `--seed0`.. (never used to choose anything):
 
 - **ghost**: pixels of the product's own colours (split-star: red, blue; striped-mug: the mug's yellow)
-  outside its mask dilated by 2 px. The level of the same scene without a product is the 99th percentile of
-  that count over 100 empty renders of the scene (`demo.world.draw_background`), per colour; a colour the
-  empty scene itself is full of (the fire's red) says nothing there and is skipped. An image passes when
-  every counted colour stays within that level + 2 px. Goal: >= 95% of images.
+  outside its mask dilated by 2 px. The level of *the same scene without a product* is the 99th percentile
+  of that count, in the same region, over the same seeds rendered by the same model from the scene prompt
+  alone (no photo, no adapter): how the model itself draws the scene's colours (its flames are yellower and
+  its fire redder than the world's, so empty world renders are not the baseline). An image passes when
+  every colour stays within that level + 2 px. Goal: >= 95% of images. Blind spot: an object of another
+  colour beside the product (a green block behind the star) is a blob, not a ghost; look at the sheets.
 - **halo**: each pixel of the edge ring (the mask's pixels that are blended) against the nearest kept product
   pixel and the nearest scene pixel outside the mask: a halo is a ring of which more than 10% is lighter
   than both its sides by more than 8 luma levels.
@@ -25,21 +27,18 @@ line and shadow, scene prompt outside the product), seeds `--seed0`.. (never use
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import time
 
 import numpy as np
-from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from demo.colours import colour_classes, to_array
 from demo.shape import mug_yellow
-from demo.world import BACKGROUNDS, SUPERSAMPLE, draw_background
+from demo.world import BACKGROUNDS
 
 GHOST_DILATION = 2  # px around the mask that belong to the product's own edge
 GHOST_SLACK = 2  # px over the empty scene's level still counted as "at its level"
-BUSY = 20  # px: a colour the empty scene shows this much of (99th percentile) is not counted there
 HALO_MARGIN = 8.0  # luma levels a ring pixel may exceed both its sides by
 HALO_RING_SHARE = 0.1  # a ring with more such pixels than this is a halo
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
@@ -54,30 +53,24 @@ def product_colours(product_id: str, image) -> dict[str, np.ndarray]:
     return {"yellow": mug_yellow(arr)}
 
 
-@functools.cache
-def _empty_scenes(background: str, n: int = 100) -> tuple:
-    out = []
-    for s in range(n):
-        big = Image.new("RGB", (32 * SUPERSAMPLE,) * 2)
-        draw_background(ImageDraw.Draw(big), background, 32 * SUPERSAMPLE, np.random.default_rng(10_000 + s))
-        out.append(big.resize((32, 32), Image.LANCZOS))
-    return tuple(out)
+def outside_region(mask: np.ndarray) -> np.ndarray:
+    return ~ndimage.binary_dilation(mask, np.ones((3, 3), bool), iterations=GHOST_DILATION)
 
 
-def empty_level(product_id: str, background: str, outside: np.ndarray) -> dict[str, float]:
-    """Per product colour, the 99th percentile of its pixel count in `outside` over empty renders of the scene."""
+def scene_level(product_id: str, scenes: list, outside: np.ndarray) -> dict[str, float]:
+    """Per product colour, the 99th percentile of its pixel count in `outside` over renders of the scene alone."""
     counts: dict[str, list[int]] = {}
-    for im in _empty_scenes(background):
+    for im in scenes:
         for name, m in product_colours(product_id, im).items():
             counts.setdefault(name, []).append(int((m & outside).sum()))
     return {name: float(np.percentile(c, 99)) for name, c in counts.items()}
 
 
-def ghost_free(product_id: str, background: str, image, mask: np.ndarray) -> bool:
-    outside = ~ndimage.binary_dilation(mask, np.ones((3, 3), bool), iterations=GHOST_DILATION)
-    level = empty_level(product_id, background, outside)
+def ghost_free(product_id: str, image, mask: np.ndarray, level: dict[str, float]) -> bool:
+    """No more of the product's colours outside its (dilated) mask than the scene alone shows (`scene_level`)."""
+    outside = outside_region(mask)
     counts = {name: int((m & outside).sum()) for name, m in product_colours(product_id, image).items()}
-    return all(counts[c] <= level[c] + GHOST_SLACK for c in counts if level[c] < BUSY)
+    return all(counts[c] <= level[c] + GHOST_SLACK for c in counts)
 
 
 def ring_lumas(image, mask: np.ndarray, weights: np.ndarray) -> tuple[float, float, float]:
@@ -121,17 +114,19 @@ def measure(n: int = 8, seed0: int = 300, before: bool = False, backgrounds=BACK
         photo, mask = product_photo(product_id, "white", seed=0)
         for background in backgrounds:
             template = renderer.catalog.template(f"demo-{background}").placement
+            scenes = renderer.render_scene(background, seeds)
             for mode in ("placement", "placement+lora"):
                 images, placed = renderer.render(product_id, background, seeds, mode, photo, mask, region=not before)
                 rgb, frame_mask = placement.arrays(placed)
                 w = placement.weights(placed)
                 exact = w == 255
+                level = scene_level(product_id, scenes, outside_region(frame_mask))
                 row = {
                     "product": product_id,
                     "scene": background,
                     "mode": mode,
                     "images": n,
-                    "ghost_free": float(np.mean([ghost_free(product_id, background, im, frame_mask) for im in images])),
+                    "ghost_free": float(np.mean([ghost_free(product_id, im, frame_mask, level) for im in images])),
                     "halo": float(np.mean([halo(im, frame_mask, w) for im in images])),
                     "light_ring": round(float(np.mean([light_ring_share(im, frame_mask, w) for im in images])), 3),
                     "ring_luma": [round(v, 1) for v in np.mean([ring_lumas(im, frame_mask, w) for im in images], 0)],

@@ -58,6 +58,7 @@ CLASS_PHRASES = {"split-star": "a star", "striped-mug": "a yellow square"}
 # Product scales the default is chosen from, on the product's training scenes with validation seeds.
 SCALE_CANDIDATES = (1.0, 1.25, 1.5)
 VALIDATION_SEEDS = tuple(range(100, 106))
+COLOUR_FLOOR = 0.9  # a run is chosen by shape only among runs whose worst training scene keeps this colour fidelity
 
 STYLE_ID = "night"
 STYLE_PHRASE = "at night"
@@ -314,7 +315,10 @@ def train_and_select(
         seconds += train(images, candidate, token, extra, args, seed, args.work_root / f"{pid}-seed{seed}")
         results = validate(pid, candidate, args.threads)
         runs.append((seed, candidate, results, pick_scale(results)))
-    seed, candidate, results, chosen = max(runs, key=lambda r: (r[3].judge >= 0.95, r[3].both, r[3].worst, -r[0]))
+    # Colour first (a run whose worst training scene loses the colours is out whatever its shape), then shape.
+    seed, candidate, results, chosen = max(
+        runs, key=lambda r: (r[3].judge >= 0.95, r[3].worst >= COLOUR_FLOOR, r[3].both, r[3].worst, -r[0])
+    )
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(candidate, out)
     selection = [

@@ -133,6 +133,17 @@ class Renderer:
                 images.append(im.convert("RGB"))
         return images, placed
 
+    def render_scene(self, background: str, seeds: list[int]) -> list:
+        """The demo scene alone, as the model draws it from the template's scene prompt: no photo, no adapter."""
+        from services.generator.catalog import compose_scene_prompt
+        from services.generator.messages import RenderSettings
+
+        template = self.catalog.template(f"demo-{background}")
+        settings = RenderSettings(
+            compose_scene_prompt(template, ""), "", template.steps or 20, template.guidance_scale or 6.0, 32, 32, "", ()
+        )
+        return [self.pipe(settings, (seed,))[0] for seed in seeds]
+
 
 MODES = ("lora", "placement", "placement+lora")
 
