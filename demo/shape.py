@@ -6,19 +6,23 @@
 and no handle, both score 1 there. This module adds one shape test per product. Every threshold comes from
 true renders of the product (`demo.world`), per scene, never from generated images:
 
-- **split-star**: the product is the largest 8-connected component of red-or-blue pixels (holes filled);
-  its *solidity* (area / convex-hull area, pixels as unit squares) is about 0.6 for a five-pointed star
-  and 0.85-1 for a blob or a star with stubby points. A star passes when it is no more convex than 99% of
-  true renders in that scene, and when no second red-or-blue object a third of its size stands beside it
-  (a product drawn twice).
-- **striped-mug**: the body is the run of columns around the widest yellow column that are at least half
-  as tall as it; the *handle* is the yellow pixels in the 1-6 columns beyond either side of the body,
-  within the body's upper three quarters (the fire's flames rise from below). A mug passes when its handle
-  count reaches the 1st percentile of true renders in that scene (at 32x32 the handle is a 1-2 px ring).
+- **split-star**: the product is the largest 8-connected object holding both red and blue pixels (the
+  anti-aliased seam joins the halves); its *solidity* (area / convex-hull area, pixels as unit squares) is
+  about 0.6 for a five-pointed star and 0.85-0.95 for a blob or a star with stubby points. A star passes
+  when it is no more convex than every true render in that scene (+ 0.03 for their tail), and when no
+  second two-coloured object a third of its size stands beside it (a product drawn twice).
+- **striped-mug**: the body is the run of columns around the tallest column of the mug's yellow; a *handle
+  row* crosses, from the body's edge outwards, a gap of 1-4 px (the hole) and then a thin yellow ring, in
+  the body's upper three quarters. A mug passes with at least the 1st percentile of true renders' handle
+  rows (at least one). A ragged or wider body has no gap: the hole is what makes a handle.
+- Both need the product to be there at all (half the area of the smallest true renders).
 
-Blind spots, named: at 32x32 the star's five points are a few pixels each, so the criterion reads
-"far from convex", not "exactly five points" (a four-pointed star would pass); the handle is a count of
-pixels where a handle should be, not its ring shape.
+`check` also reports the *decoder ceiling*: the pass rate of true renders after a round trip through a
+model's VAE (`decoded`), the sharpest that model can draw the product at all.
+
+Blind spots, named: at 32x32 the star's five points are a few pixels each, so the criterion reads "far from
+convex", not "exactly five points" (a four-pointed star would pass); the mug's hole is 1-2 px, so a decoder
+that blurs it shut fails true mugs and noise can open one in a handle-less mug (docs/FIDELITY.md).
 """
 
 from __future__ import annotations
@@ -43,10 +47,10 @@ HANDLE_GAP = (1, 4)  # px of the hole between the body and the handle's ring, in
 BLOCK_SHARE = 0.2  # a yellow object at least this share of the largest is part of the mug's body
 HANDLE_ROWS = (0.1, 0.75)  # the rows of the body (top to bottom) the handle hangs from
 CALIBRATION = 200  # true renders per scene the thresholds are taken from
-STAR_PERCENTILE = 99  # a star passes when no more convex than 99% of true renders through the model's VAE
 MIN_HANDLE = 1  # row: at least one row must cross body, hole and ring
+SOLIDITY_MARGIN = 0.03  # over the least convex of 200 true renders: their tail (a pixel or two of a 130-px star);
+# blobs and stubby stars read 0.8 and above
 MIN_AREA_SHARE = 0.5  # of the smallest true renders' area (1st percentile): less is no product at all
-DECODED_FOUND = 0.9  # the decoder's ceiling counts only if it keeps the product's colours in this share of renders
 HANDLE_PERCENTILE = 1  # a mug passes when its handle rows reach this percentile of true renders
 
 
@@ -180,29 +184,20 @@ def _vae(model: str):
 
 @functools.cache
 def thresholds(product_id: str, background: str, n: int = CALIBRATION, seed: int = 321) -> dict:
-    """The pass thresholds for one product in one scene, from `n` true renders (seeded, cached) as drawn and
-    as the model's own VAE reproduces them (`decoded`): a generated product can be at best as sharp as its
-    decoder draws the real one, so that is the ceiling the criterion allows for, never a generated image."""
+    """The pass thresholds for one product in one scene, from `n` true renders (seeded, cached). Fixed by the
+    world alone, whatever model draws the images: how close a model's own decoder can come to them is its
+    *ceiling* (`decoded`, reported by `check`), not part of the bar."""
     from demo.world import render_product
 
     rng = np.random.default_rng(seed)
     renders = [render_product(product_id, background, rng) for _ in range(n)]
-    through = decoded(renders)
     # The product must be there at all: at least half the area of the smallest true renders.
-    areas = [product_area(product_id, im) for im in (*renders, *through)]
-    presence = {"min_area": MIN_AREA_SHARE * float(np.percentile(areas, 1))}
+    presence = {"min_area": MIN_AREA_SHARE * float(np.percentile([product_area(product_id, im) for im in renders], 1))}
     if product_id == "split-star":
-        crisp = max(star_shape(im).solidity for im in renders)
-        found = [s.solidity for s in map(star_shape, through) if s.solidity < 1.0]
-        if len(found) < DECODED_FOUND * n:  # the decoder loses the product itself: it sets no ceiling
-            return {"max_solidity": crisp, "decoder_found": len(found) / n, **presence}
-        ceiling = float(np.percentile(found, STAR_PERCENTILE))
-        return {"max_solidity": max(crisp, ceiling), "decoder_found": len(found) / n, **presence}
+        return {"max_solidity": max(star_shape(im).solidity for im in renders) + SOLIDITY_MARGIN, **presence}
     if product_id == "striped-mug":
-        # The decoder keeps the ring but mostly blurs the 1-2 px hole shut (docs/FIDELITY.md), so it sets no
-        # ceiling here: the bar is the true renders' own.
-        crisp = float(np.percentile([handle_count(im) for im in renders], HANDLE_PERCENTILE))
-        return {"min_handle": max(MIN_HANDLE, crisp), **presence}
+        rows = float(np.percentile([handle_count(im) for im in renders], HANDLE_PERCENTILE))
+        return {"min_handle": max(MIN_HANDLE, rows), **presence}
     raise KeyError(f"no shape criterion for {product_id!r}")
 
 

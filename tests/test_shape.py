@@ -1,8 +1,8 @@
 """The shape criterion (demo/shape.py): true renders pass in every scene, broken variants fail.
 
-Thresholds come from true renders (as drawn and through the demo model's own VAE), never from generated
-images; the variants are what LoRA mode drew before issue 20 (a blob in the star's colours, two yellow
-blocks with no handle) and one thing wrong at a time (stubby points, the product drawn twice, no handle).
+Thresholds come from true renders, never from generated images; the variants are what LoRA mode drew before
+issue 20 (a blob in the star's colours, two yellow blocks with no handle) and one thing wrong at a time
+(stubby points, the product drawn twice, no handle).
 """
 
 from __future__ import annotations
@@ -38,12 +38,14 @@ def test_true_renders_pass_and_broken_variants_fail(product_id, background):
 
 
 @pytest.mark.parametrize("background", ["beach", "flowers", "city", "white", "black"])
-def test_the_decoder_ceiling_keeps_true_stars_and_refuses_decoded_blobs(background):
-    # Through the demo model's own VAE a true star is fatter and softer; it still passes, a blob does not.
-    assert shape.shape_rate("split-star", background, shape.decoded(renders("split-star", background))) >= 0.9
+def test_a_blob_blurred_by_the_models_decoder_is_still_no_star(background):
+    # The decoder softens every edge; softening cannot turn a blob into a star. (Its ceiling, the share of true
+    # stars it keeps, is what `python -m demo.shape` reports; the bar itself comes from true renders only.)
     rng = np.random.default_rng(6)
     blobs = [shape.render_with(shape.BROKEN["split-star"]["blob"], background, rng) for _ in range(N)]
     assert shape.shape_rate("split-star", background, shape.decoded(blobs)) <= 0.05
+    limits = shape.thresholds("split-star", background)
+    assert 0.6 < limits["max_solidity"] < 0.75 and limits["min_area"] > 20  # from the crisp renders only
 
 
 def test_no_product_is_no_shape():
