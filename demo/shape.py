@@ -41,6 +41,10 @@ from demo.colours import colour_classes, to_array
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "demo-sd"
 EIGHT = np.ones((3, 3), bool)
+# Whether the criterion can be trusted on *generated* images, not only on true renders. The mug's hole is 1-2 px:
+# on blurred images (a decoder's round trip, the demo model's output) it opens and closes by chance, so images with
+# no mug handle at all pass as often as with one (docs/FIDELITY.md); its figures are reported, not trusted.
+TRUSTED_ON_GENERATED = {"split-star": True, "striped-mug": False}
 TWIN_SHARE = 1 / 3  # a second product-coloured object at least this share of the first: drawn twice
 MAX_RING = 3  # px: a handle's ring is thin; a wider yellow run beyond the gap is another object
 HANDLE_GAP = (1, 4)  # px of the hole between the body and the handle's ring, in a row that crosses both (32x32)
