@@ -84,7 +84,7 @@ def sheet(renderer: Renderer, product_id: str, seed: int) -> Image.Image:
                     ok = shape_ok(product_id, background, image)
                     verdict, fill = f"shape {'ok' if ok else 'X'} · {colour}", (20, 120, 40) if ok else (190, 30, 30)
                 else:  # the handle is below what a 32x32 generated image shows reliably (demo/shape.py)
-                    verdict, fill = f"handle: not measurable · {colour}", (110, 110, 110)
+                    verdict, fill = f"handle n/a · {colour}", (110, 110, 110)
                 draw.text((x, y + CELL + 2), verdict, fill=fill, font=small)
     return out
 
