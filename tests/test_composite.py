@@ -136,3 +136,12 @@ def test_bad_shadow_settings_name_the_field(values, field):
     with pytest.raises(InvalidArgument) as err:
         P.check_shadow(*values, "product_image.shadow")
     assert err.value.field == f"product_image.{field}"
+
+
+@pytest.mark.parametrize("size", [64, 128, 256])
+def test_no_white_patch_inside_the_handle_whatever_the_photos_size(size):
+    # A catalogue shot of any size, placed in a small frame: the scene shows inside the handle, not the studio white.
+    photo, _ = product_photo("striped-mug", "white", seed=0, size=size)
+    placed, _ = P.prepare(png_bytes(photo), b"", None, P.Placement(0.5, 0.5, 0.6), 32, 32, max_pixels=LIMIT)
+    out = np.asarray(P.composite(Image.new("RGB", (32, 32), (30, 60, 200)), placed))
+    assert not (out > 230).all(-1).any()

@@ -36,7 +36,7 @@ MIN_BACKGROUND_LUMA = 170  # the border colour must be at least this light
 MIN_PLAIN_BORDER = 0.5  # share of border pixels that must match the background colour
 SECOND_OBJECT_SHARE = 0.2  # a second component this large (vs the largest) means "several products"
 MIN_HOLE = 4  # pixels; smaller background-coloured specks inside the product stay product
-HOLE_WALL = 0.06  # enclosed background behind a wall this thin (share of the product's size) is see-through
+HOLE_WALL = 0.1  # enclosed background behind a wall this thin (share of the product's size) is see-through
 MIN_PRODUCT_SHARE = 0.002  # masks below this share of the image are "no product"
 MAX_PRODUCT_SHARE = 0.98  # masks above it are "the whole frame"
 
