@@ -652,16 +652,27 @@ def stacked_style(args, pipe, product, style, timed) -> dict:
         prompt=f"a photo on the beach, {', '.join(style.manifest.tokens)}",
         adapters=(product, style.spec(style.manifest.default_scale)),
     )
-    out = {"style": style.id}
-    for label, settings in (
-        ("product_alone_s", alone),
-        ("stacked_plain_s", replace(stacked, scene_only_styles=False)),
-        ("stacked_scene_only_s", stacked),
-    ):
-        pipe(settings, (0,))  # warm
-        out[label] = timed(lambda s=settings: pipe(s, (0,)), 3)
+    out = {
+        "style": style.id,
+        **time_each(
+            pipe,
+            timed,
+            product_alone_s=alone,
+            stacked_plain_s=replace(stacked, scene_only_styles=False),
+            stacked_scene_only_s=stacked,
+        ),
+    }
     out["scene_only_over_plain"] = out["stacked_scene_only_s"] / out["stacked_plain_s"]
     print(json.dumps(out), file=sys.stderr, flush=True)
+    return out
+
+
+def time_each(pipe, timed, **settings) -> dict[str, float]:
+    """Seconds for one 1-image request of each named `RenderSettings`, each warmed first."""
+    out = {}
+    for label, one in settings.items():
+        pipe(one, (0,))  # warm
+        out[label] = timed(lambda s=one: pipe(s, (0,)), 3)
     return out
 
 
@@ -691,14 +702,10 @@ def placement_cost(args, pipe, product, timed) -> dict:
     text = RenderSettings("a photo on the beach", "", args.steps, 7.0, size, size, "", (product,))
     one_prompt = replace(text, placement=placed)
     region = replace(one_prompt, scene_prompt="on the beach")
-    out: dict = {"size": size}
-    for label, settings in (
-        ("text2image_s", text),
-        ("placement_one_prompt_s", one_prompt),
-        ("placement_region_s", region),
-    ):
-        pipe(settings, (0,))  # warm
-        out[label] = timed(lambda s=settings: pipe(s, (0,)), 3)
+    out: dict = {
+        "size": size,
+        **time_each(pipe, timed, text2image_s=text, placement_one_prompt_s=one_prompt, placement_region_s=region),
+    }
     out["region_over_one_prompt"] = out["placement_region_s"] / out["placement_one_prompt_s"]
     print(json.dumps(out), file=sys.stderr, flush=True)
     return out
