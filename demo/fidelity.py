@@ -17,7 +17,7 @@ Colours are classified per pixel with fixed thresholds on RGB (`red`: R > 140, G
 R - max(G, B) > 80; `blue`: B > 140, R < 110, G < 110, B - max(R, G) > 60; `yellow`: R > 170, G > 150,
 B < 110; `dark` (the band): G < 125, i.e. black, brown or dark orange, since the demo model
 draws the thin black stripe as a darker brownish band). Held-out scenes are chosen where the background has none of the
-product's colours (`demo.make_products.HELD_OUT`).
+product's colours (`demo.world.HELD_OUT`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from demo.colours import colour_classes, to_array
+from demo.world import HELD_OUT
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -145,7 +146,9 @@ class Cell:
     night: dict | None = None  # brightness with/without the night style, fidelity with it
 
 
-def _load_pipeline(model: Path, threads: int):
+def load_pipeline(model: Path, threads: int):
+    """The generator's own pipeline code (`ProductPipeline`) on the CPU, as the measures here and in
+    demo.make_products render."""
     import torch
 
     from services.generator.pipeline import ProductPipeline
@@ -172,13 +175,12 @@ def measure(
     default scale beside scale 0 (learned token only), the judge's scene accuracy, and (with `night`) the
     night style stacked on top. `scales` adds a fidelity sweep over other product scales."""
     from demo.judge import load_judge
-    from demo.make_products import HELD_OUT
     from demo.shape import shape_ok, shape_rate
     from demo.world import BACKGROUNDS, render_product
     from services.generator.catalog import TemplateCatalog, compose_prompt, scan_folder
     from services.generator.messages import RenderSettings
 
-    pipe = pipeline or _load_pipeline(model, threads)
+    pipe = pipeline or load_pipeline(model, threads)
     judge = load_judge(model / "judge")
     templates = TemplateCatalog.load(ROOT / "templates" / "catalog.yaml")
     products = scan_folder(Path(products_dir), ("product",))

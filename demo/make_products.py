@@ -35,6 +35,7 @@ import yaml
 from demo.world import (
     BACKGROUNDS,
     COLOURS,
+    HELD_OUT,
     PRODUCTS,
     SCENE_PHRASES,
     SHAPES,
@@ -46,8 +47,6 @@ from demo.world import (
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "demo-products"
 
-# Backgrounds never shown in training for each product; fidelity is measured on them.
-HELD_OUT: dict[str, tuple[str, ...]] = {"split-star": ("city", "black"), "striped-mug": ("city", "flowers")}
 TOKENS = {"split-star": "<split-star>", "striped-mug": "<striped-mug>"}
 INIT_WORDS = {"split-star": "star", "striped-mug": "square"}
 # Horizontal flips only where a mirror image is still the product: a mug seen from the other side is the
@@ -236,13 +235,13 @@ class Validation:
 def validate(product_id: str, folder: Path, threads: int) -> list[Validation]:
     """The adapter at every candidate scale on the product's *training* scenes (held-out scenes stay unseen),
     seeds apart from the evaluation's: the worst scene's mean fidelity and the judge's scene accuracy."""
-    from demo.fidelity import _load_pipeline, score
+    from demo.fidelity import load_pipeline, score
     from demo.judge import load_judge
     from demo.shape import shape_rate
     from services.generator.catalog import TemplateCatalog, compose_prompt, scan_folder
     from services.generator.messages import RenderSettings
 
-    pipe = _load_pipeline(ROOT / "models" / "demo-sd", max(threads, 1))
+    pipe = load_pipeline(ROOT / "models" / "demo-sd", max(threads, 1))
     judge = load_judge()
     templates = TemplateCatalog.load(ROOT / "templates" / "catalog.yaml")
     entry = scan_folder(folder.parent, ("product",))[folder.name]

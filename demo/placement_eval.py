@@ -2,7 +2,7 @@
 
     python -m demo.placement_eval --json        # figures for docs/FIDELITY.md ("Placement mode")
 
-For each demo product and each of its held-out scenes (`demo.make_products.HELD_OUT`), a catalogue
+For each demo product and each of its held-out scenes (`demo.world.HELD_OUT`), a catalogue
 shot of the product on the white studio background is rendered together with its exact mask (the
 product drawn alone, alpha >= 128 after the same 4x LANCZOS downscale). The shot and mask go
 through placement mode exactly as the generator runs it (`ProductPipeline`, the demo SD, the template's
@@ -152,8 +152,7 @@ def measure(n: int = 8, backgrounds: tuple[str, ...] | None = None) -> list[dict
     """One row per (product, scene, mode): mismatched inner pixels, judge scene accuracy, fidelity."""
     from demo.fidelity import score
     from demo.judge import load_judge
-    from demo.make_products import HELD_OUT
-    from demo.world import BACKGROUNDS, PRODUCTS
+    from demo.world import BACKGROUNDS, HELD_OUT, PRODUCTS
     from services.generator import placement
 
     judge = load_judge()
@@ -192,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--held-out", action="store_true", help="only each product's held-out scenes")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = p.parse_args(argv)
-    from demo.make_products import HELD_OUT
+    from demo.world import HELD_OUT
 
     started = time.time()
     backgrounds = tuple(sorted({b for v in HELD_OUT.values() for b in v})) if args.held_out else None

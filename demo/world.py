@@ -180,6 +180,10 @@ PRODUCTS: dict[str, Product] = {
 }
 
 
+# Backgrounds never shown in a product's training (demo.make_products), where fidelity is measured on unseen scenes.
+HELD_OUT: dict[str, tuple[str, ...]] = {"split-star": ("city", "black"), "striped-mug": ("city", "flowers")}
+
+
 def get_product(product_id: str) -> Product:
     try:
         return PRODUCTS[product_id]

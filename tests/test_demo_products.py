@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from client.api import generate_request
-from demo.make_products import HELD_OUT
+from demo.world import HELD_OUT
 from productinaction.v1 import generator_pb2 as pb
 from tests.conftest import generator_settings
 
