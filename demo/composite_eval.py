@@ -74,15 +74,6 @@ def ghost_free(product_id: str, image, mask: np.ndarray, level: dict[str, float]
     return all(counts[c] <= level[c] + GHOST_SLACK for c in counts)
 
 
-def ring_lumas(image, mask: np.ndarray, weights: np.ndarray) -> tuple[float, float, float]:
-    """(edge ring, product just inside, scene just outside) mean luma."""
-    luma = np.asarray(image.convert("RGB"), np.float32) @ LUMA
-    ring = mask & (weights < 255)
-    inside = (weights == 255) & ndimage.binary_dilation(ring, np.ones((3, 3), bool))
-    outside = ndimage.binary_dilation(mask, np.ones((3, 3), bool), iterations=2) & ~mask
-    return float(luma[ring].mean()), float(luma[inside].mean()), float(luma[outside].mean())
-
-
 def light_ring_share(image, mask: np.ndarray, weights: np.ndarray) -> float:
     """Share of the edge ring's pixels lighter than both the nearest kept product pixel and the nearest scene
     pixel outside the mask, by more than `HALO_MARGIN` luma levels: the pale outline of a halo."""
@@ -130,7 +121,6 @@ def measure(n: int = 8, seed0: int = 300, before: bool = False, backgrounds=BACK
                     "ghost_free": float(np.mean([ghost_free(product_id, im, frame_mask, level) for im in images])),
                     "halo": float(np.mean([halo(im, frame_mask, w) for im in images])),
                     "light_ring": round(float(np.mean([light_ring_share(im, frame_mask, w) for im in images])), 3),
-                    "ring_luma": [round(v, 1) for v in np.mean([ring_lumas(im, frame_mask, w) for im in images], 0)],
                     "scene_accuracy": judge.accuracy(images, {"background": [background] * n})["background"],
                     "mismatched": int(sum((np.asarray(im)[exact] != rgb[exact]).any(-1).sum() for im in images)),
                     "exact_pixels": int(exact.sum()) * n,

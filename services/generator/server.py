@@ -277,8 +277,7 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
 
     # Placement mode (services/generator/placement.py)
 
-    async def _placed(self, message, template_id: str, width: int, height: int):
-        template = self.catalog.template(template_id) if template_id else None
+    async def _placed(self, message, template: Template | None, width: int, height: int):
         if template is not None and template.placement is None:
             raise InvalidArgument("template_id", f"template {template.id!r} does not suit placement mode")
         default = template.placement if template else self.catalog.templates.defaults.placement
@@ -299,9 +298,9 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
         if not request.HasField("product_image"):
             return plan
         r = plan.settings
-        placed, record = await self._placed(request.product_image, request.template_id, r.width, r.height)
-        plan.params.placement.CopyFrom(ParseDict(record, generator_pb2.PlacementRecord()))
         template = self.catalog.template(request.template_id) if request.template_id else None
+        placed, record = await self._placed(request.product_image, template, r.width, r.height)
+        plan.params.placement.CopyFrom(ParseDict(record, generator_pb2.PlacementRecord()))
         # Outside the product's mask the scene prompt, without the product's words or adapter (product_region.py).
         scene_prompt = compose_scene_prompt(template, request.prompt)
         return dataclasses.replace(plan, settings=dataclasses.replace(r, placement=placed, scene_prompt=scene_prompt))
@@ -311,7 +310,7 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
             raise InvalidArgument("product_image", "is required")
         template = self.catalog.template(request.template_id) if request.template_id else None
         width, height = self._frame(request, template)
-        placed, record = await self._placed(request.product_image, request.template_id, width, height)
+        placed, record = await self._placed(request.product_image, template, width, height)
         mask_png, preview_png = await asyncio.to_thread(placement.preview_pngs, placed)
         return generator_pb2.PlacementPreview(
             mask_png=mask_png,
