@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from services.generator.embeddings import read_token_embeddings, set_token_embeddings
+from services.generator.interfaces import AdapterSwitch, CacheStats, InvalidJob
 from services.generator.lora_formats import read_adapter
 from services.generator.messages import AdapterSpec
 
@@ -27,16 +28,10 @@ log = logging.getLogger(__name__)
 TEXT_ENCODER_KEYS = ("text_encoder", "lora_te", "te_", "text_model")
 
 
-@dataclass
-class CacheStats:
-    hits: int = 0
-    misses: int = 0
-
-
 class AdapterCache:
-    """LRU of LoRA adapters held in fixed PEFT slots ("slot0".."slotN-1")."""
+    """LRU of LoRA adapters held in fixed PEFT slots ("slot0".."slotN-1"): the eager `interfaces.AdapterSet`."""
 
-    def __init__(self, pipe, capacity: int, hotswap_rank: int):
+    def __init__(self, pipe: Any, capacity: int, hotswap_rank: int):
         self.pipe = pipe
         self.capacity = max(1, capacity)
         self.slots: OrderedDict[str, str] = OrderedDict()  # adapter key -> slot name, LRU first
@@ -60,7 +55,7 @@ class AdapterCache:
                 del self.slots[key]
                 self.embeddings.pop(key, None)
                 return slot, True
-        raise ValueError(f"a request stacks more adapters than the cache holds ({self.capacity})")
+        raise InvalidJob("adapters", f"a request stacks more adapters than the cache holds ({self.capacity})")
 
     def _load(self, spec: AdapterSpec, keep: set[str]) -> str:
         # Any supported format arrives in the diffusers/PEFT form, so slots work the same for all.
@@ -97,7 +92,7 @@ class AdapterCache:
         self._zero_layers_not_in(slot, weights)
         return True
 
-    def _lora_layers(self, slot: str):
+    def _lora_layers(self, slot: str) -> Iterator[tuple[str, str, Any]]:
         for component in ("unet", "transformer", "text_encoder", "text_encoder_2"):
             model = getattr(self.pipe, component, None)
             if model is None:
@@ -158,7 +153,7 @@ class AdapterCache:
             self.pipe.disable_lora()
         self.active = wanted
 
-    def switcher(self, adapters: tuple[AdapterSpec, ...]) -> Callable[[tuple[AdapterSpec, ...]], None]:
+    def unet_switcher(self, adapters: tuple[AdapterSpec, ...]) -> AdapterSwitch:
         """For switching weights many times within one job (regional.py): `adapters` are active; the returned
         function sets new weights for the same adapters on the UNet's LoRA layers only (the prompt is encoded
         already), about 100x faster than `set_adapters`, which walks every module of UNet and text encoder."""
@@ -173,12 +168,12 @@ class AdapterCache:
         return switch
 
 
-def _fresh(weights):
+def _fresh(weights: Any) -> Any:
     # diffusers pops keys from state dicts it is given; keep the caller's copy intact for retries.
     return dict(weights) if isinstance(weights, dict) else weights
 
 
-def _private_copy(weights):
+def _private_copy(weights: Any) -> Any:
     if isinstance(weights, dict):
         return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in weights.items()}
     return weights
@@ -187,8 +182,6 @@ def _private_copy(weights):
 def _keys(weights: Any) -> list[str]:
     if isinstance(weights, dict):
         return list(weights)
-    from safetensors import safe_open
-
     with safe_open(str(Path(weights)), framework="pt") as f:
         return list(f.keys())
 

@@ -1,5 +1,5 @@
-"""Typed messages: between the parent (server + scheduler) and the per-device workers, and, inside
-the parent, from the scheduler and storage to a request's stream.
+"""Typed messages: between the parent (server, dispatcher, worker pool) and the per-device workers, and,
+inside the parent, from the dispatcher and storage to a request's stream.
 
 Every message is a small frozen dataclass tagged with the request id; nothing here imports
 torch, so the parent can build and read them without touching CUDA.
@@ -96,9 +96,13 @@ class RenderSettings:
 # Parent -> worker
 
 
+# A request inside the parent is a ticket; its key ("request_id~n") tags every message about it, so a reused
+# request id never mixes with a finished ticket's late messages.
+
+
 @dataclass(frozen=True)
 class Job:
-    request_id: str
+    ticket_key: str
     job_id: int
     settings: RenderSettings
     indices: tuple[int, ...]
@@ -110,7 +114,7 @@ class Job:
 
 @dataclass(frozen=True)
 class Cancel:
-    request_id: str
+    ticket_key: str
 
 
 @dataclass(frozen=True)
@@ -143,7 +147,7 @@ class Fatal:
 
 @dataclass(frozen=True)
 class Progress:
-    request_id: str
+    ticket_key: str
     job_id: int
     indices: tuple[int, ...]
     step: int
@@ -153,7 +157,7 @@ class Progress:
 
 @dataclass(frozen=True)
 class ImageResult:
-    request_id: str
+    ticket_key: str
     job_id: int
     index: int
     seed: int
@@ -169,18 +173,18 @@ ErrorKind = Literal["invalid_argument", "not_found", "resource_exhausted", "inte
 
 @dataclass(frozen=True)
 class JobError:
-    """A job failed; the worker stays up. `field` names the offending request field, if any."""
+    """A job failed; the worker stays up. `field` names the offending request field, if any ("": none)."""
 
-    request_id: str
+    ticket_key: str
     job_id: int
     kind: ErrorKind
-    message: str
+    message: str  # the problem, without the field's name
     field: str = ""
 
 
 @dataclass(frozen=True)
 class JobDone:
-    request_id: str
+    ticket_key: str
     job_id: int
     compute_seconds: float
     cancelled: bool = False
@@ -188,7 +192,7 @@ class JobDone:
     cache_misses: int = 0
 
 
-# Scheduler and storage -> a request's stream (inside the parent)
+# Dispatcher and storage -> a request's stream (inside the parent)
 
 
 @dataclass(frozen=True)
@@ -216,3 +220,5 @@ class Failed:
 
 
 StreamEvent = QueuePosition | Progress | Stored | Failed
+ToWorker = Job | Cancel | Shutdown
+FromWorker = Ready | Fatal | Progress | ImageResult | JobError | JobDone

@@ -14,14 +14,15 @@ from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from services.generator import placement, product_region, regional
 from services.generator.adapter_cache import AdapterCache
-from services.generator.compile import CompileOptions, accelerator_for
+from services.generator.compiled import Accelerator
+from services.generator.interfaces import AdapterSet, InvalidJob, JobCancelled, StepHook
 from services.generator.messages import SCHEDULERS, RenderSettings
+from services.generator.options import CompileOptions, WorkerConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,6 @@ warnings.filterwarnings("ignore", message=r"Already found a `peft_config` attrib
 LATENT_RGB_FACTORS = torch.tensor(
     [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]]
 )
-
-
-class JobCancelled(Exception):
-    """Raised from the step callback to stop denoising at the next step."""
 
 
 def resolve_device(device: str) -> tuple[torch.device, torch.dtype]:
@@ -131,11 +128,15 @@ def latents_to_preview(latents: torch.Tensor) -> list[Image.Image]:
     return PreviewFrames(latents_to_rgb(latents)).images()
 
 
-StepHook = Callable[[int, int, PreviewFrames | None], None]
+def load(config: WorkerConfig) -> ProductPipeline:
+    """The worker's pipeline factory (`interfaces.PipelineFactory`, the default `--worker-pipeline`)."""
+    return ProductPipeline(
+        config.model, config.device, config.adapter_cache_size, config.hotswap_rank, compile=config.compile
+    )
 
 
 class ProductPipeline:
-    """Text-to-image with stacked product/style LoRAs. One instance per worker."""
+    """Text-to-image with stacked product/style LoRAs. One instance per worker (an `interfaces.Pipeline`)."""
 
     def __init__(
         self,
@@ -147,8 +148,8 @@ class ProductPipeline:
     ):
         self.device_name = device
         self.device, self.dtype = resolve_device(device)
-        # The fast path's switches (services/generator/compile.py): dtype, SDPA, channels_last, torch.compile.
-        self.accel = accelerator_for(compile)
+        # The fast path's switches (services/generator/compiled.py): dtype, SDPA, channels_last, torch.compile.
+        self.accel = Accelerator(compile)
         if compile is not None:
             self.dtype = self.accel.dtype(self.device.type)
         started = time.perf_counter()
@@ -159,7 +160,7 @@ class ProductPipeline:
         self.views = {id(self.pipe): text2image_from(self.pipe), id(self.inpaint): inpainting_from(self.pipe)}
         self.load_seconds = time.perf_counter() - started
         self.base_scheduler_config = self.pipe.scheduler.config
-        self.adapters = compiled_adapters or AdapterCache(self.pipe, adapter_cache_size, hotswap_rank)
+        self.adapters: AdapterSet = compiled_adapters or AdapterCache(self.pipe, adapter_cache_size, hotswap_rank)
         self._default_scheduler = type(self.pipe.scheduler)
         self.size_multiple = self.pipe.vae_scale_factor
         self.default_size = int(self.pipe.unet.config.sample_size) * self.size_multiple
@@ -169,14 +170,14 @@ class ProductPipeline:
         for name in ("width", "height"):
             value = getattr(settings, name)
             if value % scale:
-                raise ValueError(f"{name}: {value} is not a multiple of {scale} for this model")
+                raise InvalidJob(name, f"{value} is not a multiple of {scale} for this model")
         placed = settings.placement
         if placed is not None and (placed.width, placed.height) != (settings.width, settings.height):
-            raise ValueError("placement: the product frame's size differs from the image size")
+            raise InvalidJob("product_image", "the product frame's size differs from the image size")
         if settings.scheduler and settings.scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler: unknown {settings.scheduler!r}")
+            raise InvalidJob("scheduler", f"unknown {settings.scheduler!r}")
         if batch < 1:
-            raise ValueError("batch: empty")
+            raise InvalidJob("num_images", "empty batch")
 
     def make_scheduler(self, name: str):
         # A fresh scheduler per job: schedulers hold per-run state.
@@ -244,7 +245,7 @@ class ProductPipeline:
             pipe = self.views[id(pipe)]
             guard = product_region.product_region(
                 pipe,
-                self.adapters.switcher(settings.adapters),
+                self.adapters.unet_switcher(settings.adapters),
                 settings.adapters,
                 self.scene_states(settings, len(seeds), cfg),
                 product_region.latent_mask(placed, self.pipe.vae_scale_factor, self.device, self.dtype),
@@ -253,7 +254,7 @@ class ProductPipeline:
             # A second pipeline object over the same modules: its `unet` can be wrapped for this job while the
             # adapter cache keeps switching weights through the real one.
             pipe = self.views[id(pipe)]
-            guard = regional.scene_only_styles(pipe, self.adapters.switcher(settings.adapters), settings.adapters, cfg)
+            guard = regional.scene_only_styles(pipe, self.adapters.unet_switcher(settings.adapters), settings.adapters, cfg)
         with self.accel.watch(settings.width, settings.height, len(seeds), cfg), guard:
             out = pipe(
                 **prompt,
@@ -331,7 +332,3 @@ def first_phrase_position(tokenizer, prompt: str, phrases: list[str]) -> int | N
         if starts:
             found.append(starts[0])
     return min(found, default=None)
-
-
-def image_to_array(image: Image.Image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"))

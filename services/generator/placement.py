@@ -59,7 +59,7 @@ SHADOW_CORE = 0.9  # the shadow's core (`shadow_band`) is where its shape reache
 
 
 @dataclass(frozen=True)
-class Placement:
+class ProductBox:
     """Where the product goes: its box's centre as fractions of the frame, its height as a fraction."""
 
     center_x: float
@@ -304,12 +304,6 @@ def see_through_holes(kept: np.ndarray, background_like: np.ndarray) -> np.ndarr
     return out
 
 
-def load_mask_png(data: bytes) -> np.ndarray:
-    """A mask PNG (as `mask_png` writes it) back to booleans."""
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("L")) >= 128
-
-
 def mask_png(mask: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(mask.astype(np.uint8) * 255).save(buf, format="PNG")
@@ -319,7 +313,7 @@ def mask_png(mask: np.ndarray) -> bytes:
 # 2. Placement
 
 
-def check_placement(center_x: float, center_y: float, height: float, field: str = "placement") -> Placement | None:
+def check_placement(center_x: float, center_y: float, height: float, field: str = "placement") -> ProductBox | None:
     """A request's placement, validated; None when every value is 0 (the template's default)."""
     values = {"center_x": center_x, "center_y": center_y, "height": height}
     for name, value in values.items():
@@ -329,17 +323,17 @@ def check_placement(center_x: float, center_y: float, height: float, field: str 
         return None
     if height <= 0:
         raise InvalidArgument(f"{field}.height", "must be > 0 when a placement is given (0 for all: the default)")
-    return Placement(center_x or DEFAULT_CENTER[0], center_y or DEFAULT_CENTER[1], height)
+    return ProductBox(center_x or DEFAULT_CENTER[0], center_y or DEFAULT_CENTER[1], height)
 
 
 def resolve_placement(
     cutout: Cutout,
     width: int,
     height: int,
-    requested: Placement | None,
-    default: Placement | None,
+    requested: ProductBox | None,
+    default: ProductBox | None,
     ground: float | None = None,
-) -> Placement | None:
+) -> ProductBox | None:
     """The placement to use. None keeps the product where it is in an image of exactly the frame's
     size (no resampling); a default placement shrinks to fit the frame's width and, where the template
     has a surface (`ground`, a fraction of the frame's height), stands the product on it."""
@@ -351,19 +345,19 @@ def resolve_placement(
             return None
         # A photo of the frame's size is moved, never resampled: onto the surface, at its own size.
         size = box_h / height
-        return Placement((cutout.origin[0] + box_w / 2) / width, max(size / 2, ground - size / 2), size)
-    chosen = default or Placement(*DEFAULT_CENTER, DEFAULT_HEIGHT)
+        return ProductBox((cutout.origin[0] + box_w / 2) / width, max(size / 2, ground - size / 2), size)
+    chosen = default or ProductBox(*DEFAULT_CENTER, DEFAULT_HEIGHT)
     fit = FIT_MARGIN * width * box_h / (box_w * height)  # the height at which the width spans FIT_MARGIN
     size = min(chosen.height, fit)
     center_y = chosen.center_y if ground is None else max(size / 2, ground - size / 2)
-    return Placement(chosen.center_x, center_y, size)
+    return ProductBox(chosen.center_x, center_y, size)
 
 
 def place(
     cutout: Cutout,
     width: int,
     height: int,
-    placement: Placement | None,
+    placement: ProductBox | None,
     *,
     feather: int | None = None,
     digest_hex: str = "",
@@ -561,14 +555,14 @@ def preview(placed: PlacedProduct) -> Image.Image:
     return composite(Image.fromarray(frame), placed)
 
 
-# 4. The request side (server.py calls these)
+# 4. Decode, find the mask, place: one upload (planning.py calls this off the event loop)
 
 
-def prepare(
+def place_upload(
     image: bytes,
     mask: bytes,
-    requested: Placement | None,
-    default: Placement | None,
+    requested: ProductBox | None,
+    default: ProductBox | None,
     width: int,
     height: int,
     *,
@@ -611,62 +605,3 @@ def prepare(
         "shadow": asdict(placed.shadow) if placed.shadow else {"strength": 0.0},
     }
     return placed, record
-
-
-async def from_request(
-    message,
-    store,
-    *,
-    width: int,
-    height: int,
-    default: Placement | None,
-    max_bytes: int,
-    max_pixels: int,
-    field: str = "product_image",
-    ground: float | None = None,
-    default_shadow: Shadow | None = None,
-) -> tuple[PlacedProduct, dict]:
-    """A request's `ProductImage` (bytes or a URI in `store`), checked and placed off the event loop. The
-    template's `ground` and `default_shadow` apply unless the request gives a placement or a shadow."""
-    import asyncio
-
-    source = message.WhichOneof("source")
-    if source is None:
-        raise InvalidArgument(field, "give the product image's bytes (image) or its storage uri")
-    if source == "uri":
-        uri = message.uri.strip()
-        if not uri or not store.owns(uri):
-            raise InvalidArgument(f"{field}.uri", f"{uri[:200]!r} is not a URI in this server's storage")
-        try:
-            data = await store.get(uri)
-        except OSError:
-            raise InvalidArgument(f"{field}.uri", "is not a readable file") from None
-    else:
-        data = message.image
-    if len(data) + len(message.mask) > max_bytes:
-        raise InvalidArgument(
-            f"{field}.{source}",
-            f"{len(data) + len(message.mask)} bytes with its mask; this server takes at most {max_bytes}",
-        )
-    if message.tolerance > 255:
-        raise InvalidArgument(f"{field}.tolerance", f"must be 0 (default) to 255, got {message.tolerance}")
-    p = message.placement
-    requested = check_placement(p.center_x, p.center_y, p.height, f"{field}.placement")
-    shadow = default_shadow
-    if message.HasField("shadow"):
-        sh = message.shadow
-        shadow = check_shadow(sh.strength, sh.softness, sh.offset_x, sh.offset_y, f"{field}.shadow")
-    return await asyncio.to_thread(
-        prepare,
-        data,
-        message.mask,
-        requested,
-        default,
-        width,
-        height,
-        max_pixels=max_pixels,
-        tolerance=message.tolerance,
-        field_prefix=field,
-        ground=ground,
-        shadow=shadow,
-    )

@@ -8,7 +8,22 @@ from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
-from services.generator.scheduler import WorkerPolicy
+from services.generator.options import (
+    DEFAULT_PIPELINE,
+    DTYPES,
+    CompileOptions,
+    WorkerConfig,
+    WorkerPolicy,
+    adapter_rank,
+    batch_limits,
+    parse_devices,
+    parse_shapes,
+    resolve_mode,
+)
+
+# Modules whose pipelines are test stand-ins (testkit/): refused unless this environment variable is 1.
+TEST_MODULES = ("testkit.", "tests.")
+ALLOW_TEST_PIPELINES = "PIA_ALLOW_TEST_PIPELINES"
 
 
 class GeneratorSettings(ServiceSettings):
@@ -43,7 +58,7 @@ class GeneratorSettings(ServiceSettings):
         description="Enable diffusers LoRA hot-swap, padding ranks to this (0: off; must cover every adapter). "
         "With compile on, the slots' rank (0: the largest rank among the adapters found at start-up).",
     )
-    # The fast path (services/generator/compile.py, docs/PERFORMANCE.md)
+    # The fast path (services/generator/compiled.py, docs/PERFORMANCE.md)
     compile: str = Field(
         "auto",
         description="torch.compile the UNet: auto (reduce-overhead on CUDA, off on CPU), off, default, "
@@ -78,7 +93,8 @@ class GeneratorSettings(ServiceSettings):
     )
     start_timeout_s: float = Field(900.0, description="How long workers may take to load and warm up.")
     worker_pipeline: str = Field(
-        "services.generator.pipeline:ProductPipeline", description="Pipeline factory (stand-ins for tests)."
+        DEFAULT_PIPELINE,
+        description=f"Pipeline factory, module:callable (testkit stand-ins need {ALLOW_TEST_PIPELINES}=1).",
     )
 
     # Reliability (docs/RELIABILITY.md)
@@ -109,26 +125,31 @@ class GeneratorSettings(ServiceSettings):
     @field_validator("compile")
     @classmethod
     def _known_compile_mode(cls, value: str) -> str:
-        from services.generator.compile import resolve_mode
-
         resolve_mode(value, "cpu")  # raises on an unknown mode
         return value
 
     @field_validator("warm_shapes")
     @classmethod
     def _valid_shapes(cls, value: str) -> str:
-        from services.generator.compile import parse_shapes
-
         parse_shapes(value)
         return value
 
     @field_validator("dtype")
     @classmethod
     def _known_dtype(cls, value: str) -> str:
-        from services.generator.compile import DTYPES
-
         if value not in DTYPES:
             raise ValueError(f"dtype: {value!r} is not one of {', '.join(DTYPES)}")
+        return value
+
+    @field_validator("worker_pipeline")
+    @classmethod
+    def _production_pipeline(cls, value: str) -> str:
+        # Stand-ins inject faults (crash, hang) on request: never reachable in a server nobody marked as a test.
+        if value.startswith(TEST_MODULES) and os.environ.get(ALLOW_TEST_PIPELINES) != "1":
+            raise ValueError(
+                f"worker_pipeline: {value!r} is a test stand-in; only tests and benchmarks may use it "
+                f"({ALLOW_TEST_PIPELINES}=1)"
+            )
         return value
 
     def worker_policy(self) -> WorkerPolicy:
@@ -141,49 +162,48 @@ class GeneratorSettings(ServiceSettings):
             watchdog_min_s=self.watchdog_min_s,
         )
 
+    def batch_limits(self, devices: list[str]) -> tuple[int, int]:
+        """(images per batch, pixel budget per batch; 0 = none) for these devices."""
+        return batch_limits(self.max_batch, self.batch_pixels, devices)
 
-def parse_devices(spec: str) -> list[tuple[str, int]]:
-    """Device names with their CPU thread share: [("cuda:0", 0), ...] or [("cpu:0", 1), ("cpu:1", 1)]."""
-    spec = spec.strip()
-    cores = os.cpu_count() or 1
-    if spec == "auto":
-        count = _cuda_count()
-        return [(f"cuda:{i}", 0) for i in range(count)] if count else [("cpu:0", 0)]
-    if spec == "cpu" or (spec.startswith("cpu:") and "," not in spec):
-        n = int(spec.partition(":")[2] or 1)
-        if n < 1:
-            raise ValueError(f"devices: {spec!r} asks for no workers")
-        return [(f"cpu:{i}", max(1, cores // n)) for i in range(n)]
-    devices = [d.strip() for d in spec.split(",") if d.strip()]
-    for d in devices:
-        if not (d.startswith("cuda:") and d[5:].isdigit()):
-            raise ValueError(f"devices: {d!r} is not cuda:N (or use 'auto' / 'cpu:N')")
-    if len(set(devices)) != len(devices):
-        raise ValueError(f"devices: {spec!r} repeats a device")
-    return [(d, 0) for d in devices]
+    def compile_options(self, device: str, adapter_files: list[str], auto_batch: int) -> CompileOptions:
+        """A worker's CompileOptions: these settings, its device and the adapter files found at start-up."""
+        return CompileOptions(
+            mode=resolve_mode(self.compile, device),
+            vae=self.compile_vae,
+            channels_last=self.channels_last,
+            sdpa=self.sdpa,
+            dtype=self.dtype,
+            lora_slots=self.lora_slots,
+            target_rank=self.hotswap_rank,
+            layout=tuple(sorted(adapter_files)),
+            warm_shapes=parse_shapes(self.warm_shapes),
+            auto_batch=auto_batch,
+            cache_dir=self.compile_cache_dir,
+        )
 
+    def worker_configs(self, adapter_files: list[str]) -> list[WorkerConfig]:
+        """One config per device; with compile on, the LoRA slots are built over `adapter_files`."""
+        devices = parse_devices(self.devices)
+        auto_batch, _ = self.batch_limits([d for d, _ in devices])
+        return [
+            WorkerConfig(
+                model=self.model,
+                device=device,
+                threads=self.cpu_threads if self.cpu_threads and device.startswith("cpu") else threads,
+                adapter_cache_size=self.adapter_cache_size,
+                hotswap_rank=self.hotswap_rank,
+                log_level=self.log_level,
+                pipeline=self.worker_pipeline,
+                compile=self.compile_options(device, adapter_files, auto_batch),
+            )
+            for device, threads in devices
+        ]
 
-# On an H200 (SD 1.5 size, eager PyTorch) a batch of 4 at 512² takes about as long as one image, and
-# 2 at 768² 16% longer: the pixel budget sits at that knee. On a CPU batching delays the first image
-# 2.5x for 1.55x throughput, so no batching there (docs/PERFORMANCE.md).
-CUDA_AUTO_BATCH = 4
-
-
-def batch_limits(settings: GeneratorSettings, devices: list[str]) -> tuple[int, int]:
-    """(images per batch, pixel budget per batch; 0 = none) for these devices."""
-    if settings.max_batch:
-        return settings.max_batch, 0
-    if devices and all(d.startswith("cuda") for d in devices):
-        return CUDA_AUTO_BATCH, settings.batch_pixels
-    return 1, 0
-
-
-def _cuda_count() -> int:
-    # NVML-based count: the parent must not create a CUDA context before workers are spawned.
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except Exception:
-        return 0
+    def slot_rank(self, adapter_files: list[str]) -> int:
+        """The rank adapters must not exceed: --hotswap-rank, or with compile on the largest found now; 0: none."""
+        if self.hotswap_rank:
+            return self.hotswap_rank
+        if all(resolve_mode(self.compile, device) == "off" for device, _ in parse_devices(self.devices)):
+            return 0
+        return max((adapter_rank(f) for f in adapter_files), default=0)

@@ -7,7 +7,6 @@ announces. A bad job becomes a `JobError`; it never takes the worker down.
 from __future__ import annotations
 
 import importlib
-import inspect
 import logging
 import multiprocessing as mp
 import os
@@ -15,15 +14,20 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from types import TracebackType
+from typing import Any
 
 from services.common.logs import configure_logging, device_var, request_id_var
-from services.generator.compile import CompileOptions
+from services.common.pngmeta import encode_png
+from services.generator.interfaces import Frames, InvalidJob, JobCancelled, Pipeline, PipelineFactory
 from services.generator.messages import (
     Cancel,
+    ErrorKind,
     Fatal,
+    FromWorker,
     ImageResult,
     Job,
     JobDone,
@@ -32,44 +36,21 @@ from services.generator.messages import (
     Ready,
     Shutdown,
 )
+from services.generator.options import WorkerConfig
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PIPELINE = "services.generator.pipeline:ProductPipeline"
+Send = Callable[[FromWorker], None]
 
 
-@dataclass(frozen=True)
-class WorkerConfig:
-    model: str
-    device: str
-    threads: int = 0
-    adapter_cache_size: int = 8
-    hotswap_rank: int = 0
-    warmup_size: int = 64
-    log_level: str = "INFO"
-    # "module:callable" building the pipeline; tests and benchmarks swap in stand-ins.
-    pipeline: str = DEFAULT_PIPELINE
-    # The fast path (dtype, SDPA, channels_last, torch.compile, warm shapes); None: the pipeline's defaults.
-    compile: CompileOptions | None = None
-
-
-def _build_pipeline(config: WorkerConfig):
+def load_pipeline(config: WorkerConfig) -> Pipeline:
+    """Build the pipeline `config.pipeline` ("module:callable", a PipelineFactory) names."""
     module, _, name = config.pipeline.partition(":")
-    factory = getattr(importlib.import_module(module), name)
-    # Stand-in pipelines take no compile options.
-    params = inspect.signature(factory).parameters
-    takes_compile = "compile" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-    extra = {"compile": config.compile} if config.compile is not None and takes_compile else {}
-    return factory(
-        model=config.model,
-        device=config.device,
-        adapter_cache_size=config.adapter_cache_size,
-        hotswap_rank=config.hotswap_rank,
-        **extra,
-    )
+    factory: PipelineFactory = getattr(importlib.import_module(module), name)
+    return factory(config)
 
 
-class _Inbox:
+class Inbox:
     """Reads the parent's messages on a thread, so cancels arrive while a job runs."""
 
     def __init__(self, conn: Connection):
@@ -88,44 +69,48 @@ class _Inbox:
                 return
             if isinstance(msg, Cancel):
                 with self.lock:
-                    self.cancelled[msg.request_id] = None
+                    self.cancelled[msg.ticket_key] = None
                     while len(self.cancelled) > 4096:
                         self.cancelled.popitem(last=False)
             else:
                 self.jobs.put(msg)
 
-    def is_cancelled(self, request_id: str) -> bool:
+    def is_cancelled(self, ticket_key: str) -> bool:
         with self.lock:
-            return request_id in self.cancelled
+            return ticket_key in self.cancelled
 
 
 def _out_of_memory(exc: BaseException) -> bool:
     return "OutOfMemory" in type(exc).__name__  # torch.cuda.OutOfMemoryError, torch.OutOfMemoryError
 
 
-def _error_kind(exc: BaseException) -> tuple[str, str]:
-    name = type(exc).__name__
+def job_error(job: Job, exc: BaseException) -> JobError:
+    """What the parent is told about a job that raised: its kind, the problem, the request field at fault."""
+    kind: ErrorKind
+    field = ""
     if _out_of_memory(exc):
-        return "resource_exhausted", "device out of memory; try fewer or smaller images"
-    if isinstance(exc, FileNotFoundError):
-        return "not_found", str(exc)
-    if isinstance(exc, ValueError):
-        return "invalid_argument", str(exc)
-    return "internal", f"{name}: {exc}"
+        kind, message = "resource_exhausted", "device out of memory; try fewer or smaller images"
+    elif isinstance(exc, FileNotFoundError):
+        kind, message = "not_found", str(exc)
+    elif isinstance(exc, InvalidJob):
+        kind, message, field = "invalid_argument", exc.problem, exc.field
+    elif isinstance(exc, ValueError):
+        kind, message = "invalid_argument", str(exc)
+    else:
+        kind, message = "internal", f"{type(exc).__name__}: {exc}"
+    return JobError(job.ticket_key, job.job_id, kind, message, field)
 
 
-def run_job(pipe, job: Job, send, inbox: _Inbox) -> None:
-    from services.common.pngmeta import encode_png
-    from services.generator.pipeline import JobCancelled
-
-    request_id_var.set(job.request_id)
+def run_job(pipe: Pipeline, job: Job, send: Send, inbox: Inbox) -> None:
+    """Render `job`, sending its progress and images, then JobError if it failed, then always JobDone."""
+    request_id_var.set(job.ticket_key)
     started = time.perf_counter()
     hits, misses = pipe.adapters.stats.hits, pipe.adapters.stats.misses
 
-    def report_step(indices: tuple[int, ...], step: int, total: int, frames) -> None:
+    def report_step(indices: tuple[int, ...], step: int, total: int, frames: Frames | None) -> None:
         # Fast PNG settings: a preview lives for one step on screen.
         encoded = tuple(encode_png(im, compress_level=1) for im in frames.images()) if frames else ()
-        send(Progress(job.request_id, job.job_id, indices, step, total, encoded))
+        send(Progress(job.ticket_key, job.job_id, indices, step, total, encoded))
 
     def render(indices: tuple[int, ...], seeds: tuple[int, ...]) -> None:
         """Render and send these images; a batch that runs out of device memory is split in two."""
@@ -137,7 +122,7 @@ def run_job(pipe, job: Job, send, inbox: _Inbox) -> None:
                     seeds,
                     on_step=lambda *step: progress.submit(report_step, indices, *step),
                     preview_every=job.preview_every,
-                    should_stop=lambda: inbox.is_cancelled(job.request_id),
+                    should_stop=lambda: inbox.is_cancelled(job.ticket_key),
                 )
         except Exception as exc:
             if len(seeds) == 1 or not _out_of_memory(exc):
@@ -152,7 +137,7 @@ def run_job(pipe, job: Job, send, inbox: _Inbox) -> None:
         for index, seed, image in zip(indices, seeds, images, strict=True):
             png = encode_png(image, {**job.metadata, "seed": seed})
             w, h = image.size
-            send(ImageResult(job.request_id, job.job_id, index, seed, png, w, h, compute, pipe.device_name))
+            send(ImageResult(job.ticket_key, job.job_id, index, seed, png, w, h, compute, pipe.device_name))
 
     try:
         render(job.indices, job.seeds)
@@ -160,17 +145,16 @@ def run_job(pipe, job: Job, send, inbox: _Inbox) -> None:
     except JobCancelled:
         cancelled = True
     except Exception as exc:
-        kind, message = _error_kind(exc)
-        log.warning("job %d failed (%s): %s", job.job_id, kind, message, exc_info=kind == "internal")
-        field = message.split(":", 1)[0] if kind == "invalid_argument" and ":" in message else ""
-        send(JobError(job.request_id, job.job_id, kind, message, field))
+        error = job_error(job, exc)
+        log.warning("job %d failed (%s): %s", job.job_id, error.kind, error.message, exc_info=error.kind == "internal")
+        send(error)
         cancelled = False
-        if kind == "resource_exhausted":
+        if error.kind == "resource_exhausted":
             _empty_device_cache()
     stats = pipe.adapters.stats
     send(
         JobDone(
-            job.request_id,
+            job.ticket_key,
             job.job_id,
             time.perf_counter() - started,
             cancelled,
@@ -187,23 +171,25 @@ class _InOrder:
     Encoding a preview (and waiting for its copy off the GPU) then overlaps the next step.
     """
 
-    def __enter__(self):
+    def __enter__(self) -> _InOrder:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="progress")
-        self._last: Future | None = None
+        self._last: Future[None] | None = None
         return self
 
-    def submit(self, fn, *args) -> None:
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
         self._last = self._pool.submit(fn, *args)
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self._pool.shutdown(wait=True)
-        if self._last is not None and exc[0] is None:
+        if self._last is not None and kind is None:
             self._last.result()  # surface a failed report
 
 
 def _empty_device_cache() -> None:
     try:
-        import torch
+        import torch  # imported by the pipeline already; here only to free CUDA memory
 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -233,16 +219,16 @@ def worker_main(config: WorkerConfig, conn: Connection) -> None:
         os.environ["OMP_NUM_THREADS"] = str(config.threads)
     send_lock = threading.Lock()
 
-    def send(msg) -> None:
+    def send(msg: FromWorker) -> None:
         with send_lock:
             conn.send(msg)
 
     try:
-        import torch
+        import torch  # after OMP_NUM_THREADS is set: torch reads it once, at import
 
         if config.threads > 0:
             torch.set_num_threads(config.threads)
-        pipe = _build_pipeline(config)
+        pipe = load_pipeline(config)
         warm = pipe.warmup(config.warmup_size)
     except Exception as exc:
         log.exception("worker failed to start")
@@ -252,13 +238,13 @@ def worker_main(config: WorkerConfig, conn: Connection) -> None:
     warm_side = min(config.warmup_size, pipe.default_size)  # as the pipelines' warm-up renders
     send(Ready(config.device, pipe.load_seconds, warm, pipe.default_size, pipe.size_multiple, warm_side**2 / 1e6))
 
-    inbox = _Inbox(conn)
+    inbox = Inbox(conn)
     while True:
         msg = inbox.jobs.get()
         if isinstance(msg, Shutdown):
             break
-        if inbox.is_cancelled(msg.request_id):
-            send(JobDone(msg.request_id, msg.job_id, 0.0, cancelled=True))
+        if inbox.is_cancelled(msg.ticket_key):
+            send(JobDone(msg.ticket_key, msg.job_id, 0.0, cancelled=True))
             continue
         run_job(pipe, msg, send, inbox)
     log.info("worker stopping")
