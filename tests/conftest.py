@@ -21,20 +21,12 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 from services.common.logs import configure_logging
+from tests.helpers import ARTIFACTS, ROOT, free_port, generator_settings
 
 configure_logging("WARNING", "test")
 
 # Upscaler fixtures (`tiny_swin2sr`, `upscaler`, `upscaler_stub`) live beside the upscaler tests.
 pytest_plugins = ["tests.fixtures_upscaler"]
-
-ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = ROOT / "artifacts"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -53,26 +45,6 @@ def tiny_world(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("world")
     shutil.copytree(cache, out, dirs_exist_ok=True)
     return out
-
-
-def generator_settings(world: Path, storage: str, **overrides):
-    from services.generator.settings import GeneratorSettings
-
-    fields = dict(
-        host="127.0.0.1",
-        port=0,
-        model=str(world / "tiny-sd"),
-        products_dir=str(world / "products"),
-        adapters_dir=str(world / "adapters"),
-        templates_file=str(ROOT / "templates" / "catalog.yaml"),
-        storage=storage,
-        devices="cpu:1",
-        default_steps=4,
-        default_size=64,
-        start_timeout_s=300,
-    )
-    fields.update(overrides)
-    return GeneratorSettings(**fields)
 
 
 @pytest.fixture(scope="session")
@@ -251,31 +223,3 @@ def moto_s3() -> AsyncIterator[str]:
 def artifacts() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
-
-
-async def render_product(stub, product: str, scale: float | None = None, seed: int = 5):
-    """One 32x32, 3-step image of `product` (int16 array), optionally at another product scale."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    from productinaction.v1 import generator_pb2 as pb
-
-    request = pb.GenerateRequest(
-        product_id=product,
-        prompt="{product} on a table",
-        num_images=1,
-        seed=seed,
-        steps=3,
-        width=32,
-        height=32,
-        inline_images=True,
-        guidance_scale=1.0,
-    )
-    if scale is not None:
-        request.product_scale = scale
-    async for event in stub.Generate(request, timeout=120):
-        if event.WhichOneof("event") == "image_ready":
-            return np.asarray(Image.open(io.BytesIO(event.image_ready.image.png)).convert("RGB")).astype(np.int16)
-    raise AssertionError("no image")

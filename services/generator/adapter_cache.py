@@ -3,7 +3,7 @@
 Switching product is a `set_adapters` call. A miss with every slot taken reuses the least recently
 used slot: by hot-swap when enabled and possible (module structure never changes, which is what
 `torch.compile` needs), otherwise by delete + load. Either way the slot then renders exactly as a
-fresh load of the new adapter would (`tests/test_hotswap.py`, in every order of ranks, components
+fresh load of the new adapter would (`tests/generator/test_hotswap.py`, in every order of ranks, components
 and file dtypes).
 """
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.helpers import ROOT, free_port
 from tools.browser import CHROMIUM, choose, local_page
 
 pytestmark = pytest.mark.browser

@@ -98,7 +98,7 @@ def test_step_hook_previews_and_cancel(tiny_world, specs):
 
 def test_scene_only_styles_blend_and_leave_the_pipeline_as_it_was(tiny_world, specs):
     # services/generator/regional.py: a style stacked on a product is kept off the product; the demo-level
-    # effect (night halves every scene, the products kept) is in tests/test_demo_products.py.
+    # effect (night halves every scene, the products kept) is in tests/demo/test_demo_products.py.
     from services.generator.pipeline import JobCancelled, ProductPipeline
 
     pipe = ProductPipeline(str(tiny_world / "tiny-sd"), "cpu")

@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from client.api import GeneratorClient, UpscalerClient
-from tests.conftest import ROOT, free_port
+from tests.helpers import ROOT, free_port
 
 
 @pytest.mark.parametrize("module", ["services.generator", "services.upscaler", "client.web", "client.cli"])
@@ -103,7 +103,7 @@ async def test_run_stack_serves_restarts_a_crash_and_stops_on_ctrl_c(tiny_world,
 
 
 def test_requirements_pin_torch_and_ci_runs_make_test():
-    # The Dockerfiles and the requirements/ files: tests/test_docker.py.
+    # The Dockerfiles and the requirements/ files: tests/deploy/test_docker.py.
     assert re.search(r"^torch==2\.13\.0$", (ROOT / "requirements" / "torch.txt").read_text(), re.M)
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     readme = (ROOT / "README.md").read_text()

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.generator.catalog import Catalog, TemplateCatalog, compose_prompt
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
 
 
 @pytest.fixture(scope="module")

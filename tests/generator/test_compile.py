@@ -24,10 +24,10 @@ from services.common.errors import FailedPrecondition
 from services.generator.catalog import Catalog
 from services.generator.compile import CompileOptions, adapter_rank, compile_counters, parse_shapes, resolve_mode
 from services.generator.messages import AdapterSpec, Ready, RenderSettings, Shutdown
+from tests.helpers import ROOT
 
 # A cold inductor compile on a busy 2-core machine can outlast the suite's 300 s per test (fixture included).
 pytestmark = pytest.mark.timeout(900)
-ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "compile-tests" / torch.__version__
 WARM = (32, 32, 1)  # the one warm shape: 32², batch 1 (the UNet sees 2 with classifier-free guidance)
 # Compiled and eager fp32 differ by float rounding only: at most this many levels of 255 per pixel.
@@ -51,7 +51,7 @@ def _catalog(world: Path) -> Catalog:
 @pytest.fixture(scope="module")
 def hotswap_adapters(tiny_world, tmp_path_factory) -> dict[str, AdapterSpec]:
     """test_hotswap's adapters: ranks 4 and 8, UNet only or with text-encoder layers, Kohya names, an fp16 file."""
-    from tests.test_hotswap import write_adapter_set
+    from tests.helpers import write_adapter_set
 
     return write_adapter_set(tiny_world, tmp_path_factory.mktemp("compile-adapters"))
 
@@ -151,7 +151,7 @@ def test_every_switch_equals_a_fresh_load_without_recompiling(served, hotswap_ad
     """test_hotswap's orders on the compiled path: UNet layers hot-swapped into the slots, text-encoder layers
     loaded beside them (the text encoder is not compiled); every render equals a fresh eager load."""
     from services.generator.pipeline import ProductPipeline
-    from tests.test_hotswap import ORDERS
+    from tests.helpers import ORDERS
 
     fresh = {}
     for name, spec in hotswap_adapters.items():

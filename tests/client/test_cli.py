@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from client import cli
-from tests.conftest import ROOT, free_port
+from tests.helpers import ROOT, free_port
 
 # Tiny and few steps: each image is a fraction of a second on an idle CPU.
 FAST = ["--steps", "2", "--width", "32", "--height", "32"]

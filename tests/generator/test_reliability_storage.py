@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from prometheus_client import REGISTRY
 
-from tests.test_scheduler import images, request, standin_server
+from tests.helpers import images, request, standin_server
 
 
 class FaultProxy:

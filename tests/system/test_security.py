@@ -27,12 +27,10 @@ from productinaction.v1 import generator_pb2, generator_pb2_grpc, upscaler_pb2
 from services.common.auth import RefusedToStart, ServerSecurity, TokenAuth, is_loopback, load_tokens
 from services.generator.app import start_generator
 from services.upscaler.app import start_upscaler
-from tests.conftest import free_port, generator_settings
 from tests.fixtures_upscaler import png_bytes, upscaler_settings
+from tests.helpers import ROOT, STANDIN, free_port, generator_settings
 
-ROOT = Path(__file__).resolve().parent.parent
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
-STANDIN = "services.generator.standin:StandInPipeline"
 BICUBIC = "tests.fixtures_upscaler:BicubicEngine"
 OLD, NEW, WRONG = "tok-old-Zq81x", "tok-new-Pw27k", "tok-wrong-Ab33c"
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED

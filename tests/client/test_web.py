@@ -13,7 +13,7 @@ from PIL import Image
 
 from client import web_logic as logic
 from client.web_logic import Backends, Form, Session
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 # Tiny images and few steps keep each image well under a second of compute on an idle CPU.
 FAST = dict(steps=3, width=64, height=64)

@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from packaging.requirements import Requirement
 
-from tests.conftest import ROOT, free_port
+from tests.helpers import ROOT, free_port
 
 BIN = Path(sys.executable).parent
 DOCKERFILES = {

@@ -19,9 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from productinaction.v1 import generator_pb2_grpc
-from tests.conftest import ROOT, free_port
-from tests.test_reliability import until
-from tests.test_scheduler import STANDIN, request
+from tests.helpers import ROOT, STANDIN, free_port, request, until
 
 pytestmark = pytest.mark.slow
 

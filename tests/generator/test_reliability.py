@@ -14,7 +14,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2
 from PIL import Image
 from prometheus_client import REGISTRY
 
@@ -26,25 +25,7 @@ from services.generator.app import start_generator
 from services.generator.messages import Fatal, Ready
 from services.generator.scheduler import Scheduler, WorkerPolicy, WorkerState
 from services.generator.worker import WorkerConfig
-from tests.conftest import generator_settings
-from tests.test_scheduler import STANDIN, images, request, run, standin_server
-
-SERVING = health_pb2.HealthCheckResponse.SERVING
-
-
-async def until(condition, timeout: float = 60.0, what: str = "") -> None:
-    """Wait for `condition()`; fail (not hang) if it never holds."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not condition():
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"never happened: {what or condition}") from None
-
-
-async def serving(health) -> bool:
-    return (await health.Check(health_pb2.HealthCheckRequest())).status == SERVING
-
+from tests.helpers import STANDIN, generator_settings, images, request, run, serving, standin_server, until
 
 # Respawn policy, on a scheduler whose processes are stand-ins (no spawning: fast and exact)
 

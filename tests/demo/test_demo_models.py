@@ -17,8 +17,8 @@ from demo.judge import CHANCE, DEFAULT_PATH, load_judge
 from demo.train_sd import eval_prompts
 from demo.train_swin2sr import bicubic, make_pairs, psnr, upscale
 from demo.world import PRODUCTS, all_triples, make_dataset, render_product
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 SD_DIR = ROOT / "models" / "demo-sd"
 SR_DIR = ROOT / "models" / "demo-swin2sr"
 

@@ -21,12 +21,11 @@ from safetensors.torch import load_file
 
 from productinaction.v1 import generator_pb2 as pb
 from productinaction.v1 import generator_pb2_grpc
-from tests.conftest import generator_settings, render_product
+from tests.helpers import ROOT, generator_settings, render_product
 from training import TrainingError
 from training.data import drop_near_duplicates, extract_video_frames, make_caption
 from training.lora import TrainConfig, build_parser, diffusion_target, main, train
 
-ROOT = Path(__file__).resolve().parent.parent
 # Attention and ResNet convs: on the random tiny model, attention alone barely moves the loss in 20 steps.
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
 

@@ -8,7 +8,7 @@ import pytest
 from client.api import generate_request
 from productinaction.v1 import generator_pb2_grpc
 from services.generator.app import start_generator
-from tests.conftest import generator_settings
+from tests.helpers import generator_settings
 
 
 async def render_all(world, tmp_path, devices: str, **overrides) -> dict[int, tuple[bytes, str]]:

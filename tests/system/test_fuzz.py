@@ -23,10 +23,9 @@ from PIL import Image
 
 from productinaction.v1 import generator_pb2, generator_pb2_grpc, upscaler_pb2, upscaler_pb2_grpc
 from services.generator.messages import SCHEDULERS
-from tests.conftest import generator_settings
 from tests.fixtures_upscaler import upscaler_settings
+from tests.helpers import STANDIN, generator_settings
 
-STANDIN = "services.generator.standin:StandInPipeline"
 SCALE = float(os.environ.get("PIA_FUZZ_EXAMPLES", "1"))
 # The statuses the protos and docs promise; anything else (UNKNOWN, INTERNAL) is a bug.
 DOCUMENTED = {

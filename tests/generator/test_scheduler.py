@@ -11,7 +11,6 @@ import os
 import signal
 import urllib.request
 from collections import Counter
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
@@ -20,51 +19,9 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from client.api import generate_request
-from productinaction.v1 import generator_pb2_grpc
 from services.generator.app import start_generator
 from services.generator.scheduler import WorkerState
-from tests.conftest import free_port, generator_settings
-
-STANDIN = "services.generator.standin:StandInPipeline"
-
-
-@asynccontextmanager
-async def standin_server(world: Path, tmp_path: Path, devices: str = "cpu:1", step: float = 0.01, **overrides):
-    record = tmp_path / "steps.log"
-    settings = generator_settings(
-        world,
-        overrides.pop("storage", str(tmp_path / "images")),
-        model=overrides.pop("model", f"standin:step={step},record={record}"),
-        worker_pipeline=STANDIN,
-        devices=devices,
-        **overrides,
-    )
-    app = await start_generator(settings, wait_ready=overrides.pop("wait_ready", True))
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
-    try:
-        app.record = record
-        yield app, generator_pb2_grpc.GeneratorStub(channel), health_pb2_grpc.HealthStub(channel)
-    finally:
-        await channel.close()
-        await app.stop()
-
-
-def request(n: int = 1, prompt: str = "", steps: int = 5, **kw):
-    return generate_request(product_id="tiny-star", template_id="beach", prompt=prompt, num_images=n, steps=steps, **kw)
-
-
-async def run(stub, req, log: list | None = None, tag: str = "", timeout: float = 60):
-    events = []
-    async for event in stub.Generate(req, timeout=timeout):
-        events.append(event)
-        if log is not None:
-            log.append((tag, event.WhichOneof("event")))
-    return events
-
-
-def images(events):
-    return [e.image_ready for e in events if e.WhichOneof("event") == "image_ready"]
+from tests.helpers import STANDIN, free_port, generator_settings, images, request, run, standin_server
 
 
 async def test_request_is_spread_over_all_devices(tiny_world, tmp_path):

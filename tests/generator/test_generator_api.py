@@ -17,8 +17,8 @@ from PIL import Image
 from client.api import fetch_bytes, generate_request
 from productinaction.v1 import generator_pb2 as pb
 from services.common.pngmeta import read_parameters, read_text_chunks
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
 
 
@@ -285,7 +285,7 @@ def _http_status(url: str) -> int:
 
 async def test_s3_storage_round_trip_through_a_real_s3_server(tiny_world, s3_server, s3_bucket):
     from services.generator.app import start_generator
-    from tests.conftest import generator_settings
+    from tests.helpers import generator_settings
 
     settings = generator_settings(tiny_world, f"s3://{s3_bucket}/renders", s3_endpoint_url=s3_server.endpoint)
     app = await start_generator(settings)

@@ -28,7 +28,7 @@ from client.api import GeneratorClient, generate_request
 from client.balancing import replica_addresses, replica_health, reporting_interruption, split_target
 from client.web_logic import Backends, Session, check_health
 from productinaction.v1 import generator_pb2, generator_pb2_grpc
-from tests.conftest import ROOT, free_port
+from tests.helpers import ROOT, free_port
 
 
 @dataclass

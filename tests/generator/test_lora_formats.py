@@ -25,7 +25,7 @@ from productinaction.v1 import generator_pb2 as pb
 from productinaction.v1 import generator_pb2_grpc
 from services.generator.embeddings import set_token_embeddings
 from services.generator.lora_formats import cloneofsimo_module_names, read_adapter
-from tests.conftest import generator_settings, render_product
+from tests.helpers import generator_settings, render_product
 
 UNET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj")
 TE_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")

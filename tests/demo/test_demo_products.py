@@ -9,7 +9,6 @@ keeps its look.
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +17,8 @@ from PIL import Image
 from client.api import generate_request
 from demo.world import HELD_OUT
 from productinaction.v1 import generator_pb2 as pb
-from tests.conftest import generator_settings
+from tests.helpers import ROOT, generator_settings
 
-ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "demo-sd"
 DEMO_PRODUCTS = ("split-star", "striped-mug")
 STYLE = "night"
