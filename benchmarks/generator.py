@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
+import os
 import platform
 import statistics
 import sys
@@ -40,7 +42,8 @@ from services.generator.app import start_generator
 from services.generator.settings import GeneratorSettings
 
 ROOT = Path(__file__).resolve().parent.parent
-STANDIN = "services.generator.standin:StandInPipeline"
+STANDIN = "testkit.standin:load"
+os.environ.setdefault("PIA_ALLOW_TEST_PIPELINES", "1")  # benchmarks run the testkit stand-in
 # Most important first: --budget-s skips from the end.
 CUDA_VARIANTS = [
     "off",
@@ -235,9 +238,8 @@ async def service_overhead(args, out: Path) -> dict:
     from PIL import Image
 
     from services.generator.catalog import Catalog
-    from services.generator.compile import options_for
+    from services.generator.options import parse_devices
     from services.generator.pipeline import ProductPipeline
-    from services.generator.settings import batch_limits, parse_devices
 
     n, seed = 8, 100
     settings = _settings(
@@ -261,14 +263,14 @@ async def service_overhead(args, out: Path) -> dict:
             if event.WhichOneof("event") == "image_ready":
                 params = event.image_ready.parameters
         device, _ = parse_devices(args.device)[0]
-        batch, _ = batch_limits(settings, [device])
+        batch, _ = settings.batch_limits([device])
         catalog = Catalog(args.products_dir, args.adapters_dir, ROOT / "templates" / "catalog.yaml")
         spec = catalog.product(args.product).spec(params.product_scale or 1.0)
         files = [str(e.adapter_path) for e in catalog.entries()]
         direct = ProductPipeline(
             args.model,
             device if device.startswith("cuda") else "cpu",
-            compile=options_for(settings, device, files, batch),
+            compile=settings.compile_options(device, files, batch),
         )
         direct.warmup()
         direct.adapters.activate((spec,))
@@ -346,8 +348,8 @@ COMPUTE_FLOOR_S = 0.045
 
 
 def _variant(spec: str):
-    """ "reduce-overhead+vae+channels_last" -> CompileOptions fields; flags: vae, channels_last, bf16, nosdpa,
-    fuse_qkv (fuse_qkv runs without LoRA: the service refuses it with LoRA)."""
+    """ "reduce-overhead+vae+channels_last" -> CompileOptions fields (and fuse_qkv); flags: vae, channels_last, bf16,
+    nosdpa, fuse_qkv (fuse_qkv, a benchmark-only option, runs without LoRA: see `fuse_qkv`)."""
     mode, *flags = spec.split("+")
     unknown = set(flags) - {"vae", "channels_last", "bf16", "nosdpa", "fuse_qkv"}
     if unknown:
@@ -362,6 +364,34 @@ def _variant(spec: str):
     )
 
 
+def fuse_qkv(pipe) -> None:
+    """diffusers' fused QKV: benchmarks only. Its fused to_qkv bypasses LoRA on to_q/to_k/to_v, so the service
+    never fuses, and here it is refused on a UNet with LoRA layers."""
+    if any("lora_A" in n for n, _ in pipe.unet.named_modules()):
+        raise ValueError("fuse_qkv: the UNet has LoRA layers, which diffusers' fused to_qkv would bypass")
+    pipe.unet.fuse_qkv_projections()
+
+
+@contextlib.contextmanager
+def _fusing_qkv(enabled: bool):
+    """While a pipeline is built, fuse QKV right after its kernels are set (before adapters and compile)."""
+    from unittest import mock
+
+    from services.generator import compiled
+
+    if not enabled:
+        yield
+        return
+    original = compiled.set_kernels_and_layout
+
+    def set_and_fuse(pipe, options) -> None:
+        original(pipe, options)
+        fuse_qkv(pipe)
+
+    with mock.patch.object(compiled, "set_kernels_and_layout", set_and_fuse):
+        yield
+
+
 def fast_path(args, catalog_dirs: tuple[str, str]) -> dict:
     """Eager against compiled, and each switch on/off, in this process: one pipeline per variant."""
     import gc
@@ -369,8 +399,9 @@ def fast_path(args, catalog_dirs: tuple[str, str]) -> dict:
     import torch
 
     from services.generator.catalog import Catalog
-    from services.generator.compile import CompileOptions, compile_counters
+    from services.generator.compiled import compile_counters
     from services.generator.messages import RenderSettings
+    from services.generator.options import CompileOptions
     from services.generator.pipeline import ProductPipeline
 
     cuda = args.device.startswith("cuda")
@@ -398,14 +429,16 @@ def fast_path(args, catalog_dirs: tuple[str, str]) -> dict:
             report["variants"][spec] = {"skipped": f"over --budget-s {args.budget_s:.0f}"}
             continue
         fields = _variant(spec)
-        lora = not fields["fuse_qkv"]
+        fused = fields.pop("fuse_qkv")
+        lora = not fused
         options = CompileOptions(
             **fields, layout=layout, warm_shapes=tuple((size, size, b) for b in batches), cache_dir=args.cache_dir
         )
-        row: dict = {"lora": lora, **fields}
+        row: dict = {"lora": lora, "fuse_qkv": fused, **fields}
         begun = time.perf_counter()
         try:
-            pipe = ProductPipeline(args.model, device, adapter_cache_size=8, compile=options)
+            with _fusing_qkv(fused):
+                pipe = ProductPipeline(args.model, device, adapter_cache_size=8, compile=options)
         except ValueError as exc:
             report["variants"][spec] = {"refused": str(exc)}
             continue
@@ -506,7 +539,8 @@ def _fast_summary(report: dict, args) -> dict:
 CACHE_CHILD = """
 import json, sys, time
 started = time.perf_counter()
-from services.generator.compile import CompileOptions, compile_counters
+from services.generator.compiled import compile_counters
+from services.generator.options import CompileOptions
 from services.generator.pipeline import ProductPipeline
 fields = json.loads(sys.argv[3])
 fields["warm_shapes"] = tuple(tuple(s) for s in fields["warm_shapes"])
@@ -688,11 +722,11 @@ def placement_cost(args, pipe, product, timed) -> dict:
 
     size = args.size or pipe.default_size
     photo, _ = product_photo("split-star", "white", size=size)
-    placed, _ = placement.prepare(
+    placed, _ = placement.place_upload(
         png_bytes(photo),
         b"",
         None,
-        placement.Placement(0.5, 0.5, 0.6),
+        placement.ProductBox(0.5, 0.5, 0.6),
         size,
         size,
         max_pixels=1 << 24,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import socket
 import statistics
@@ -32,7 +33,8 @@ from client.api import generate_request
 from productinaction.v1 import generator_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
-STANDIN = "services.generator.standin:StandInPipeline"
+STANDIN = "testkit.standin:load"
+os.environ.setdefault("PIA_ALLOW_TEST_PIPELINES", "1")  # benchmarks run the testkit stand-in
 
 
 def _free_port() -> int:

@@ -102,11 +102,11 @@ class Renderer:
             tp = template.placement
             if shadow == "template":
                 shadow = tp.shadow.spec() if tp.shadow else None
-            placed, _ = placement.prepare(
+            placed, _ = placement.place_upload(
                 png_bytes(photo),
                 placement.mask_png(mask) if mask is not None else b"",
                 None,
-                placement.Placement(**tp.box()),
+                placement.ProductBox(**tp.box()),
                 32,
                 32,
                 max_pixels=1 << 20,

@@ -19,7 +19,6 @@ from productinaction.v1 import generator_pb2_grpc
 from services.generator.app import start_generator
 from services.generator.messages import AdapterSpec
 
-
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"
 
@@ -75,7 +74,7 @@ async def render_product(stub, product: str, scale: float | None = None, seed: i
     raise AssertionError("no image")
 
 
-STANDIN = "services.generator.standin:StandInPipeline"
+STANDIN = "testkit.standin:load"
 
 
 @asynccontextmanager
@@ -202,3 +201,11 @@ ORDERS = {
     "unet-only-after-text-encoder": ["r8-unet-te-kohya", "r4-unet", "r4-unet-te", "r4-unet"],
     "fp16-file-on-fp32-model": ["r4-unet", "r8-unet-fp16", "r4-unet-te", "r8-unet-fp16"],
 }
+
+
+def load_mask_png(data: bytes) -> np.ndarray:
+    """A mask PNG (as `placement.mask_png` writes it) back to booleans."""
+    import io
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("L")) >= 128

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OURS = ("services", "client", "demo", "training", "tools", "benchmarks")
 
 
 @dataclass
@@ -54,7 +53,6 @@ def _reason(source: list[str], line: int) -> str:
 def scan(packages: Iterable[str]) -> dict[str, Module]:
     files = [p for pkg in packages for p in sorted((ROOT / pkg).rglob("*.py"))]
     modules = {module_name(p): Module(module_name(p), p, len(p.read_text().splitlines())) for p in files}
-    known = set(modules) | {module_name(p) for p in (ROOT).glob(f"{{{','.join(OURS)}}}/**/*.py")}
     for module in modules.values():
         text = module.path.read_text()
         source = text.splitlines()

@@ -11,7 +11,8 @@ from services.generator.settings import GeneratorSettings
 
 def main(argv: list[str] | None = None) -> None:
     settings = GeneratorSettings.from_cli(sys.argv[1:] if argv is None else argv)
-    configure_logging(settings.log_level, "generator")  # before torch/diffusers are imported
+    configure_logging(settings.log_level, "generator")
+    # After logging is configured: the app imports torch and diffusers, which log as they load.
     from services.generator.app import serve
 
     asyncio.run(serve(settings))

@@ -1,4 +1,4 @@
-"""Assembly of the generator: workers first, then the gRPC server, then SERVING once warm."""
+"""Assembly of the generator: the worker pool first, then the gRPC server, then SERVING once warm."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from services.common.auth import ServerSecurity
 from services.common.server import HostedServer, Service, serve_until_signal, start_metrics
 from services.common.storage import ImageStore, open_store
 from services.generator.catalog import Catalog
-from services.generator.compile import options_for, slot_rank
-from services.generator.scheduler import Scheduler
+from services.generator.dispatch import Dispatcher
+from services.generator.planning import Planner, adapter_limit
 from services.generator.server import GeneratorService
-from services.generator.settings import GeneratorSettings, batch_limits, parse_devices
-from services.generator.worker import WorkerConfig
+from services.generator.settings import GeneratorSettings
+from services.generator.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -26,36 +26,17 @@ SERVICE_NAME = generator_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
 class GeneratorApp:
     settings: GeneratorSettings
     hosted: HostedServer
-    scheduler: Scheduler
+    pool: WorkerPool
+    dispatcher: Dispatcher
     store: ImageStore
     servicer: GeneratorService
     port: int = 0
 
     async def stop(self, grace_s: float = 0.0) -> None:
         await self.hosted.stop(grace_s)
-        await self.scheduler.stop()
+        await self.pool.stop()
         await self.servicer.close()
         await self.store.close()
-
-
-def worker_configs(settings: GeneratorSettings, catalog: Catalog | None = None) -> list[WorkerConfig]:
-    devices = parse_devices(settings.devices)
-    auto_batch, _ = batch_limits(settings, [d for d, _ in devices])
-    # With compile on, the LoRA slots are built over every adapter found now (services/generator/compile.py).
-    adapter_files = [str(e.adapter_path) for e in catalog.entries()] if catalog is not None else []
-    return [
-        WorkerConfig(
-            model=settings.model,
-            device=device,
-            threads=settings.cpu_threads if settings.cpu_threads and device.startswith("cpu") else threads,
-            adapter_cache_size=settings.adapter_cache_size,
-            hotswap_rank=settings.hotswap_rank,
-            log_level=settings.log_level,
-            pipeline=settings.worker_pipeline,
-            compile=options_for(settings, device, adapter_files, auto_batch),
-        )
-        for device, threads in devices
-    ]
 
 
 async def start_generator(settings: GeneratorSettings, wait_ready: bool = True) -> GeneratorApp:
@@ -75,28 +56,33 @@ async def start_generator(settings: GeneratorSettings, wait_ready: bool = True) 
         if hosted is not None:
             await hosted.set_serving(serving)
 
-    if rank := slot_rank(settings, catalog):  # a larger-rank adapter would not fit the LoRA slots: refused by name
+    # With compile on, the LoRA slots are built over every adapter found now (lora_slots.py); a larger-rank
+    # adapter would not fit them, so it is refused by name.
+    adapter_files = [str(e.adapter_path) for e in catalog.entries()]
+    if rank := settings.slot_rank(adapter_files):
         catalog.limit_rank(rank)
-    configs = worker_configs(settings, catalog)
-    max_batch, batch_pixels = batch_limits(settings, [c.device for c in configs])
-    scheduler = Scheduler(
-        configs,
+    configs = settings.worker_configs(adapter_files)
+    max_batch, batch_pixels = settings.batch_limits([c.device for c in configs])
+    pool = WorkerPool(
+        configs, policy=settings.worker_policy(), on_health=on_health, start_timeout_s=settings.start_timeout_s
+    )
+    dispatcher = Dispatcher(
+        pool,
         max_queue=settings.max_queue,
         max_batch=max_batch,
         batch_pixels=batch_pixels,
-        on_health=on_health,
-        start_timeout_s=settings.start_timeout_s,
-        policy=settings.worker_policy(),
         max_progress=settings.max_buffered_progress,
     )
-    scheduler.spawn_all()
-    servicer = GeneratorService(settings, catalog, scheduler, store)
+    pool.spawn_all()
+    max_adapters, why = adapter_limit(configs)
+    planner = Planner(settings, catalog, store, lambda: pool.model_info, max_adapters, why)
+    servicer = GeneratorService(settings, catalog, dispatcher, store, planner)
     hosted = HostedServer(
         [Service(SERVICE_NAME, servicer, generator_pb2_grpc.add_GeneratorServicer_to_server)],
         security=security,
         max_receive_bytes=settings.max_request_bytes,
     )
-    app = GeneratorApp(settings, hosted, scheduler, store, servicer)
+    app = GeneratorApp(settings, hosted, pool, dispatcher, store, servicer)
     app.port = await hosted.start(settings.host, settings.port)
     log.info(
         "generator on :%d (model %s, devices %s, %d products)",
@@ -107,7 +93,7 @@ async def start_generator(settings: GeneratorSettings, wait_ready: bool = True) 
     )
     if wait_ready:
         try:
-            await scheduler.wait_ready()
+            await pool.wait_ready()
         except BaseException:
             await app.stop()
             raise
@@ -119,20 +105,20 @@ async def serve(settings: GeneratorSettings) -> None:
     app = await start_generator(settings)
     log.info("serving")
     unrecoverable = asyncio.Event()
-    app.scheduler.on_unrecoverable = lambda _why: unrecoverable.set()
+    app.pool.on_unrecoverable = lambda _why: unrecoverable.set()
 
     async def on_stop() -> None:
         await app.servicer.close()
         await app.store.close()
 
     serving = asyncio.create_task(
-        serve_until_signal(app.hosted, settings.grace_period_s, on_stop=on_stop, drain=app.scheduler.drain)
+        serve_until_signal(app.hosted, settings.grace_period_s, on_stop=on_stop, drain=app.dispatcher.drain)
     )
     failed = asyncio.create_task(unrecoverable.wait())
     await asyncio.wait({serving, failed}, return_when=asyncio.FIRST_COMPLETED)
     if not serving.done():
         # No worker can ever serve again: a restart by the orchestrator is the way back.
-        log.critical("%s; exiting so that the process is restarted", app.scheduler.unrecoverable)
+        log.critical("%s; exiting so that the process is restarted", app.pool.unrecoverable)
         serving.cancel()
         await app.stop()
         raise SystemExit(1)

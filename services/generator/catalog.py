@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.ids import ID_PATTERN, is_valid_id  # noqa: F401  (ID_PATTERN: training imports it from here)
 from services.generator.messages import AdapterSpec, Shadow
+from services.generator.options import adapter_rank
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +133,6 @@ _RANKS: dict[tuple[str, int, int], int] = {}
 
 def _rank(path: Path) -> int:
     """An adapter file's LoRA rank from its header, cached by (path, mtime, size): catalogs rescan often."""
-    from services.generator.compile import adapter_rank
-
     stat = path.stat()
     key = (str(path), stat.st_mtime_ns, stat.st_size)
     if key not in _RANKS:
@@ -174,7 +173,7 @@ class TemplatePlacement(BaseModel):
     shadow: TemplateShadow | None = None
 
     def box(self) -> dict[str, float]:
-        """The placement proper (centre and height), as `placement.Placement` and the protobuf take it."""
+        """The placement proper (centre and height), as `placement.ProductBox` and the protobuf take it."""
         return {"center_x": self.center_x, "center_y": self.center_y, "height": self.height}
 
 
@@ -296,7 +295,11 @@ def compose_scene_prompt(template: Template | None, user_text: str) -> str:
 
 
 class Catalog:
-    """Products and adapters on disk plus the template file; cheap to rescan."""
+    """Products and adapters on disk plus the template file; cheap to rescan.
+
+    Lookups read the last scan: a caller serving a request calls `refresh` once first (planning.py does), so a
+    product or style adapter added on disk is served by the next request that names it, whatever kind it is.
+    """
 
     def __init__(
         self, products_dir: str | Path, adapters_dir: str | Path, templates_file: str | Path, max_rank: int = 0
@@ -327,7 +330,6 @@ class Catalog:
             raise InvalidArgument("product_id", "is required")
         if not is_valid_id(product_id):
             raise InvalidArgument("product_id", f"{product_id[:80]!r} is not a valid id")
-        self.refresh()
         if product_id in self.problems and product_id not in self.products:
             raise FailedPrecondition(f"product {product_id!r} cannot be served: {self.problems[product_id]}")
         if product_id not in self.products:

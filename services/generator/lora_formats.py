@@ -22,6 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch.nn as nn
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+from safetensors import safe_open
+from safetensors.torch import load_file
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 EMBED_FLAG = "<embed>"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -94,8 +101,6 @@ def detect_format(keys: list[str], metadata: dict[str, str]) -> str:
 
 
 def _header(path: Path) -> tuple[list[str], dict[str, str]]:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys()), dict(f.metadata() or {})
@@ -104,8 +109,6 @@ def _header(path: Path) -> tuple[list[str], dict[str, str]]:
 
 
 def _load(path: Path) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
     return load_file(str(path))
 
 
@@ -115,8 +118,6 @@ def _mixed_unet_naming(keys: list[str]) -> bool:
 
 
 def _peft_unet_keys(tensors: dict[str, Any]) -> dict[str, Any]:
-    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
-
     unet = {k.removeprefix("unet."): v for k, v in tensors.items() if k.startswith("unet.")}
     rest = {k: v for k, v in tensors.items() if not k.startswith("unet.")}
     return {**{f"unet.{k}": v for k, v in convert_unet_state_dict_to_peft(unet).items()}, **rest}
@@ -192,8 +193,6 @@ def cloneofsimo_module_names(model: Any, targets: set[str], extended: bool, old_
     Linear (and, in the extended variant, Conv2d) layers inside it are taken in registration order.
     `old_order`: the tree as diffusers <= 0.14 registered it, with `ff` between `attn1` and `attn2`.
     """
-    import torch.nn as nn
-
     search = (nn.Linear, nn.Conv2d) if extended else (nn.Linear,)
     names = []
     for prefix, module in _walk(model, "", old_order):
@@ -262,13 +261,8 @@ def _inside_lora(sub: str) -> bool:
 
 def peft_layout(pipe: Any, weights: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """`{component}.{module}.lora_A/B.weight` -> shape, after the same key conversions diffusers applies."""
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
-    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
-
     loader = getattr(pipe, "lora_state_dict", None)
     if loader is None:
-        from diffusers import StableDiffusionPipeline
-
         loader = StableDiffusionPipeline.lora_state_dict
     state = loader(dict(weights))[0]
     if not any(k.startswith(f"{c}.") for c in COMPONENTS for k in state):
@@ -330,8 +324,6 @@ def check_fit(pipe: Any, layout: dict[str, tuple[int, ...]], source: str) -> Non
 
 def _mismatch(module: Any, up: Any, down: Any) -> str:
     """'' if a LoRA with these up/down shapes fits `module`, else what is wrong."""
-    import torch.nn as nn
-
     base = _base(module)
     up = tuple(getattr(up, "shape", up) or ())
     down = tuple(getattr(down, "shape", down) or ())

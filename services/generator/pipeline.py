@@ -13,8 +13,12 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import diffusers
 import torch
+from diffusers import AutoPipelineForInpainting, AutoPipelineForText2Image
+from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 
 from services.generator import placement, product_region, regional
@@ -44,11 +48,8 @@ def resolve_device(device: str) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def load_text2image(model: str, device: torch.device, dtype: torch.dtype):
+def load_text2image(model: str, device: torch.device, dtype: torch.dtype) -> Any:
     """AutoPipelineForText2Image from a local folder or a hub id (SD 1.5, 2.1 and SDXL)."""
-    from diffusers import AutoPipelineForText2Image
-    from diffusers.utils import logging as diffusers_logging
-
     diffusers_logging.disable_progress_bar()
     local = Path(model).expanduser().is_dir()
     kwargs: dict = {"dtype": dtype}
@@ -68,19 +69,15 @@ def load_text2image(model: str, device: torch.device, dtype: torch.dtype):
     return pipe.to(device)
 
 
-def inpainting_from(pipe):
+def inpainting_from(pipe: Any) -> Any:
     """Inpainting on the loaded text-to-image weights (`from_pipe`: the same modules, no second copy)."""
-    from diffusers import AutoPipelineForInpainting
-
     inpaint = AutoPipelineForInpainting.from_pipe(pipe)
     inpaint.set_progress_bar_config(disable=True)
     return inpaint
 
 
-def text2image_from(pipe):
+def text2image_from(pipe: Any) -> Any:
     """Another text-to-image pipeline object over the same modules (like `inpainting_from`)."""
-    from diffusers import AutoPipelineForText2Image
-
     # AutoPipeline's from_pipe, not the pipeline class's: the latter casts the shared modules to its dtype.
     view = AutoPipelineForText2Image.from_pipe(pipe)
     view.set_progress_bar_config(disable=True)
@@ -179,10 +176,8 @@ class ProductPipeline:
         if batch < 1:
             raise InvalidJob("num_images", "empty batch")
 
-    def make_scheduler(self, name: str):
+    def make_scheduler(self, name: str) -> Any:
         # A fresh scheduler per job: schedulers hold per-run state.
-        import diffusers
-
         if not name:
             return self._default_scheduler.from_config(self.base_scheduler_config)
         cls_name, extra = SCHEDULERS[name]
@@ -254,7 +249,9 @@ class ProductPipeline:
             # A second pipeline object over the same modules: its `unet` can be wrapped for this job while the
             # adapter cache keeps switching weights through the real one.
             pipe = self.views[id(pipe)]
-            guard = regional.scene_only_styles(pipe, self.adapters.unet_switcher(settings.adapters), settings.adapters, cfg)
+            guard = regional.scene_only_styles(
+                pipe, self.adapters.unet_switcher(settings.adapters), settings.adapters, cfg
+            )
         with self.accel.watch(settings.width, settings.height, len(seeds), cfg), guard:
             out = pipe(
                 **prompt,

@@ -304,4 +304,3 @@ def adapter_limit(configs: list[WorkerConfig]) -> tuple[int, str]:
     if config.compile is not None and config.compile.enabled:
         return limit, f"{limit} LoRA slots with compile on (--lora-slots)"
     return limit, f"{limit} adapters per worker (--adapter-cache-size)"
-

@@ -27,6 +27,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from services.generator.messages import AdapterSpec, PlacedProduct
 
@@ -86,8 +87,6 @@ class ProductRegion(torch.nn.Module):
         mask = self._mask.to(product.dtype)
         out = mask * product + (1 - mask) * scene
         if return_dict:
-            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
             return UNet2DConditionOutput(sample=out)
         return (out,)
 

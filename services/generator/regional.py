@@ -27,6 +27,7 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from services.generator.messages import AdapterSpec
 
@@ -88,8 +89,6 @@ class SceneOnlyStyles(torch.nn.Module):
         mask = product_mask(product, base, self._cfg).to(styled.dtype)
         out = mask * product + (1 - mask) * styled
         if return_dict:
-            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
             return UNet2DConditionOutput(sample=out)
         return (out,)
 

@@ -179,9 +179,7 @@ class _InOrder:
     def submit(self, fn: Callable[..., None], *args: Any) -> None:
         self._last = self._pool.submit(fn, *args)
 
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self._pool.shutdown(wait=True)
         if self._last is not None and kind is None:
             self._last.result()  # surface a failed report

@@ -255,9 +255,9 @@ async def test_stop_cancels_the_running_request(backends, generator):
 
     # The server dropped both requests (each stops at its next denoising step), not 2 × 3 × 60 steps later.
     deadline = time.monotonic() + 30
-    while generator.scheduler.tickets and time.monotonic() < deadline:
+    while generator.dispatcher.tickets and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
-    assert not generator.scheduler.tickets
+    assert not generator.dispatcher.tickets
 
 
 async def test_upscale_returns_the_image_four_times_larger(backends_up, made):

@@ -1,4 +1,4 @@
-"""The compiled path on the tiny model, with inductor on the CPU (services/generator/compile.py).
+"""The compiled path on the tiny model, with inductor on the CPU (services/generator/compiled.py, lora_slots.py).
 
 Compiling is the expensive part (about 90 CPU-seconds cold for the tiny UNet, about 10 from the cache), so
 one compiled pipeline, built and warmed by a real worker loop, serves every check, and the inductor cache
@@ -22,8 +22,9 @@ import torch
 
 from services.common.errors import FailedPrecondition
 from services.generator.catalog import Catalog
-from services.generator.compile import CompileOptions, adapter_rank, compile_counters, parse_shapes, resolve_mode
+from services.generator.compiled import compile_counters
 from services.generator.messages import AdapterSpec, Ready, RenderSettings, Shutdown
+from services.generator.options import CompileOptions, adapter_rank, parse_shapes, resolve_mode
 from tests.helpers import ROOT
 
 # A cold inductor compile on a busy 2-core machine can outlast the suite's 300 s per test (fixture included).
@@ -36,11 +37,11 @@ TOLERANCE = 1
 _built: dict = {}
 
 
-def keep_pipeline(**kwargs):
+def keep_pipeline(config):
     """Worker pipeline factory that keeps the pipeline for the checks after warm-up."""
-    from services.generator.pipeline import ProductPipeline
+    from services.generator.pipeline import load
 
-    _built["pipe"] = ProductPipeline(**kwargs)
+    _built["pipe"] = load(config)
     return _built["pipe"]
 
 
@@ -117,7 +118,7 @@ SWITCHES = [("star",), ("mug", "sunset"), ("star",), (), ("sunset", "star"), ("m
 
 @pytest.mark.slow
 def test_warm_up_compiles_every_shape_before_ready(served):
-    # Health turns SERVING only when the scheduler receives Ready (test_scheduler); Ready comes after warm-up.
+    # Health turns SERVING only when the pool receives Ready (test_dispatch); Ready comes after warm-up.
     assert isinstance(served["ready"], Ready)
     assert served["at_ready"]["warmed"] == {(*WARM, True)}
     assert served["at_ready"]["counters"]["graphs"] >= 1
@@ -176,21 +177,22 @@ def test_every_switch_equals_a_fresh_load_without_recompiling(served, hotswap_ad
 def test_a_cold_shape_renders_and_logs_its_compile(served, specs, caplog):
     pipe = served["pipe"]
     before = compile_counters()["graphs"]
-    with caplog.at_level(logging.WARNING, logger="services.generator.compile"):
+    with caplog.at_level(logging.WARNING, logger="services.generator.compiled"):
         image = pipe(_settings((specs["star"],), guidance=1.0), (3,))[0]  # no CFG: the UNet sees batch 1
     assert image.size == (32, 32)
     assert compile_counters()["graphs"] == before + 1
     lines = [r.getMessage() for r in caplog.records if "cold shape" in r.getMessage()]
     assert len(lines) == 1 and "32x32x1 (no CFG)" in lines[0] and "--warm-shapes" in lines[0], lines
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="services.generator.compile"):
+    with caplog.at_level(logging.WARNING, logger="services.generator.compiled"):
         pipe(_settings((specs["mug"],), guidance=1.0), (4,))  # now warm: no compile, no log line
     assert not [r for r in caplog.records if "cold shape" in r.getMessage()]
 
 
 SECOND_PROCESS = """
 import json, sys
-from services.generator.compile import CompileOptions, compile_counters
+from services.generator.compiled import compile_counters
+from services.generator.options import CompileOptions
 from services.generator.pipeline import ProductPipeline
 options = CompileOptions(**json.loads(sys.argv[2]))
 pipe = ProductPipeline(sys.argv[1], "cpu", compile=options)
@@ -237,14 +239,13 @@ def test_a_larger_rank_is_refused_at_scan_time_by_name(tiny_world, tmp_path):
 
 
 def test_slot_rank_comes_from_the_products_or_the_setting(tiny_world):
-    from services.generator.compile import slot_rank
     from services.generator.settings import GeneratorSettings
 
-    catalog = _catalog(tiny_world)
-    found = max(adapter_rank(e.adapter_path) for e in catalog.entries())
-    assert slot_rank(GeneratorSettings(devices="cpu:1", compile="default"), catalog) == found
-    assert slot_rank(GeneratorSettings(devices="cpu:1", compile="default", hotswap_rank=16), catalog) == 16
-    assert slot_rank(GeneratorSettings(devices="cpu:1"), catalog) == 0  # auto is off on the CPU: no limit
+    files = [str(e.adapter_path) for e in _catalog(tiny_world).entries()]
+    found = max(adapter_rank(f) for f in files)
+    assert GeneratorSettings(devices="cpu:1", compile="default").slot_rank(files) == found
+    assert GeneratorSettings(devices="cpu:1", compile="default", hotswap_rank=16).slot_rank(files) == 16
+    assert GeneratorSettings(devices="cpu:1").slot_rank(files) == 0  # auto is off on the CPU: no limit
 
 
 def test_settings_and_modes():
@@ -261,10 +262,11 @@ def test_settings_and_modes():
 
 def test_fused_qkv_would_drop_lora_so_it_is_refused(tiny_world, specs):
     """diffusers' fuse_qkv_projections copies only the base q/k/v weights into to_qkv and its fused processor
-    calls to_qkv: LoRA on to_q/to_k/to_v is silently skipped. So prepare() refuses to fuse a LoRA UNet."""
+    calls to_qkv: LoRA on to_q/to_k/to_v is silently skipped. So the service never fuses, and the benchmark
+    that measures fusing refuses a LoRA UNet."""
     from diffusers import StableDiffusionPipeline
 
-    from services.generator.compile import prepare
+    from benchmarks.generator import fuse_qkv
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_world / "tiny-sd", local_files_only=True)
     pipe.load_lora_weights(specs["star"].path, adapter_name="star")
@@ -282,8 +284,46 @@ def test_fused_qkv_would_drop_lora_so_it_is_refused(tiny_world, specs):
     without = out()
     pipe.enable_lora()
     with pytest.raises(ValueError, match="fuse_qkv"):
-        prepare(pipe, CompileOptions(fuse_qkv=True))
+        fuse_qkv(pipe)
     unet.fuse_qkv_projections()
     fused = out()
     assert not torch.allclose(with_lora, without)
     assert not torch.allclose(fused, with_lora, atol=1e-5)  # the q/k/v LoRA is gone from the fused path
+
+
+@pytest.mark.slow
+def test_scene_only_style_on_the_compiled_path_switches_unet_scalings_only(served, eager, specs, monkeypatch):
+    """Product + scene-only style (regional.py: three UNet passes a step, weights switched between them): the
+    compiled render equals eager, nothing recompiles, and the per-pass switch touches neither the adapter cache
+    nor the text encoder: their work per job does not grow with the number of steps."""
+    from services.generator import lora_slots, regional
+
+    pipe = served["pipe"]
+    adapters = (specs["mug"], specs["sunset"])
+    assert specs["sunset"].scene_only and regional.applies(adapters)
+    te_calls = []
+    real = lora_slots.set_weights_and_activate_adapters
+    monkeypatch.setattr(
+        lora_slots, "set_weights_and_activate_adapters", lambda *a, **k: (te_calls.append(1), real(*a, **k))[1]
+    )
+
+    def job(steps: int) -> tuple[np.ndarray, int, int]:
+        hits, calls = pipe.adapters.stats.hits, len(te_calls)
+        settings = RenderSettings("a photo on the beach", "", steps, 5.0, 32, 32, "", adapters)
+        image = np.asarray(pipe(settings, (3,))[0]).astype(np.int16)
+        return image, pipe.adapters.stats.hits - hits, len(te_calls) - calls
+
+    before = compile_counters()
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        got, hits_2, te_2 = job(2)
+        _, hits_4, te_4 = job(4)
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    want = np.asarray(eager(RenderSettings("a photo on the beach", "", 2, 5.0, 32, 32, "", adapters), (3,))[0])
+    diff = np.abs(got - want.astype(np.int16)).max()
+    assert diff <= TOLERANCE, f"compiled differs from eager by {diff} levels"
+    after = compile_counters()
+    assert after["graphs"] == before["graphs"] and after["recompiles"] == before["recompiles"]
+    assert hits_4 == hits_2, f"cache lookups grow with steps: {hits_2} for 2 steps, {hits_4} for 4"
+    assert te_4 == te_2, f"text-encoder activations grow with steps: {te_2} for 2 steps, {te_4} for 4"

@@ -21,14 +21,16 @@ DARK_SCENES = {"black": (20, 20, 22), "flowers": (45, 105, 40), "fire": (150, 40
 def placed_shot(product_id: str, size: int = 32, **kwargs):
     """The demo catalogue shot (the product on the white studio) placed as the server places it."""
     photo, _ = product_photo(product_id, "white", seed=0, size=size)
-    return P.prepare(png_bytes(photo), b"", None, P.Placement(0.5, 0.5, 0.6), size, size, max_pixels=LIMIT, **kwargs)
+    return P.place_upload(
+        png_bytes(photo), b"", None, P.ProductBox(0.5, 0.5, 0.6), size, size, max_pixels=LIMIT, **kwargs
+    )
 
 
 @pytest.mark.parametrize("product_id", ["split-star", "striped-mug"])
 @pytest.mark.parametrize("size", [32, 128])
 def test_a_product_found_on_white_leaves_no_light_ring_on_dark_scenes(product_id, size):
     photo, _ = product_photo(product_id, "white", seed=0, size=size)
-    placed, record = P.prepare(png_bytes(photo), b"", None, None, size, size, max_pixels=LIMIT)  # stays in place
+    placed, record = P.place_upload(png_bytes(photo), b"", None, None, size, size, max_pixels=LIMIT)  # stays in place
     assert record["edge"] == "decontaminated" and record["mask_source"] == "found"
     _, mask = P.arrays(placed)
     for name, colour in DARK_SCENES.items():
@@ -69,7 +71,9 @@ def test_background_seen_through_a_thin_handle_is_not_product_but_a_white_label_
 
 def test_inner_pixels_stay_exact_with_decontamination_and_a_shadow():
     photo, _ = product_photo("split-star", "white", seed=0, size=64)
-    placed, record = P.prepare(png_bytes(photo), b"", None, None, 64, 64, max_pixels=LIMIT, shadow=Shadow(0.6, 0.5))
+    placed, record = P.place_upload(
+        png_bytes(photo), b"", None, None, 64, 64, max_pixels=LIMIT, shadow=Shadow(0.6, 0.5)
+    )
     assert record["placement"]["height"] and placed.box  # a photo of the frame's size stays where it is
     out = np.asarray(P.composite(Image.new("RGB", (64, 64), (40, 120, 200)), placed))
     kept = P.weights(placed) == 255
@@ -108,16 +112,16 @@ def test_strength_zero_draws_no_shadow_and_the_preview_shows_one():
 def test_a_surface_stands_the_product_on_its_ground_line():
     for size in (32, 128):  # resampled to the default height, or (the frame's size) moved, never resampled
         photo, _ = product_photo("striped-mug", "white", seed=0, size=size)
-        placed, record = P.prepare(
-            png_bytes(photo), b"", None, P.Placement(0.5, 0.5, 0.6), size, size, max_pixels=LIMIT, ground=0.85
+        placed, record = P.place_upload(
+            png_bytes(photo), b"", None, P.ProductBox(0.5, 0.5, 0.6), size, size, max_pixels=LIMIT, ground=0.85
         )
         assert abs(placed.box[3] - 0.85 * size) <= 1 and record["ground_line"] == 0.85
         if size == 32:
             h = placed.box[3] - placed.box[1]
             assert h == int(P.find_mask(np.asarray(photo)).any(1).sum())  # the product's own size
     # A placement in the request wins over the ground line (and the record says there was none).
-    placed, record = P.prepare(
-        png_bytes(photo), b"", P.Placement(0.5, 0.4, 0.5), None, 128, 128, max_pixels=LIMIT, ground=0.85
+    placed, record = P.place_upload(
+        png_bytes(photo), b"", P.ProductBox(0.5, 0.4, 0.5), None, 128, 128, max_pixels=LIMIT, ground=0.85
     )
     assert abs((placed.box[1] + placed.box[3]) / 2 - 0.4 * 128) <= 1 and record["ground_line"] == 0.0
 
@@ -142,6 +146,6 @@ def test_bad_shadow_settings_name_the_field(values, field):
 def test_no_white_patch_inside_the_handle_whatever_the_photos_size(size):
     # A catalogue shot of any size, placed in a small frame: the scene shows inside the handle, not the studio white.
     photo, _ = product_photo("striped-mug", "white", seed=0, size=size)
-    placed, _ = P.prepare(png_bytes(photo), b"", None, P.Placement(0.5, 0.5, 0.6), 32, 32, max_pixels=LIMIT)
+    placed, _ = P.place_upload(png_bytes(photo), b"", None, P.ProductBox(0.5, 0.5, 0.6), 32, 32, max_pixels=LIMIT)
     out = np.asarray(P.composite(Image.new("RGB", (32, 32), (30, 60, 200)), placed))
     assert not (out > 230).all(-1).any()

@@ -20,6 +20,7 @@ from productinaction.v1 import generator_pb2 as pb
 from services.common.errors import InvalidArgument
 from services.common.pngmeta import read_parameters
 from services.generator import placement as P
+from tests.helpers import load_mask_png
 
 LIMIT = 4096 * 4096
 
@@ -135,24 +136,24 @@ def test_bad_input_is_invalid_argument_naming_the_field(image, mask, field, prob
 def test_placement_outside_the_frame_is_refused(values, problem):
     data, _, _ = rgba_cutout()
     with pytest.raises(InvalidArgument) as err:
-        P.prepare(data, b"", P.check_placement(*values, "product_image.placement"), None, 64, 64, max_pixels=LIMIT)
+        P.place_upload(data, b"", P.check_placement(*values, "product_image.placement"), None, 64, 64, max_pixels=LIMIT)
     assert err.value.field.startswith("product_image.placement") and problem in str(err.value), str(err.value)
 
 
 def test_placement_scales_and_positions_the_product():
     data, _, _ = rgba_cutout(size=128)  # not the frame's size: placed at the default, centred, 60% high
-    placed, record = P.prepare(data, b"", None, None, 64, 48, max_pixels=LIMIT)
+    placed, record = P.place_upload(data, b"", None, None, 64, 48, max_pixels=LIMIT)
     x0, y0, x1, y1 = placed.box
     assert y1 - y0 == round(0.6 * 48) and abs((x0 + x1) / 2 - 32) <= 0.5 and abs((y0 + y1) / 2 - 24) <= 0.5
     assert record["mask_source"] == "alpha" and record["product_image_sha256"] == hashlib.sha256(data).hexdigest()
     # Passing the recorded placement back gives the same box.
-    again, _ = P.prepare(data, b"", P.Placement(**record["placement"]), None, 64, 48, max_pixels=LIMIT)
+    again, _ = P.place_upload(data, b"", P.ProductBox(**record["placement"]), None, 64, 48, max_pixels=LIMIT)
     assert again.box == placed.box and again.rgb == placed.rgb
 
 
 def test_composite_keeps_inner_pixels_and_feathers_the_edge():
     data, photo, mask = rgba_cutout()
-    placed, _ = P.prepare(data, b"", None, None, 64, 64, max_pixels=LIMIT, feather=2)
+    placed, _ = P.place_upload(data, b"", None, None, 64, 64, max_pixels=LIMIT, feather=2)
     scene = Image.new("RGB", (64, 64), (0, 200, 0))
     out = np.asarray(P.composite(scene, placed))
     inner = P.inner_mask(mask, 2)
@@ -233,7 +234,7 @@ async def test_preview_shows_the_servers_mask_and_reads_storage_uris(generator_s
             pb.PreviewPlacementRequest(product_image=pb.ProductImage(**source), template_id="flowers")
         )
         assert (reply.width, reply.height) == (64, 64) and reply.placement.mask_source == "alpha"
-        assert np.array_equal(P.load_mask_png(reply.mask_png), mask)
+        assert np.array_equal(load_mask_png(reply.mask_png), mask)
         assert Image.open(io.BytesIO(reply.preview_png)).size == (64, 64)
 
 
@@ -246,7 +247,7 @@ def test_inpainting_shares_the_loaded_weights(tiny_world):
         assert getattr(pipe.inpaint, name) is getattr(pipe.pipe, name)
     # A batch (as CUDA workers run them) keeps every image's product exact too, with previews on.
     data, photo, mask = rgba_cutout()
-    placed, _ = P.prepare(data, b"", None, None, 64, 64, max_pixels=LIMIT)
+    placed, _ = P.place_upload(data, b"", None, None, 64, 64, max_pixels=LIMIT)
     steps = []
     settings = RenderSettings("a photo on the beach", "", 2, 5.0, 64, 64, "", (), placed)
     images = pipe(settings, (1, 2), on_step=lambda *step: steps.append(step), preview_every=1)

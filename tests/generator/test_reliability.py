@@ -23,11 +23,11 @@ from services.common.ids import ID_PATTERN, check_id, is_valid_id
 from services.common.storage import LocalImageStore
 from services.generator.app import start_generator
 from services.generator.messages import Fatal, Ready
-from services.generator.scheduler import Scheduler, WorkerPolicy, WorkerState
-from services.generator.worker import WorkerConfig
+from services.generator.options import WorkerConfig, WorkerPolicy
+from services.generator.workers import WorkerPool, WorkerState
 from tests.helpers import STANDIN, generator_settings, images, request, run, serving, standin_server, until
 
-# Respawn policy, on a scheduler whose processes are stand-ins (no spawning: fast and exact)
+# Respawn policy, on a worker pool whose processes are fakes (no spawning: fast and exact)
 
 
 class FakeProcess:
@@ -40,66 +40,68 @@ class FakeProcess:
     def is_alive(self) -> bool:
         return False
 
-
-def fake_scheduler(policy: WorkerPolicy, unrecoverable: list) -> Scheduler:
-    scheduler = Scheduler([WorkerConfig("standin", "cpu:0")], policy=policy, on_unrecoverable=unrecoverable.append)
-    scheduler._loop = asyncio.get_running_loop()
-
-    def spawn(w) -> None:
-        w.respawn_timer, w.process, w.state = None, FakeProcess(), WorkerState.STARTING
-
-    scheduler._spawn = spawn
-    spawn(scheduler.workers[0])
-    scheduler._started = True
-    return scheduler
+    def kill(self) -> None:
+        pass
 
 
-def die(scheduler: Scheduler) -> float | None:
+def fake_pool(policy: WorkerPolicy, unrecoverable: list) -> WorkerPool:
+    pool = WorkerPool(
+        [WorkerConfig("standin", "cpu:0")],
+        policy=policy,
+        on_unrecoverable=unrecoverable.append,
+        start_process=lambda config: (FakeProcess(), None),
+    )
+    pool.spawn_all()
+    pool.started = True
+    return pool
+
+
+def die(pool: WorkerPool) -> float | None:
     """Kill worker 0; the delay before its respawn (None: not respawned). Respawns it at once."""
-    w = scheduler.workers[0]
-    scheduler._on_exit(w, w.process)
+    w = pool.workers[0]
+    pool.worker_exited(w, w.process)
     if w.respawn_timer is None:
         return None
-    delay = w.respawn_timer.when() - scheduler._loop.time()
+    delay = w.respawn_timer.when() - asyncio.get_running_loop().time()
     w.respawn_timer.cancel()
-    scheduler._spawn(w)
+    pool._spawn(w)
     return round(max(0.0, delay), 1)
 
 
 async def test_respawn_backoff_grows_then_resets_after_a_healthy_period():
     policy = WorkerPolicy(backoff_s=1, backoff_max_s=8, healthy_s=60, max_start_failures=3)
-    scheduler = fake_scheduler(policy, unrecoverable := [])
-    w = scheduler.workers[0]
+    pool = fake_pool(policy, unrecoverable := [])
+    w = pool.workers[0]
     delays = []
     for _ in range(7):  # more than the old fixed budget of 5 respawns for the life of the process
-        scheduler._handle(w, Ready("cpu:0", 0.0, 0.0))
-        delays.append(die(scheduler))
+        pool.handle(w, Ready("cpu:0", 0.0, 0.0))
+        delays.append(die(pool))
     assert delays == [0.0, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
-    scheduler._handle(w, Ready("cpu:0", 0.0, 0.0))
+    pool.handle(w, Ready("cpu:0", 0.0, 0.0))
     w.ready_since -= 61  # healthy for longer than policy.healthy_s
-    assert die(scheduler) == 0.0
+    assert die(pool) == 0.0
     assert w.respawns == 8 and not unrecoverable
 
 
 async def test_worker_dying_while_starting_is_respawned_until_it_is_given_up():
     policy = WorkerPolicy(backoff_s=0.5, backoff_max_s=8, max_start_failures=3)
-    scheduler = fake_scheduler(policy, unrecoverable := [])
-    w = scheduler.workers[0]
-    scheduler._handle(w, Ready("cpu:0", 0.0, 0.0))
-    assert die(scheduler) == 0.0  # died while ready
-    assert die(scheduler) == 0.5  # its replacement died while starting: respawned all the same
-    assert die(scheduler) == 1.0
+    pool = fake_pool(policy, unrecoverable := [])
+    w = pool.workers[0]
+    pool.handle(w, Ready("cpu:0", 0.0, 0.0))
+    assert die(pool) == 0.0  # died while ready
+    assert die(pool) == 0.5  # its replacement died while starting: respawned all the same
+    assert die(pool) == 1.0
     assert w.state is WorkerState.STARTING and not unrecoverable
-    assert die(scheduler) is None  # the 3rd start failure in a row: given up
+    assert die(pool) is None  # the 3rd start failure in a row: given up
     assert w.state is WorkerState.STOPPED
     assert unrecoverable and "every generator worker is given up" in unrecoverable[0]
 
 
 async def test_worker_whose_model_cannot_load_is_given_up_at_once():
-    scheduler = fake_scheduler(WorkerPolicy(), unrecoverable := [])
-    w = scheduler.workers[0]
-    scheduler._handle(w, Fatal("cpu:0", "OSError: no such model"))
-    assert die(scheduler) is None and w.state is WorkerState.STOPPED
+    pool = fake_pool(WorkerPolicy(), unrecoverable := [])
+    w = pool.workers[0]
+    pool.handle(w, Fatal("cpu:0", "OSError: no such model"))
+    assert die(pool) is None and w.state is WorkerState.STOPPED
     assert "no such model" in unrecoverable[0]
 
 
@@ -114,10 +116,10 @@ async def test_unrecoverable_process_fails_waiting_requests_and_refuses_new_ones
         respawn_backoff_s=0.1,
     ) as (app, stub, _h):
         told = []
-        app.scheduler.on_unrecoverable = told.append
+        app.pool.on_unrecoverable = told.append
         marker.touch()  # from now on every start of the worker dies while loading
-        os.kill(app.scheduler.workers[0].process.pid, signal.SIGKILL)
-        await until(lambda: told, what="the scheduler gives up")
+        os.kill(app.pool.workers[0].process.pid, signal.SIGKILL)
+        await until(lambda: told, what="the pool gives up")
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await run(stub, request())
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "no generator worker" in err.value.details()
@@ -128,7 +130,7 @@ async def test_unrecoverable_process_fails_waiting_requests_and_refuses_new_ones
 
 @pytest.mark.slow
 async def test_worker_chaos_every_request_complete_or_unavailable(tiny_world, tmp_path, caplog):
-    caplog.set_level(logging.WARNING, "services.generator.scheduler")
+    caplog.set_level(logging.WARNING, "services.generator")
     caplog.set_level(logging.ERROR, "asyncio")
     async with standin_server(
         tiny_world,
@@ -138,7 +140,7 @@ async def test_worker_chaos_every_request_complete_or_unavailable(tiny_world, tm
         step=0.02,
         respawn_backoff_s=0.2,
     ) as (app, stub, health):
-        workers = app.scheduler.workers
+        workers = app.pool.workers
 
         async def one(i: int):
             try:
@@ -156,7 +158,7 @@ async def test_worker_chaos_every_request_complete_or_unavailable(tiny_world, tm
         os.kill(workers[1].process.pid, signal.SIGKILL)  # the other one, mid-job
         results = await asyncio.gather(*requests)
         await until(lambda: all(w.state is WorkerState.READY for w in workers), what="both workers back")
-        await until(lambda: app.scheduler._serving, what="SERVING")
+        await until(lambda: app.pool.serving, what="SERVING")
         assert await serving(health)
         after = images(await run(stub, request(n=2, steps=2)))
 
@@ -175,7 +177,7 @@ async def test_worker_chaos_every_request_complete_or_unavailable(tiny_world, tm
 
 
 async def test_hung_worker_is_killed_and_its_images_rendered_elsewhere(tiny_world, tmp_path, caplog):
-    caplog.set_level(logging.ERROR, "services.generator.scheduler")
+    caplog.set_level(logging.ERROR, "services.generator")
     async with standin_server(
         tiny_world, tmp_path, devices="cpu:2", watchdog_min_s=1, watchdog_factor=3, respawn_backoff_s=0.1
     ) as (app, stub, health):
@@ -183,8 +185,8 @@ async def test_hung_worker_is_killed_and_its_images_rendered_elsewhere(tiny_worl
         ready = images(await run(stub, request(n=4, prompt="hang", steps=3, seed=40), timeout=60))
         assert sorted(r.seed for r in ready) == [40, 41, 42, 43]
         assert {r.device for r in ready} == {"cpu:1"}  # cpu:0 hangs on these prompts
-        await until(lambda: app.scheduler.workers[0].state is WorkerState.READY, what="cpu:0 respawned")
-        assert app.scheduler.workers[0].respawns >= 1
+        await until(lambda: app.pool.workers[0].state is WorkerState.READY, what="cpu:0 respawned")
+        assert app.pool.workers[0].respawns >= 1
         assert await serving(health)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await run(stub, request(n=1, prompt="hang-always", steps=3), timeout=60)
@@ -206,7 +208,7 @@ async def test_requests_before_the_first_ready_are_refused_not_rendered_at_a_gue
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await run(stub, request(n=1, steps=2))
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "still loading" in err.value.details()
-            await app.scheduler.wait_ready()
+            await app.pool.wait_ready()
             events = await run(stub, request(n=1, steps=2))
     finally:
         await app.stop()
@@ -320,7 +322,7 @@ async def test_outcomes_say_deadline_and_cancel_not_error(tiny_world, tmp_path, 
         call.cancel()
         with pytest.raises(grpc.aio.AioRpcError):
             await run(stub, request(n=0))
-        await until(lambda: not app.scheduler.tickets)
+        await until(lambda: not app.dispatcher.tickets)
         await until(lambda: outcomes()["cancelled"] > before["cancelled"])
         after = outcomes()
     assert after["deadline_exceeded"] == before["deadline_exceeded"] + 1

@@ -1,7 +1,7 @@
-"""Workers, scheduling, cancellation, backpressure and failure handling, with stand-in pipelines.
+"""Workers, dispatch, cancellation, backpressure and failure handling, with stand-in pipelines.
 
-The stand-in (services/generator/standin.py) runs inside the real spawned workers, behind the
-real scheduler and gRPC server; only the diffusion is replaced by a fixed sleep per step.
+The stand-in (testkit/standin.py) runs inside the real spawned workers, behind the real worker pool,
+dispatcher and gRPC server; only the diffusion is replaced by a fixed sleep per step.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from services.generator.app import start_generator
-from services.generator.scheduler import WorkerState
+from services.generator.workers import WorkerState
 from tests.helpers import STANDIN, free_port, generator_settings, images, request, run, standin_server
 
 
@@ -70,7 +70,7 @@ async def test_cancel_drops_queued_and_stops_running_job(tiny_world, tmp_path):
         # The worker frees up and serves the next request.
         after = await run(stub, request(n=1, steps=2, seed=5))
         assert images(after)
-        while app.scheduler.tickets:
+        while app.dispatcher.tickets:
             await asyncio.sleep(0.05)
     lines = app.record.read_text().splitlines()
     cancelled_steps = [line for line in lines if "(1000" in line and line.startswith("step")]
@@ -84,7 +84,7 @@ async def test_deadline_is_honoured_and_cleans_up(tiny_world, tmp_path):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await run(stub, request(n=4, steps=20, seed=77), timeout=0.5)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        while app.scheduler.tickets or any(w.job for w in app.scheduler.workers):
+        while app.dispatcher.tickets or any(w.job for w in app.pool.workers):
             await asyncio.sleep(0.05)
     assert "cancelled (77,)" in app.record.read_text()
 
@@ -111,7 +111,7 @@ async def test_worker_error_is_reported_and_worker_survives(tiny_world, tmp_path
             await run(stub, request(prompt="please fail"))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt" in err.value.details()
         assert images(await run(stub, request(n=2)))
-        assert app.scheduler.workers[0].respawns == 0
+        assert app.pool.workers[0].respawns == 0
 
 
 async def test_dead_worker_images_are_retried_elsewhere_and_worker_respawned(tiny_world, tmp_path):
@@ -121,8 +121,8 @@ async def test_dead_worker_images_are_retried_elsewhere_and_worker_respawned(tin
         assert sorted(r.index for r in ready) == [0, 1, 2, 3]
         assert {r.device for r in ready} == {"cpu:1"}  # cpu:0 dies on these prompts
         assert len(images(await other)) == 4  # unaffected
-        assert app.scheduler.workers[0].respawns >= 1
-        while app.scheduler.workers[0].state is not WorkerState.READY:
+        assert app.pool.workers[0].respawns >= 1
+        while app.pool.workers[0].state is not WorkerState.READY:
             await asyncio.sleep(0.1)
         reply = await health.Check(health_pb2.HealthCheckRequest())
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -145,9 +145,9 @@ async def test_health_follows_worker_readiness_and_death(tiny_world, tmp_path):
                 return (await health.Check(health_pb2.HealthCheckRequest())).status
 
             assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING  # still loading
-            await app.scheduler.wait_ready()
+            await app.pool.wait_ready()
             assert await status() == health_pb2.HealthCheckResponse.SERVING
-            os.kill(app.scheduler.workers[0].process.pid, signal.SIGKILL)
+            os.kill(app.pool.workers[0].process.pid, signal.SIGKILL)
             seen = set()
             for _ in range(200):
                 seen.add(await status())
@@ -164,7 +164,7 @@ async def test_graceful_drain_finishes_running_and_refuses_new(tiny_world, tmp_p
     async with standin_server(tiny_world, tmp_path, step=0.02) as (app, stub, _h):
         running = asyncio.create_task(run(stub, request(n=2, steps=10)))
         await asyncio.sleep(0.2)
-        drain = asyncio.create_task(app.scheduler.drain(grace_s=30))
+        drain = asyncio.create_task(app.dispatcher.drain(grace_s=30))
         await asyncio.sleep(0.05)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await run(stub, request())
@@ -233,17 +233,19 @@ async def test_batch_out_of_device_memory_is_split_not_failed(tiny_world, tmp_pa
 
 
 def test_auto_batch_follows_the_device_and_the_pixel_budget():
-    from services.generator.scheduler import Scheduler
-    from services.generator.settings import GeneratorSettings, batch_limits
-    from services.generator.worker import WorkerConfig
+    from services.generator.dispatch import Dispatcher
+    from services.generator.options import WorkerConfig
+    from services.generator.settings import GeneratorSettings
+    from services.generator.workers import WorkerPool
 
     auto = GeneratorSettings(max_batch=0)
-    assert batch_limits(auto, ["cuda:0", "cuda:1"]) == (4, 2 * 768 * 768)
-    assert batch_limits(auto, ["cpu:0"]) == (1, 0)
-    assert batch_limits(GeneratorSettings(max_batch=3), ["cpu:0"]) == (3, 0)
+    assert auto.batch_limits(["cuda:0", "cuda:1"]) == (4, 2 * 768 * 768)
+    assert auto.batch_limits(["cpu:0"]) == (1, 0)
+    assert GeneratorSettings(max_batch=3).batch_limits(["cpu:0"]) == (3, 0)
 
-    scheduler = Scheduler([WorkerConfig("standin", "cuda:0")], max_batch=4, batch_pixels=2 * 768 * 768)
-    sizes = {px: scheduler.batch_size(request_settings(px)) for px in (256, 512, 640, 768, 1024)}
+    pool = WorkerPool([WorkerConfig("standin", "cuda:0")])
+    dispatcher = Dispatcher(pool, max_batch=4, batch_pixels=2 * 768 * 768)
+    sizes = {px: dispatcher.batch_size(request_settings(px)) for px in (256, 512, 640, 768, 1024)}
     assert sizes == {256: 4, 512: 4, 640: 2, 768: 2, 1024: 1}
 
 
