@@ -291,14 +291,6 @@ async def _main(args: argparse.Namespace) -> int:
             )
             if (product_image := product_image_from_args(args)) is not None:
                 request.product_image.CopyFrom(product_image)
-            if args.template:
-                suited = [t.id for t in await client.templates(product_id=args.product)]
-                if args.template not in suited:
-                    print(
-                        f"note: scene {args.template!r} was not made for {args.product!r}; "
-                        f"its scenes are: {', '.join(suited)}",
-                        file=sys.stderr,
-                    )
             await _generate(client, request, args.out, args.timeout)
         elif args.command == "rerun":
             prompt, request = rerun_request(args.image)

@@ -230,6 +230,10 @@ class TemplateCatalog(BaseModel):
                 return t
         raise NotFound("template", template_id, f"known: {', '.join(t.id for t in self.templates)}")
 
+    def suits(self, template: Template, category: str) -> bool:
+        """Whether `template` is one of the scenes tested for `category` (what ListTemplates offers it)."""
+        return template in self.for_category(category)
+
     def for_category(self, category: str) -> list[Template]:
         if not category:
             return list(self.templates)

@@ -1,6 +1,6 @@
 """From a GenerateRequest to a `Plan`: every check and lookup, each once, cheap ones first.
 
-Order: identity and numbers (no I/O), the catalog (product, template and adapters, one rescan), the prompt,
+Order: identity, the catalog (one rescan: product, template), numbers and stacked adapters, the prompt,
 then the request-id reuse check (one storage call), and last the product image of placement mode (a
 download and a decode). A request that breaks any limit the workers would enforce (their adapter slots,
 sizes) is refused here, before `accepted`, with INVALID_ARGUMENT naming the field.
@@ -92,12 +92,13 @@ class Planner:
         if not request.template_id:
             return None
         template = self.catalog.template(request.template_id)
-        if product is not None and not template.fits(product.manifest.category):
+        category = product.manifest.category if product is not None else ""
+        if product is not None and not self.catalog.templates.suits(template, category):
             # Decided (docs/ARCHITECTURE.md): a scene tested for other categories is refused, not silently used.
             raise InvalidArgument(
                 "template_id",
-                f"template {template.id!r} is made for {', '.join(template.categories)}, not for product "
-                f"{product.id!r} of category {product.manifest.category!r}; see ListTemplates(product_id=...)",
+                f"template {template.id!r} is not among the scenes for product {product.id!r} (category "
+                f"{category!r}); ListTemplates(product_id={product.id!r}) lists them",
             )
         return template
 
@@ -187,11 +188,24 @@ class Planner:
 
     async def plan(self, request: generator_pb2.GenerateRequest) -> Plan:
         s = self.settings
-        # 1. Identity and numbers: no I/O
+        # 1. Identity, then the catalog, rescanned once: product and template
         request_id = check_id(request.request_id or uuid.uuid4().hex[:16], "request_id")
         info = self.model_info()
+        self.catalog.refresh()
+        product = self.product(request)
+        template = self.template(request, product)
+
+        # 2. Numbers, then the stacked adapters
         if not 1 <= request.num_images <= s.max_images:
             raise InvalidArgument("num_images", f"must be between 1 and {s.max_images}, got {request.num_images}")
+        steps = request.steps or (template.steps if template and template.steps else s.default_steps)
+        if not 1 <= steps <= s.max_steps:
+            raise InvalidArgument("steps", f"must be between 1 and {s.max_steps}, got {steps}")
+        if request.HasField("guidance_scale"):
+            guidance = finite("guidance_scale", request.guidance_scale, 0.0, 50.0)
+        else:
+            guidance = template.guidance_scale if template and template.guidance_scale else s.default_guidance
+        width, height = self.frame(request, template, info)
         if request.scheduler and request.scheduler not in SCHEDULERS:
             raise InvalidArgument("scheduler", f"unknown {request.scheduler!r}; known: {', '.join(SCHEDULERS)}")
         if request.preview_every > s.max_steps:
@@ -203,19 +217,6 @@ class Planner:
         else:
             seed0 = secrets.randbelow(2**32)
         seeds = [seed0 + i for i in range(request.num_images)]
-
-        # 2. The catalog, rescanned once: product, template, stacked adapters
-        self.catalog.refresh()
-        product = self.product(request)
-        template = self.template(request, product)
-        steps = request.steps or (template.steps if template and template.steps else s.default_steps)
-        if not 1 <= steps <= s.max_steps:
-            raise InvalidArgument("steps", f"must be between 1 and {s.max_steps}, got {steps}")
-        if request.HasField("guidance_scale"):
-            guidance = finite("guidance_scale", request.guidance_scale, 0.0, 50.0)
-        else:
-            guidance = template.guidance_scale if template and template.guidance_scale else s.default_guidance
-        width, height = self.frame(request, template, info)
         if request.HasField("product_scale"):
             product_scale = finite("product_scale", request.product_scale, -MAX_WEIGHT, MAX_WEIGHT)
         else:

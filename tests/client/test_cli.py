@@ -116,12 +116,13 @@ async def test_templates_for_a_product_are_the_ones_made_for_it(address, capsys,
         "demo-custom",
     ]
 
-    # A scene made for other products: said once, still generated.
+    # A scene made for other products is refused by the server, by name, and nothing is generated.
     code, _, err = await run_cli(
         capsys, "--generator", address, "generate", "--product", "tiny-star", "--template", "demo-beach", "-n", "1",
         *FAST, "--out", str(tmp_path),
     )  # fmt: skip
-    assert code == 0 and "scene 'demo-beach' was not made for 'tiny-star'" in err
+    assert code == 1 and "template 'demo-beach' is not among the scenes for product 'tiny-star'" in err
+    assert "'tiny'" in err and not list(tmp_path.glob("*.png"))
 
     # Unknown product: one line, exit 1.
     code, _, err = await run_cli(capsys, "--generator", address, "templates", "--product", "nope")

@@ -1,0 +1,103 @@
+"""Request planning (services/generator/planning.py): every limit a request can break is refused before
+`accepted`, from the limits the workers really have; cheap checks run before expensive ones; the catalog
+is rescanned once per request, whatever the request's kind."""
+
+from __future__ import annotations
+
+import io
+import shutil
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from productinaction.v1 import generator_pb2 as pb
+from services.generator.options import CompileOptions, WorkerConfig
+from services.generator.planning import adapter_limit
+from tests.helpers import images, request, run, standin_server
+
+
+def cutout_png(size: int = 24) -> bytes:
+    """A red square on a transparent ground: a product photo for placement mode."""
+    rgba = np.zeros((size, size, 4), np.uint8)
+    rgba[4:-4, 4:-4] = (200, 30, 30, 255)
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def second_style(world, tmp_path, name: str = "tiny-dusk"):
+    """A copy of the world's adapters plus one more style adapter (a copy of tiny-sunset under `name`)."""
+    adapters = tmp_path / "adapters"
+    shutil.copytree(world / "adapters", adapters)
+    return adapters, lambda: shutil.copytree(adapters / "tiny-sunset", adapters / name)
+
+
+def test_the_adapter_limit_is_the_workers_own():
+    eager = WorkerConfig("m", "cpu:0", adapter_cache_size=8)
+    compiled = WorkerConfig("m", "cuda:0", adapter_cache_size=8, compile=CompileOptions(mode="default", lora_slots=2))
+    assert adapter_limit([eager]) == (8, "8 adapters per worker (--adapter-cache-size)")
+    assert adapter_limit([eager, compiled]) == (2, "2 LoRA slots with compile on (--lora-slots)")
+
+
+async def test_too_many_adapters_for_the_compiled_slots_are_refused_before_accepted(tiny_world, tmp_path):
+    adapters, add = second_style(tiny_world, tmp_path)
+    add()
+    # compile=default on the CPU: the workers' real limit is --lora-slots (the stand-in renders, the limit is
+    # the one the service computes from the settings the workers get).
+    async with standin_server(tiny_world, tmp_path, compile="default", lora_slots=2, adapters_dir=str(adapters)) as (
+        app,
+        stub,
+        _h,
+    ):
+        two = [("tiny-sunset", 0.0), ("tiny-dusk", 0.0)]
+        events = []
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for event in stub.Generate(request(adapters=two), timeout=30):
+                events.append(event)
+        assert not events  # not even `accepted`
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "adapters: at most 1 can be stacked on a product, got 2 (2 LoRA slots" in err.value.details()
+        ok = images(await run(stub, request(adapters=two[:1])))
+        assert len(ok) == 1
+        assert not app.dispatcher.tickets
+
+
+async def test_a_new_style_adapter_is_served_without_a_product_request_first(tiny_world, tmp_path):
+    adapters, add = second_style(tiny_world, tmp_path)
+    async with standin_server(tiny_world, tmp_path, adapters_dir=str(adapters)) as (_app, stub, _h):
+        add()  # after start-up, and no product request or listing since
+        req = pb.GenerateRequest(
+            template_id="beach",
+            num_images=1,
+            steps=2,
+            adapters=[pb.AdapterWeight(adapter_id="tiny-dusk", weight=0.5)],
+            product_image=pb.ProductImage(image=cutout_png()),
+        )
+        ready = images(await run(stub, req))
+    assert len(ready) == 1 and ready[0].parameters.adapters[0].adapter_id == "tiny-dusk"
+
+
+async def test_a_scene_made_for_another_category_is_refused_by_name(generator_stub):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await run(generator_stub, request(template_id="demo-beach"))
+    details = err.value.details()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("template_id:")
+    assert "'demo-beach'" in details and "'tiny-star'" in details and "'tiny'" in details
+
+
+async def test_a_reused_request_id_is_refused_before_the_product_photo_is_read(tiny_world, tmp_path):
+    async with standin_server(tiny_world, tmp_path) as (_app, stub, _h):
+        await run(stub, request(request_id="once"))
+        again = pb.GenerateRequest(
+            request_id="once",
+            template_id="beach",
+            num_images=1,
+            steps=2,
+            product_image=pb.ProductImage(image=b"not an image at all"),
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await run(stub, again)
+    # ALREADY_EXISTS, not the photo's INVALID_ARGUMENT: the storage check ran first and nothing was decoded.
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
