@@ -1,56 +1,20 @@
-"""Spreading calls over service replicas (docs/DEPLOYMENT.md, "Several replicas").
+"""Replicas behind one target: the addresses it names, each one's health (for the web page's banner),
+and what to tell the person when a stream breaks part-way (docs/DEPLOYMENT.md, "Several replicas").
 
-Every client channel (client/channel.py's open_channel) carries SERVICE_CONFIG_OPTIONS:
-
-- `round_robin`: one connection to every address the target resolves to, and each call goes to the
-  next ready one. Targets are any gRPC target: `host:port`, `dns:///generator-headless:50051` (a
-  Kubernetes headless Service: every pod's address), `ipv4:10.0.0.1:50051,10.0.0.2:50051`.
-- retry on UNAVAILABLE (a replica down, or draining on SIGTERM): the retry goes to the next replica.
-  gRPC retries a call only until the first response arrives, so a Generate stream that has already sent
-  an event is never replayed behind the caller's back: the caller sees the error and says what happened
-  (`interrupted_stream_message`), since re-running it would re-render images it has already shown.
-
-`replica_health` asks each replica on its own, for the web page's banner.
+The service config that spreads calls over the replicas travels on every channel (client/channel.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-if TYPE_CHECKING:
-    from client.channel import ChannelSecurity
-
-SERVICES = ("productinaction.v1.Generator", "productinaction.v1.Upscaler", "grpc.health.v1.Health")
-
-SERVICE_CONFIG: dict[str, Any] = {
-    "loadBalancingConfig": [{"round_robin": {}}],
-    "methodConfig": [
-        {
-            "name": [{"service": service} for service in SERVICES],
-            "retryPolicy": {
-                "maxAttempts": 3,
-                "initialBackoff": "0.1s",
-                "maxBackoff": "1s",
-                "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
-            },
-        }
-    ],
-}
-
-SERVICE_CONFIG_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
-    ("grpc.enable_retries", 1),
-    # Replicas come and go (scale-out, rolling updates): re-resolve DNS names sooner than the 30 s default.
-    ("grpc.dns_min_time_between_resolutions_ms", 5000),
-]
+from client.channel import ChannelSecurity
 
 
 def split_target(target: str) -> tuple[str, list[tuple[str, int]]]:
@@ -96,7 +60,7 @@ async def replica_addresses(target: str) -> list[str]:
             addresses.append(_join(host, port))  # unresolvable: reported as unreachable
             continue
         for *_, sockaddr in infos:
-            address = _join(sockaddr[0], port)
+            address = _join(str(sockaddr[0]), port)
             if address not in addresses:
                 addresses.append(address)
     return addresses
@@ -106,8 +70,6 @@ async def replica_health(
     target: str, security: ChannelSecurity | None = None, service: str = "", timeout: float = 2.0
 ) -> dict[str, str]:
     """{address: 'SERVING' | 'NOT_SERVING' | 'UNREACHABLE'} for each replica behind `target`."""
-    from client.channel import ChannelSecurity
-
     security = security or ChannelSecurity()
     _, pairs = split_target(target)
     # Certificates name the service, not the pod's IP: verify against the name the target used.

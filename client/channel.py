@@ -4,11 +4,24 @@
 
 The token goes on every call as `authorization: Bearer <token>` (docs/SECURITY.md). Without TLS
 it crosses the network in clear text, so use a token without TLS only on loopback or a private network.
+
+Every channel also carries SERVICE_CONFIG, which spreads calls over service replicas
+(docs/DEPLOYMENT.md, "Several replicas"):
+
+- `round_robin`: one connection to every address the target resolves to, and each call goes to the
+  next ready one. Targets are any gRPC target: `host:port`, `dns:///generator-headless:50051` (a
+  Kubernetes headless Service: every pod's address), `ipv4:10.0.0.1:50051,10.0.0.2:50051`.
+- retry on UNAVAILABLE (a replica down, or draining on SIGTERM): the retry goes to the next replica.
+  gRPC retries a call only until the first response arrives, so a Generate stream that has already sent
+  an event is never replayed behind the caller's back: the caller sees the error and says what happened
+  (`client/balancing.py`'s `interrupted_stream_message`), since re-running it would re-render images it
+  has already shown.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,14 +32,37 @@ import grpc
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from client.balancing import SERVICE_CONFIG_OPTIONS
+SERVICES = ("productinaction.v1.Generator", "productinaction.v1.Upscaler", "grpc.health.v1.Health")
+
+SERVICE_CONFIG: dict[str, Any] = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [
+        {
+            "name": [{"service": service} for service in SERVICES],
+            "retryPolicy": {
+                "maxAttempts": 3,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ],
+}
+
+SERVICE_CONFIG_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
+    ("grpc.enable_retries", 1),
+    # Replicas come and go (scale-out, rolling updates): re-resolve DNS names sooner than the 30 s default.
+    ("grpc.dns_min_time_between_resolutions_ms", 5000),
+]
 
 DEFAULT_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     # Cap reconnect backoff (default: up to 120 s) so a long-lived client notices a restarted service quickly.
     ("grpc.initial_reconnect_backoff_ms", 1000),
     ("grpc.max_reconnect_backoff_ms", 5000),
-    # round_robin over every replica the target names, UNAVAILABLE retried on another (client/balancing.py).
+    # round_robin over every replica the target names, UNAVAILABLE retried on another.
     *SERVICE_CONFIG_OPTIONS,
 ]
 

@@ -16,12 +16,16 @@ import asyncio
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import grpc
+from PIL import UnidentifiedImageError
 
 from client.api import GeneratorClient, describe_error, fetch_bytes_async, generate_request
 from client.balancing import reporting_interruption
 from client.channel import add_security_flags, security_from_args
+from productinaction.v1 import generator_pb2
+from services.common.pngmeta import read_parameters
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -93,8 +97,6 @@ def add_placement_flags(g: argparse.ArgumentParser) -> None:
 
 def product_image_from_args(args: argparse.Namespace):
     """The request's ProductImage from --product-image/--mask/--place/--tolerance (None without an image)."""
-    from productinaction.v1 import generator_pb2
-
     if args.product_image is None:
         if not args.product:
             raise CliError("give --product, --product-image, or both")
@@ -205,15 +207,11 @@ async def _generate(
     return saved
 
 
-def rerun_request(image: Path) -> tuple[str, object]:
+def rerun_request(image: Path) -> tuple[str, generator_pb2.GenerateRequest]:
     """The GenerateRequest that reproduces `image` exactly (same prompt, seed, adapters, sizes).
 
     Raises CliError when the file is missing or carries no generation settings.
     """
-    from PIL import UnidentifiedImageError
-
-    from services.common.pngmeta import read_parameters
-
     try:
         params = read_parameters(image.read_bytes())
     except FileNotFoundError:
@@ -230,7 +228,7 @@ def rerun_request(image: Path) -> tuple[str, object]:
         raise CliError(f"{image}: its generation settings are incomplete ({exc})") from None
 
 
-def _rerun_request(params: dict):
+def _rerun_request(params: dict[str, Any]) -> generator_pb2.GenerateRequest:
     if placed := params.get("placement"):
         # The photo itself is not in the image (only its hash): say how to make it again.
         where = ",".join(f"{placed['placement'][k]:.6g}" for k in ("center_x", "center_y", "height"))

@@ -23,6 +23,7 @@ from typing import Any, Self
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 import gradio as gr
+from gradio.blocks import Block
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
@@ -261,7 +262,7 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
                 )
                 download = gr.DownloadButton("Download upscaled PNG", visible=False, elem_id="download")
 
-        form = {
+        form: dict[str, Block] = {
             "product_id": product,
             "template_id": template,
             "text": text,
@@ -304,7 +305,7 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
 
         async def refreshed(state: Session, values: dict, force: bool) -> dict:
             health = await logic.check_health(backends, state)
-            update = {banner: banner_update(health)}
+            update: dict[Block, Any] = {banner: banner_update(health)}
             if force or health.reload:
                 view = await logic.load_catalog(backends, state, values["product_id"], values["template_id"])
                 update.update(catalog_update(view))
@@ -321,7 +322,7 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
         async def on_tick(state: Session, **values: Any) -> dict:
             return await refreshed(state, values, force=False)
 
-        refresh = dict(
+        refresh: dict[str, Any] = dict(
             inputs=[session],
             inputs_kwargs=form,
             outputs=[*catalog_outputs, prompt_preview, negative_preview],
@@ -413,7 +414,7 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
         def generate_update(state: Session, view: logic.GenerateView) -> dict:
             if view.warning:
                 gr.Warning(view.warning)
-            update = {
+            update: dict[Block, Any] = {
                 gallery: view.gallery,
                 progress: _progress_html(view.progress, view.progress_text),
                 status: view.status,
@@ -458,7 +459,7 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
             async for view in views:
                 yield generate_update(state, view)
 
-        run = dict(inputs=[session], inputs_kwargs=form, outputs=run_outputs, show_progress="hidden")
+        run: dict[str, Any] = dict(inputs=[session], inputs_kwargs=form, outputs=run_outputs, show_progress="hidden")
         generate_btn.click(on_generate, **run)
         more_btn.click(on_generate_more, **run)
 
@@ -540,7 +541,7 @@ def _import_matplotlib_once() -> None:
     the first import (slow: it may build its font cache) raced between the page's first events fails one of
     them with a traceback ('MatplotlibBackendMananger' has no '_original_backend'). Import it before serving."""
     try:
-        import matplotlib
+        import matplotlib  # optional: not in requirements/web.txt, and the page works without it
     except ImportError:
         return
     matplotlib.get_backend()

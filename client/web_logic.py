@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import hashlib
 import html
 import io
 import re
@@ -233,6 +234,7 @@ def _field_sentence(details: str) -> str:
     if not match:
         return _sentence(details)
     name, problem = match["field"], match["problem"].strip()
+    label: str | None
     if name.startswith("adapters["):
         label = "Adapter weight" if name.endswith(".weight") else "Adapter"
     else:
@@ -454,7 +456,7 @@ async def preview_prompt(backends: Backends, form: Form) -> tuple[str, str]:
     """The prompt and negative prompt the generator would use (its ComposePrompt, given the very request
     Generate would send: product, scene, text and the chosen adapters), or why there is none."""
     # Numbers do not change the prompt: one typed out of range is reported on Generate, not here.
-    numbers = dict(num_images=1, seed=None, steps=None, guidance=None, width=None, height=None)
+    numbers: dict[str, Any] = dict(num_images=1, seed=None, steps=None, guidance=None, width=None, height=None)
     try:
         request = build_request(dataclasses.replace(form, **numbers), check=False)
     except ValueError as exc:
@@ -834,8 +836,6 @@ PREVIEW_SIDE = 320  # px: the placement preview is enlarged to at least this (pi
 
 def photo_digest(path: str | None) -> str:
     """The hash placement mode records for an uploaded photo ("" when there is none)."""
-    import hashlib
-
     try:
         return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else ""
     except OSError:

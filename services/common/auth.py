@@ -2,7 +2,8 @@
 refusal to serve an open port to the world.
 
 Clients send `authorization: Bearer <token>`. Every method needs a valid token when tokens are
-configured, reflection included; health stays open so that orchestrators can probe without one.
+configured, reflection included (and so does /metrics, services/common/server.py); health stays
+open so that orchestrators can probe without one.
 Tokens are never logged or echoed: settings hold them as `SecretStr`, and a refusal names the
 problem ("missing" or "invalid"), not the value.
 """
@@ -86,10 +87,16 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         values = [v for k, v in metadata or () if k == METADATA_KEY]
         if not values:
             return "missing bearer token: send metadata 'authorization: Bearer <token>'"
-        scheme, _, credential = (values[0].decode() if isinstance(values[0], bytes) else values[0]).partition(" ")
+        return self.header_problem(values[0])
+
+    def header_problem(self, value: str | bytes | None) -> str | None:
+        """Why this `authorization` value (gRPC metadata or HTTP header) is refused, or None when it is valid."""
+        if not value:
+            return "missing bearer token: send 'authorization: Bearer <token>'"
+        scheme, _, credential = (value.decode(errors="replace") if isinstance(value, bytes) else value).partition(" ")
         credential = credential.strip()
         if scheme.lower() != SCHEME or not credential:
-            return "malformed authorization metadata: expected 'Bearer <token>'"
+            return "malformed authorization: expected 'Bearer <token>'"
         given = _digest(credential)
         ok = False
         for digest in self._digests:

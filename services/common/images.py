@@ -55,9 +55,9 @@ def decode(data: bytes, max_pixels: int, field: str) -> tuple[Image.Image, dict[
         with Image.open(io.BytesIO(data), formats=FORMATS) as im:
             im.load()
             text = {k: v for k, v in getattr(im, "text", {}).items() if isinstance(v, str)}
-            im = ImageOps.exif_transpose(im)
-            has_alpha = im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
-            image = im.convert("RGBA" if has_alpha else "RGB")
+            upright = ImageOps.exif_transpose(im)
+            has_alpha = upright.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in upright.info
+            image = upright.convert("RGBA" if has_alpha else "RGB")
     except MemoryError:
         raise
     except Exception as exc:

@@ -59,8 +59,10 @@ def encode_png(
 
 
 def read_text_chunks(png: bytes) -> dict[str, str]:
+    """The PNG's text chunks ({} for an image of another format)."""
     with Image.open(io.BytesIO(png)) as im:
-        return {k: v for k, v in im.text.items() if isinstance(v, str)}
+        text = im.text if isinstance(im, PngImagePlugin.PngImageFile) else {}
+        return {k: v for k, v in text.items() if isinstance(v, str)}
 
 
 def read_parameters(png: bytes) -> dict[str, Any]:

@@ -36,8 +36,8 @@ PROBES = {
 
 def check_grpc(target: str, service: str, timeout: float, ca_file: str | None = None) -> tuple[bool, str]:
     """grpc.health.v1 Check of `service` at `target`; (serving, what it said)."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    import grpc  # only here: the web probe, run every few seconds, starts without loading grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc  # likewise only for the gRPC probes
 
     if ca_file:
         with open(ca_file, "rb") as f:

@@ -1,19 +1,25 @@
-"""Server assembly shared by both services: error boundary, health, reflection, graceful stop."""
+"""Server assembly shared by both services: error boundary, health, reflection, graceful stop, metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Iterable
+import socket
+import threading
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import make_wsgi_app
 
-from services.common.auth import ServerSecurity
+from services.common.auth import ServerSecurity, TokenAuth
 from services.common.errors import ErrorBoundary
 
 log = logging.getLogger(__name__)
@@ -115,11 +121,55 @@ async def serve_until_signal(
     log.info("stopped")
 
 
-def start_metrics(port: int | None, host: str = "127.0.0.1") -> None:
-    """Prometheus endpoint, on the service's own interface (it has no token check: keep it private)."""
-    if port is None:
-        return
-    from prometheus_client import start_http_server
+class MetricsServer:
+    """Prometheus metrics over HTTP, in a daemon thread, on the service's own interface.
 
-    start_http_server(port, addr=host)
-    log.info("metrics on %s:%d/metrics", host, port)
+    With tokens (the service's own) every request needs `Authorization: Bearer <token>`, checked
+    as gRPC calls are (TokenAuth); anything else gets 401. Without tokens it is open, like the gRPC port.
+    """
+
+    def __init__(self, port: int, host: str = "127.0.0.1", tokens: Sequence[str] = ()):
+        app = make_wsgi_app()
+        if tokens:
+            app = _bearer_only(app, TokenAuth(tokens))
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        server_class = _HTTP6Server if family == socket.AF_INET6 else _HTTPServer
+        self._httpd = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+        self.port = self._httpd.server_port
+        threading.Thread(target=self._httpd.serve_forever, name="metrics", daemon=True).start()
+        log.info("metrics on %s:%d/metrics (%s)", host, self.port, "token required" if tokens else "open")
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+def start_metrics(port: int | None, host: str = "127.0.0.1", tokens: Sequence[str] = ()) -> MetricsServer | None:
+    """The metrics endpoint on `port` (None: no endpoint). Pass the service's tokens (ServerSecurity.tokens)."""
+    return None if port is None else MetricsServer(port, host, tokens)
+
+
+class _HTTPServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a scrape that never finishes does not hold the exit
+
+
+class _HTTP6Server(_HTTPServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No access log: a scrape every few seconds would drown the service's own lines."""
+
+
+def _bearer_only(app: WSGIApplication, auth: TokenAuth) -> WSGIApplication:
+    def guarded(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        problem = auth.header_problem(environ.get("HTTP_AUTHORIZATION"))
+        if problem is None:
+            return app(environ, start_response)
+        log.info("refused %s from %s: %s", environ.get("PATH_INFO"), environ.get("REMOTE_ADDR"), problem)
+        headers = [("Content-Type", "text/plain; charset=utf-8"), ("WWW-Authenticate", 'Bearer realm="metrics"')]
+        start_response("401 Unauthorized", headers)
+        return [f"{problem}\n".encode()]
+
+    return guarded

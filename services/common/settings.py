@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Self
+from typing import Self
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-if TYPE_CHECKING:
-    from services.common.storage import StorageLimits
+from services.common.storage import StorageLimits
 
 
 class ServiceSettings(BaseSettings):
@@ -56,8 +55,6 @@ class ServiceSettings(BaseSettings):
     storage_attempts: int = Field(3, ge=1, description="Storage: attempts per call, with backoff between them.")
 
     def storage_limits(self) -> StorageLimits:
-        from services.common.storage import StorageLimits
-
         return StorageLimits(self.storage_timeout_s, self.storage_deadline_s, self.storage_attempts)
 
     @classmethod

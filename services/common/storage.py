@@ -2,16 +2,19 @@
 
 Keys look like `{prefix}/{request_id}/{index}.png`. `put` returns only after the object is
 durably written, so an `image_ready` announced afterwards is always readable. `put(...,
-overwrite=False)` never replaces an existing object (the generator's images are create-only).
+overwrite=False)` never replaces an existing object (both services' images are create-only).
+`list(prefix)` yields the stored keys under a prefix, so that a job can resume from what is stored.
 
 Every call is bounded (`StorageLimits`): a timeout per attempt, a few attempts with backoff, and
-one deadline for them all. A store that fails or never answers becomes UNAVAILABLE naming the
-storage, a log line and `pia_storage_failures_total`, never a request that hangs.
+one deadline for them all; a listing is bounded page by page. A store that fails or never answers
+becomes UNAVAILABLE naming the storage, a log line and `pia_storage_failures_total`, never a
+request that hangs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
@@ -19,14 +22,16 @@ import random
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from prometheus_client import Counter, Gauge
 
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound, ServiceError, Unavailable
+from services.common.pngmeta import read_text_chunks
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -34,6 +39,8 @@ T = TypeVar("T")
 FAILURES = Counter("pia_storage_failures_total", "Storage calls that failed after all their attempts.", ["operation"])
 RETRIES = Counter("pia_storage_retries_total", "Storage attempts that failed and were retried.", ["operation"])
 HEALTHY = Gauge("pia_storage_ok", "1 if the last storage call succeeded, 0 if it failed.")
+
+TMP_PREFIX = ".tmp-"  # a local write in progress (never a key: ids start with a letter or digit)
 
 
 @dataclass(frozen=True)
@@ -60,11 +67,11 @@ class StoredObject:
     url: str
 
 
-class ImageStore:
-    """Interface of both backends."""
+class ImageStore(ABC):
+    """Interface of both backends; `_bounded` is the limit every call of theirs runs under."""
 
-    name = "storage"
-    limits = StorageLimits()
+    name: str = "storage"
+    limits: StorageLimits = StorageLimits()
 
     async def _bounded(self, operation: str, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """`call()` with a timeout per attempt, retries with backoff, and one overall deadline."""
@@ -105,27 +112,36 @@ class ImageStore:
         )
         raise Unavailable(f"storage {self.name} failed to {operation} {what}: {problem}")
 
+    @abstractmethod
+    def uri_for(self, key: str) -> str:
+        """The URI `key` has (or will have) in this store."""
+
+    @abstractmethod
+    def owns(self, uri: str) -> bool:
+        """Whether `uri` points into this kind of store (not whether the object exists)."""
+
+    @abstractmethod
+    async def put(self, key: str, data: bytes, metadata: dict[str, str], *, overwrite: bool = True) -> StoredObject:
+        """Store `data` durably under `key`. overwrite=False: create-only, ALREADY_EXISTS if `key` holds other bytes."""
+
+    @abstractmethod
     async def exists(self, prefix: str) -> bool:
         """Whether any object's key starts with `prefix`."""
-        raise NotImplementedError
 
-    def uri_for(self, key: str) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def list(self, prefix: str) -> AsyncIterator[str]:
+        """The keys that start with `prefix`, in order (an async generator)."""
 
-    async def put(self, key: str, data: bytes, metadata: dict[str, str]) -> StoredObject:
-        raise NotImplementedError
-
+    @abstractmethod
     async def get(self, uri: str) -> bytes:
-        raise NotImplementedError
+        """The bytes at `uri`; NOT_FOUND when there are none."""
 
+    @abstractmethod
     async def metadata(self, uri: str) -> dict[str, str]:
-        raise NotImplementedError
+        """The text metadata stored with the object at `uri`."""
 
     async def close(self) -> None:
         return None
-
-    def owns(self, uri: str) -> bool:
-        raise NotImplementedError
 
 
 class LocalImageStore(ImageStore):
@@ -156,7 +172,7 @@ class LocalImageStore(ImageStore):
             raise NotFound("image", uri, "it is outside this server's storage")
         return path
 
-    async def put(self, key: str, data: bytes, metadata: dict[str, str], overwrite: bool = True) -> StoredObject:
+    async def put(self, key: str, data: bytes, metadata: dict[str, str], *, overwrite: bool = True) -> StoredObject:
         path = self._path(key)
 
         async def write() -> None:
@@ -176,9 +192,15 @@ class LocalImageStore(ImageStore):
 
     async def exists(self, prefix: str) -> bool:
         path = self._path(prefix.rstrip("/"))
-        if prefix.endswith("/"):
-            return await asyncio.to_thread(lambda: path.is_dir() and any(path.iterdir()))
-        return await asyncio.to_thread(path.exists)
+        # A stuck mount hangs a stat as surely as a write: bounded like every other call.
+        return await self._bounded("list", prefix, lambda: asyncio.to_thread(_local_exists, path, prefix.endswith("/")))
+
+    async def list(self, prefix: str) -> AsyncIterator[str]:
+        # One bounded call walks the folder the prefix ends in: a local disk has no pages.
+        folder = self._path(prefix.rpartition("/")[0])
+        keys = await self._bounded("list", prefix, lambda: asyncio.to_thread(_local_keys, self.root, folder, prefix))
+        for key in keys:
+            yield key
 
     async def get(self, uri: str) -> bytes:
         path = self._uri_path(uri)
@@ -192,16 +214,32 @@ class LocalImageStore(ImageStore):
         return await self._bounded("read", uri, read)
 
     async def metadata(self, uri: str) -> dict[str, str]:
-        from services.common.pngmeta import read_text_chunks
-
         return read_text_chunks(await self.get(uri))
+
+
+def _local_exists(path: Path, folder: bool) -> bool:
+    """`path` exists; for a folder (a prefix ending in "/"), it holds something."""
+    if folder:
+        return path.is_dir() and any(path.iterdir())
+    return path.exists()
+
+
+def _local_keys(root: Path, folder: Path, prefix: str) -> list[str]:
+    """Keys below `folder` that start with `prefix`, sorted as S3 lists them; writes in progress left out."""
+    keys = []
+    for dirpath, dirs, files in os.walk(folder):
+        here = Path(dirpath).relative_to(root).as_posix()
+        base = "" if here == "." else here + "/"
+        dirs[:] = [d for d in dirs if (base + d + "/").startswith(prefix) or prefix.startswith(base + d + "/")]
+        keys += [base + f for f in files if not f.startswith(TMP_PREFIX) and (base + f).startswith(prefix)]
+    return sorted(keys)
 
 
 def _atomic_write(path: Path, data: bytes, overwrite: bool = True) -> None:
     # Write, fsync, then rename: readers never see a partial PNG. Without overwrite, link instead
     # of rename: it fails if the name exists, atomically, so two writers never replace each other.
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -226,14 +264,17 @@ class S3ImageStore(ImageStore):
         region: str = "us-east-1",
         presign_expiry_s: int = 3600,
         limits: StorageLimits | None = None,
+        page_size: int = 1000,
     ):
+        # aioboto3 takes ~0.4 s to import: only a service that stores to S3 pays for it.
         import aioboto3
-        from botocore.config import Config
+        from botocore.config import Config  # botocore comes with aioboto3: S3 only, as above
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.presign_expiry_s = presign_expiry_s
         self.limits = limits or StorageLimits()
+        self.page_size = page_size  # keys per list call (S3's own cap is 1000)
         self.name = f"s3://{bucket}" + (f" at {endpoint_url}" if endpoint_url else "")
         self._session = aioboto3.Session()
         self._client_kwargs = dict(
@@ -247,14 +288,14 @@ class S3ImageStore(ImageStore):
                 retries={"total_max_attempts": 1},  # _bounded retries, under one deadline
             ),
         )
-        self._client = None
-        self._client_cm = None
+        self._client: Any = None
+        self._client_cm: Any = None
         self._lock = asyncio.Lock()
 
-    async def _s3(self):
+    async def _s3(self) -> Any:
         async with self._lock:
             if self._client is None:
-                from botocore.handlers import add_expect_header
+                from botocore.handlers import add_expect_header  # botocore comes with aioboto3: S3 only
 
                 self._client_cm = self._session.client("s3", **self._client_kwargs)
                 self._client = await self._client_cm.__aenter__()
@@ -265,6 +306,9 @@ class S3ImageStore(ImageStore):
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _unkey(self, full: str) -> str:
+        return full[len(self.prefix) + 1 :] if self.prefix else full
 
     def uri_for(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
@@ -277,9 +321,7 @@ class S3ImageStore(ImageStore):
             raise NotFound("image", uri, f"this server stores images in s3://{self.bucket}/")
         return uri[len(f"s3://{self.bucket}/") :]
 
-    async def put(self, key: str, data: bytes, metadata: dict[str, str], overwrite: bool = True) -> StoredObject:
-        from botocore.exceptions import ClientError
-
+    async def put(self, key: str, data: bytes, metadata: dict[str, str], *, overwrite: bool = True) -> StoredObject:
         full = self._key(key)
         # S3 metadata must be ASCII and is capped at 2 KB in all: keep what fits, quoted.
         meta = {k: urllib.parse.quote(v, safe=" ,:=()<>")[:1024] for k, v in metadata.items()}
@@ -292,7 +334,7 @@ class S3ImageStore(ImageStore):
                 await s3.put_object(
                     Bucket=self.bucket, Key=full, Body=data, ContentType="image/png", Metadata=meta, **condition
                 )
-            except ClientError as exc:
+            except s3.exceptions.ClientError as exc:
                 code = _error_code(exc)
                 if code in ("AccessDenied", "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
                     raise _Permanent(Unavailable(f"storage {self.name} refused to write {full}: {code}")) from None
@@ -310,7 +352,7 @@ class S3ImageStore(ImageStore):
         url = await self._bounded("write", full, write)
         return StoredObject(uri=f"s3://{self.bucket}/{full}", url=url)
 
-    async def _holds(self, s3, key: str, data: bytes) -> bool:
+    async def _holds(self, s3: Any, key: str, data: bytes) -> bool:
         """Whether `key` holds exactly `data` (a single-part upload's ETag is its MD5)."""
         head = await s3.head_object(Bucket=self.bucket, Key=key)
         return head.get("ETag", "").strip('"') == hashlib.md5(data, usedforsecurity=False).hexdigest()
@@ -323,9 +365,22 @@ class S3ImageStore(ImageStore):
 
         return await self._bounded("list", self._key(prefix), listing)
 
-    async def get(self, uri: str) -> bytes:
-        from botocore.exceptions import ClientError
+    async def list(self, prefix: str) -> AsyncIterator[str]:
+        full = self._key(prefix)
+        params: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full, "MaxKeys": self.page_size}
+        while True:
+            reply = await self._bounded("list", full, functools.partial(self._list_page, params))
+            for item in reply.get("Contents", []):
+                yield self._unkey(item["Key"])
+            if not reply.get("IsTruncated"):
+                return
+            params = {**params, "ContinuationToken": reply["NextContinuationToken"]}
 
+    async def _list_page(self, params: dict[str, Any]) -> dict[str, Any]:
+        s3 = await self._s3()
+        return await s3.list_objects_v2(**params)
+
+    async def get(self, uri: str) -> bytes:
         key = self._split(uri)
 
         async def read() -> bytes:
@@ -334,7 +389,7 @@ class S3ImageStore(ImageStore):
                 obj = await s3.get_object(Bucket=self.bucket, Key=key)
                 async with obj["Body"] as body:
                     return await body.read()
-            except ClientError as exc:
+            except s3.exceptions.ClientError as exc:
                 if _error_code(exc) in ("NoSuchKey", "404", "NoSuchBucket"):
                     raise _Permanent(NotFound("image", uri)) from None
                 raise
@@ -342,15 +397,13 @@ class S3ImageStore(ImageStore):
         return await self._bounded("read", uri, read)
 
     async def metadata(self, uri: str) -> dict[str, str]:
-        from botocore.exceptions import ClientError
-
         key = self._split(uri)
 
-        async def head() -> dict:
+        async def head() -> dict[str, Any]:
             s3 = await self._s3()
             try:
                 return await s3.head_object(Bucket=self.bucket, Key=key)
-            except ClientError as exc:
+            except s3.exceptions.ClientError as exc:
                 if _error_code(exc) in ("NoSuchKey", "404", "NoSuchBucket", "403"):
                     raise _Permanent(NotFound("image", uri)) from None
                 raise
@@ -364,7 +417,7 @@ class S3ImageStore(ImageStore):
             self._client = self._client_cm = None
 
 
-def _error_code(exc) -> str:
+def _error_code(exc: Any) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 

@@ -39,9 +39,13 @@ class GeneratorApp:
         await self.store.close()
 
 
-async def start_generator(settings: GeneratorSettings, wait_ready: bool = True) -> GeneratorApp:
-    """Spawn workers, start the server (NOT_SERVING), and, if asked, wait until it is SERVING."""
-    security = ServerSecurity.from_settings(settings)  # refuses an open public port before spawning anything
+async def start_generator(
+    settings: GeneratorSettings, wait_ready: bool = True, security: ServerSecurity | None = None
+) -> GeneratorApp:
+    """Spawn workers, start the server (NOT_SERVING), and, if asked, wait until it is SERVING.
+    `security`: already read from settings (None: read here)."""
+    if security is None:
+        security = ServerSecurity.from_settings(settings)  # refuses an open public port before spawning anything
     catalog = Catalog(settings.products_dir, settings.adapters_dir, settings.templates_file)
     store = open_store(
         settings.storage,
@@ -101,8 +105,9 @@ async def start_generator(settings: GeneratorSettings, wait_ready: bool = True) 
 
 
 async def serve(settings: GeneratorSettings) -> None:
-    start_metrics(settings.metrics_port, settings.host)
-    app = await start_generator(settings)
+    security = ServerSecurity.from_settings(settings)  # read once: /metrics takes the gRPC port's tokens
+    start_metrics(settings.metrics_port, settings.host, security.tokens)
+    app = await start_generator(settings, security=security)
     log.info("serving")
     unrecoverable = asyncio.Event()
     app.pool.on_unrecoverable = lambda _why: unrecoverable.set()

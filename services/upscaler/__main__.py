@@ -11,7 +11,8 @@ from services.upscaler.settings import UpscalerSettings
 
 def main(argv: list[str] | None = None) -> None:
     settings = UpscalerSettings.from_cli(sys.argv[1:] if argv is None else argv)
-    configure_logging(settings.log_level, "upscaler")  # before torch/transformers are imported
+    configure_logging(settings.log_level, "upscaler")
+    # Only now: the app imports torch, whose import-time log lines must find logging configured.
     from services.upscaler.app import serve
 
     asyncio.run(serve(settings))

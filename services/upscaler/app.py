@@ -50,12 +50,16 @@ def build_engine(settings: UpscalerSettings) -> Engine:
     return factory(model=settings.model, device=settings.device, threads=settings.threads)
 
 
-async def start_upscaler(settings: UpscalerSettings, wait_ready: bool = True) -> UpscalerApp:
+async def start_upscaler(
+    settings: UpscalerSettings, wait_ready: bool = True, security: ServerSecurity | None = None
+) -> UpscalerApp:
     """Start the server (NOT_SERVING), load and warm the model, then report SERVING.
 
     With wait_ready=False it returns once the port is bound; `app.ready` finishes when SERVING.
+    `security`: already read from settings (None: read here).
     """
-    security = ServerSecurity.from_settings(settings)  # refuses an open public port before loading anything
+    if security is None:
+        security = ServerSecurity.from_settings(settings)  # refuses an open public port before loading anything
     store = open_store(settings.storage, settings.s3_endpoint_url, settings.s3_region, settings.presign_expiry_s)
     runner = DeviceRunner(build_engine(settings), settings.max_queue)
     replicate = ReplicateBackend(settings)
@@ -85,8 +89,9 @@ async def start_upscaler(settings: UpscalerSettings, wait_ready: bool = True) ->
 
 
 async def serve(settings: UpscalerSettings) -> None:
-    start_metrics(settings.metrics_port, settings.host)
-    app = await start_upscaler(settings)
+    security = ServerSecurity.from_settings(settings)  # read once: /metrics takes the gRPC port's tokens
+    start_metrics(settings.metrics_port, settings.host, security.tokens)
+    app = await start_upscaler(settings, security=security)
     log.info("serving")
 
     async def on_stop() -> None:

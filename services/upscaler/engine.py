@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from PIL import Image
 
 from services.upscaler.images import restore_alpha
 from services.upscaler.tiling import plan_tiles, upscale_tiled
+
+if TYPE_CHECKING:
+    from transformers import Swin2SRForImageSuperResolution
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +73,12 @@ class Swin2SREngine:
         self.compile_mode = compile
         self.scale = 0
         self.align = 8
-        self.model = None
+        self.model: Swin2SRForImageSuperResolution | None = None
 
     def load(self) -> None:
+        # transformers takes seconds to import, and stand-in engines (tests, benchmarks) never need it.
         from transformers import Swin2SRForImageSuperResolution
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # as above: only when a Swin2SR loads
 
         hf_logging.disable_progress_bar()
         if self.threads and self.device_name == "cpu":
@@ -89,9 +93,13 @@ class Swin2SREngine:
             model = Swin2SRForImageSuperResolution.from_pretrained(self.model_name, dtype=dtype, local_files_only=local)
         except (OSError, ValueError) as exc:
             raise RuntimeError(f"cannot load a Swin2SR from {self.model_name!r} (a folder or a hub id): {exc}") from exc
-        self.model = model.to(device).eval()
+        # Moved through its nn.Module face (the same object): transformers' @wraps'd `to` hides `self` from mypy.
+        module: torch.nn.Module = model
+        module.to(device).eval()
         if self.channels_last:
-            self.model.to(memory_format=torch.channels_last)
+            # torch documents and supports Module.to(memory_format=...), but its stubs leave it out.
+            module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.model = model
         if self.compile_mode != "off":
             # Tiles vary in size at the image's edges: dynamic shapes, so each edge tile does not recompile.
             self.model.compile(mode=None if self.compile_mode == "default" else self.compile_mode, dynamic=True)
@@ -133,7 +141,7 @@ def _load_processor(model: str, local: bool):
     Always the PIL variant: it reads the same config, and the torchvision one would warn about its
     fallback on machines without torchvision (ours: it does not import beside this torch).
     """
-    from transformers import Swin2SRImageProcessorPil as Processor
+    from transformers import Swin2SRImageProcessorPil as Processor  # slow to import: only when a Swin2SR loads
 
     try:
         return Processor.from_pretrained(model, local_files_only=local)
@@ -147,7 +155,7 @@ def upscale_image(
     image: Image.Image,
     tile_size: int,
     overlap: int,
-    on_tile: Callable[[int, int], None] | None = None,
+    on_tile: Callable[[int, int], object] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> Image.Image:
     """RGB or RGBA in, the same mode out, `engine.scale` times larger.

@@ -54,8 +54,9 @@ class ReplicateBackend:
 
     async def upscale(self, png: bytes, request_id: str) -> bytes:
         """PNG bytes in, the prediction's output image bytes out. UNAVAILABLE on any Replicate failure."""
+        # An optional backend: its client loads with the first Replicate request, not with every server.
         import replicate
-        from replicate.exceptions import ReplicateError
+        from replicate.exceptions import ReplicateError  # as above: the optional Replicate client
 
         s = self.settings
         client = replicate.Client(

@@ -15,6 +15,8 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
+
 from services.common.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -219,7 +221,5 @@ class DeviceRunner:
 
 
 def _empty_cache() -> None:
-    import torch
-
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

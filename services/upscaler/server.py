@@ -1,6 +1,9 @@
 """The Upscaler servicer: validates a request, reads its source through the ImageStore, has the
 device (or Replicate) upscale it, stores the result next to the source, then announces it.
 
+Results are create-only under a key that names the request (`result_key`), so upscaling an image
+again adds a result and never replaces an earlier one.
+
 It translates between protobuf and domain types; queueing lives in runner.py and compute in
 engine.py, on the device's worker thread.
 """
@@ -29,9 +32,9 @@ from services.upscaler.messages import JobFailed, Started, TileDone, UpscaleJob,
 from services.upscaler.replicate_backend import SCALE as REPLICATE_SCALE
 from services.upscaler.replicate_backend import ReplicateBackend
 from services.upscaler.runner import DeviceRunner
-from services.upscaler.settings import UpscalerSettings
+from services.upscaler.settings import Backend, UpscalerSettings
 
-BACKENDS = {
+BACKENDS: dict[int, Backend] = {
     upscaler_pb2.UPSCALE_BACKEND_LOCAL: "local",
     upscaler_pb2.UPSCALE_BACKEND_REPLICATE: "replicate",
 }
@@ -49,7 +52,7 @@ class Plan:
     """A validated request: where the source is, where the result goes, and how to compute it."""
 
     request_id: str
-    backend: str
+    backend: Backend
     scale: int
     tile_size: int
     inline: bool
@@ -80,11 +83,11 @@ def source_key(store: ImageStore, uri: str) -> str:
     raise NotFound("image", uri, "it is outside this server's storage")
 
 
-def result_key(key: str, scale: int) -> str:
-    """`req/0.png` -> `req/0.x4.png`: the result lives next to its source."""
+def result_key(key: str, scale: int, request_id: str) -> str:
+    """`req/0.png` upscaled x4 by request `up-1` -> `req/0.x4.up-1.png`: next to its source, one per request."""
     path = PurePosixPath(key)
     stem = path.stem if path.suffix.lower() in SOURCE_SUFFIXES else path.name
-    return str(path.with_name(f"{stem}.x{scale}.png"))
+    return str(path.with_name(f"{stem}.x{scale}.{request_id}.png"))
 
 
 class UpscalerService(upscaler_pb2_grpc.UpscalerServicer):
@@ -130,7 +133,7 @@ class UpscalerService(upscaler_pb2_grpc.UpscalerServicer):
 
         # 3. Where the result goes
         if source == "uri":
-            key = result_key(source_key(self.store, request.uri), scale)
+            key = result_key(source_key(self.store, request.uri), scale, request_id)
             return Plan(request_id, backend, scale, tile_size, request.inline_image, key, source_uri=request.uri)
         key = f"{request_id}/upscaled.x{scale}.png"
         return Plan(request_id, backend, scale, tile_size, request.inline_image, key, source_bytes=request.image)
@@ -277,7 +280,8 @@ class UpscalerService(upscaler_pb2_grpc.UpscalerServicer):
         }
         metadata = {k: v for k, v in metadata.items() if v}
         try:
-            obj = await self.store.put(plan.result_key, result.png, metadata)
+            # Create-only: a request id used again with other bytes is ALREADY_EXISTS, never a replaced result.
+            obj = await self.store.put(plan.result_key, result.png, metadata, overwrite=False)
         except ServiceError:
             raise
         except Exception as exc:

@@ -13,6 +13,8 @@ from services.common.settings import ServiceSettings
 REPLICATE_MODEL = "mv-lab/swin2sr"
 REPLICATE_VERSION = "a01b0512004918ca55d02e554914a9eca63909fa83a29ff0f115c78a7045574f"
 
+Backend = Literal["local", "replicate"]
+
 
 class UpscalerSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="PIA_UPSCALER_", cli_prog_name="python -m services.upscaler")
@@ -28,9 +30,7 @@ class UpscalerSettings(ServiceSettings):
     engine: str = Field(
         "services.upscaler.engine:Swin2SREngine", description="Engine factory, module:callable (stand-ins for tests)."
     )
-    default_backend: Literal["local", "replicate"] = Field(
-        "local", description="Backend for requests that leave it unspecified."
-    )
+    default_backend: Backend = Field("local", description="Backend for requests that leave it unspecified.")
     tile_size: int = Field(256, description="Default tile size in input pixels (requests may override).")
     tile_overlap: int = Field(32, description="Overlap between neighbouring tiles, in input pixels.")
     min_tile_size: int = Field(32, description="Smallest tile_size a request may ask for.")

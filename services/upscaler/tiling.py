@@ -98,7 +98,7 @@ def upscale_tiled(
     run_tile: Callable[[torch.Tensor], torch.Tensor],
     scale: int,
     plan: TilePlan,
-    on_tile: Callable[[int, int], None] | None = None,
+    on_tile: Callable[[int, int], object] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
     """(1, C, H, W) float in [0, 1] -> (1, C, H*scale, W*scale), computing one tile at a time.

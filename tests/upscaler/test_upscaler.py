@@ -100,10 +100,10 @@ async def test_upscales_what_the_generator_stored(generator_stub, upscaler_stub,
 
     events = await upscale(upscaler_stub, Request(uri=source.image.uri, request_id="up-of-gen"))
     ready = _only_ready(events)
-    assert events[0].accepted.uri == ready.image.uri == (storage_dir / "gen-up" / "0.x4.png").as_uri()
+    assert events[0].accepted.uri == ready.image.uri == (storage_dir / "gen-up" / "0.x4.up-of-gen.png").as_uri()
     assert ready.source_uri == source.image.uri
     assert (ready.image.width, ready.image.height) == (source.image.width * 4, source.image.height * 4)
-    text = read_text_chunks((storage_dir / "gen-up" / "0.x4.png").read_bytes())
+    text = read_text_chunks((storage_dir / "gen-up" / "0.x4.up-of-gen.png").read_bytes())
     # It links back to its source and keeps the generation parameters.
     assert text["source-uri"] == source.image.uri
     assert json.loads(text["upscaler"])["source_uri"] == source.image.uri
@@ -222,9 +222,53 @@ async def test_scale_follows_the_loaded_model(tmp_path):
         await app.stop()
 
 
-def test_result_keys_sit_next_to_their_source():
+def test_result_keys_sit_next_to_their_source_one_per_request():
     from services.upscaler.server import result_key
 
-    assert result_key("req/0.png", 4) == "req/0.x4.png"
-    assert result_key("a/b/photo.JPG", 2) == "a/b/photo.x2.png"
-    assert result_key("req/noext", 4) == "req/noext.x4.png"
+    assert result_key("req/0.png", 4, "up-1") == "req/0.x4.up-1.png"
+    assert result_key("a/b/photo.JPG", 2, "up-1") == "a/b/photo.x2.up-1.png"
+    assert result_key("req/noext", 4, "up-2") == "req/noext.x4.up-2.png"
+
+
+async def test_upscaling_again_keeps_every_earlier_result(upscaler_stub, storage_dir):
+    source = storage_dir / "again" / "0.png"
+    source.parent.mkdir()
+    source.write_bytes(png_bytes((20, 12), seed=3))
+    results = []
+    for request_id in ("", "", "again-named"):  # twice with server-picked ids, once with the caller's
+        ready = _only_ready(
+            await upscale(upscaler_stub, Request(uri=source.as_uri(), inline_image=True, request_id=request_id))
+        )
+        results.append(ready.image)
+    uris = [image.uri for image in results]
+    assert len(set(uris)) == 3 and uris[2] == (source.parent / "0.x4.again-named.png").as_uri()
+    for image in results:  # every result is still there, exactly as announced
+        stored = Path(image.uri.removeprefix("file://")).read_bytes()
+        assert stored == image.png
+        with Image.open(io.BytesIO(stored)) as im:
+            assert im.size == (80, 48)
+
+
+async def test_a_reused_request_id_never_replaces_its_result(upscaler_stub, storage_dir):
+    """Create-only: the same id for other pixels is ALREADY_EXISTS, for a stored source and for inline bytes."""
+    source = storage_dir / "reuse" / "0.png"
+    source.parent.mkdir()
+    source.write_bytes(png_bytes((16, 16), seed=1))
+    by_uri = _only_ready(
+        await upscale(upscaler_stub, Request(uri=source.as_uri(), inline_image=True, request_id="reuse-u"))
+    )
+    inline = _only_ready(
+        await upscale(
+            upscaler_stub, Request(image=png_bytes((16, 16), seed=1), inline_image=True, request_id="reuse-i")
+        )
+    )
+    source.write_bytes(png_bytes((16, 16), seed=2))  # other pixels under the same key: a different result
+    for request in (
+        Request(uri=source.as_uri(), request_id="reuse-u"),
+        Request(image=png_bytes((16, 16), seed=2), request_id="reuse-i"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await upscale(upscaler_stub, request)
+        assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS, info.value.details()
+    assert (source.parent / "0.x4.reuse-u.png").read_bytes() == by_uri.image.png
+    assert (storage_dir / "reuse-i" / "upscaled.x4.png").read_bytes() == inline.image.png

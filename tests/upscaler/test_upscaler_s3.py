@@ -57,7 +57,7 @@ async def test_s3_source_to_s3_result(s3_upscaler, source_store, s3_bucket):
 
     events = await upscale(stub, upscaler_pb2.UpscaleRequest(uri=source.uri, inline_image=True))
     ready = next(e.image_ready for e in events if e.HasField("image_ready"))
-    result_uri = f"s3://{s3_bucket}/{PREFIX}/req-s3/0.x4.png"
+    result_uri = f"s3://{s3_bucket}/{PREFIX}/req-s3/0.x4.{events[0].accepted.request_id}.png"
     assert events[0].accepted.uri == ready.image.uri == result_uri
     assert ready.source_uri == source.uri and (ready.image.width, ready.image.height) == (96, 80)
 
@@ -77,6 +77,20 @@ async def test_inline_source_lands_under_the_prefix(s3_upscaler, source_store, s
     assert events[-2].image_ready.image.uri == uri
     with Image.open(io.BytesIO(await source_store.get(uri))) as im:
         assert im.size == (36, 28)
+
+
+async def test_upscaling_again_adds_a_result(s3_upscaler, source_store):
+    _, stub = s3_upscaler
+    source = await source_store.put("again-s3/0.png", png_bytes((12, 10), seed=4), {})
+    results = []
+    for _ in range(2):
+        events = await upscale(stub, upscaler_pb2.UpscaleRequest(uri=source.uri, inline_image=True))
+        results.append((events[0].accepted.request_id, events[-2].image_ready.image))
+    assert results[0][1].uri != results[1][1].uri
+    for _, image in results:  # both stored, each exactly as announced
+        assert await source_store.get(image.uri) == image.png
+    listed = [key async for key in source_store.list("again-s3/")]
+    assert listed == sorted(["again-s3/0.png", *(f"again-s3/0.x4.{request_id}.png" for request_id, _ in results)])
 
 
 @pytest.mark.parametrize(
