@@ -21,7 +21,7 @@ help:
 	@echo "make run    start generator (:50051), upscaler (:50052) and web UI (:7860)"
 	@echo "make test   set up, then run the whole test suite"
 	@echo "make bench  run the benchmarks, JSON results in bench-results/"
-	@echo "make lint   ruff"
+	@echo "make lint   ruff and mypy"
 
 $(STAMP): $(wildcard requirements/*.txt)
 	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }
@@ -57,6 +57,7 @@ browser:
 
 test: protos browser
 	$(BIN)/ruff check .
+	$(BIN)/mypy services client testkit
 	$(PYTHON) -m pytest -q -ra
 
 test-fast: protos
@@ -71,8 +72,9 @@ bench: protos
 	mkdir -p bench-results
 	$(PYTHON) -m benchmarks.run --out bench-results
 
-lint: $(STAMP)
+lint: protos
 	$(BIN)/ruff check .
+	$(BIN)/mypy services client testkit
 
 fmt: $(STAMP)
 	$(BIN)/ruff format .

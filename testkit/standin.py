@@ -133,5 +133,5 @@ class StandInPipeline:
                 )
                 continue
             noise = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
-            images.append(Image.fromarray(noise).resize((settings.width, settings.height), Image.NEAREST))
+            images.append(Image.fromarray(noise).resize((settings.width, settings.height), Image.Resampling.NEAREST))
         return images

@@ -142,16 +142,16 @@ class AdapterCache:
             wanted.append((self.slots[spec.key], spec.weight))
         # set_adapters walks every module of the UNet and text encoder (~10 ms on SD 1.5 on a CPU
         # core): pay it only when the active set or a weight changes, so repeat jobs cost nothing.
-        wanted = tuple(wanted)
-        if wanted == self.active or (not wanted and not self.slots):
+        target = tuple(wanted)
+        if target == self.active or (not target and not self.slots):
             return
-        if wanted:
+        if target:
             if not self.active:  # disabled or unknown
                 self.pipe.enable_lora()
-            self.pipe.set_adapters([n for n, _ in wanted], adapter_weights=[w for _, w in wanted])
+            self.pipe.set_adapters([n for n, _ in target], adapter_weights=[w for _, w in target])
         else:
             self.pipe.disable_lora()
-        self.active = wanted
+        self.active = target
 
     def unet_switcher(self, adapters: tuple[AdapterSpec, ...]) -> AdapterSwitch:
         """For switching weights many times within one job (regional.py): `adapters` are active; the returned

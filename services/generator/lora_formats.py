@@ -327,6 +327,8 @@ def _mismatch(module: Any, up: Any, down: Any) -> str:
     base = _base(module)
     up = tuple(getattr(up, "shape", up) or ())
     down = tuple(getattr(down, "shape", down) or ())
+    expected_up: tuple[int, ...]
+    expected_down: tuple[int, ...]
     if isinstance(base, nn.Linear):
         expected_up, expected_down = (base.out_features,), (base.in_features,)
         got_up, got_down = up[:1], down[1:]

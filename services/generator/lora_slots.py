@@ -145,7 +145,7 @@ class LoraSlotAdapters:
                 yield module
 
     def _swap_in(self, slot: LoraSlot, key: str, parsed: _Parsed) -> None:
-        if parsed.snapshot is not None:
+        if parsed.snapshot is not None and parsed.bases is not None:
             with torch.no_grad():
                 torch._foreach_copy_(slot.params, parsed.snapshot)
             slot.scalings = [(t, b) for (t, _), b in zip(slot.scalings, parsed.bases, strict=True)]
@@ -177,7 +177,7 @@ class LoraSlotAdapters:
         if slot.name in self.te_loaded:
             delete_adapter_layers(te, slot.name)
             del self.te_loaded[slot.name]
-        if parsed is not None and parsed.text_encoder:
+        if parsed is not None and parsed.text_encoder and key is not None:
             self.pipe.load_lora_into_text_encoder(
                 dict(parsed.text_encoder), parsed.alphas, text_encoder=te, adapter_name=slot.name, _pipeline=self.pipe
             )

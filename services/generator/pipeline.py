@@ -10,7 +10,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -233,7 +233,7 @@ class ProductPipeline:
             }
         pipe = self.inpaint if placed is not None else self.pipe
         cfg = settings.guidance_scale > 1
-        guard = nullcontext()
+        guard: AbstractContextManager[None] = nullcontext()
         if placed is not None and settings.scene_prompt and getattr(self.pipe, "text_encoder_2", None) is None:
             # The product's words and adapter inside its mask only (product_region.py); SDXL's two text
             # encoders are left to the plain path for now.

@@ -387,7 +387,9 @@ def place(
         soft = Image.fromarray(mask.astype(np.uint8) * 255).resize((target_w, target_h), Image.Resampling.BILINEAR)
         mask = np.asarray(soft) >= 128
         if coverage is not None:
-            resized = Image.fromarray(coverage.astype(np.float32), "F").resize((target_w, target_h), Image.BILINEAR)
+            resized = Image.fromarray(coverage.astype(np.float32), "F").resize(
+                (target_w, target_h), Image.Resampling.BILINEAR
+            )
             coverage = np.clip(np.asarray(resized), 0.0, 1.0)
     if not mask.any():
         raise InvalidArgument(f"{field}.height", f"the product is too small to place at {target_w}x{target_h} px")

@@ -161,6 +161,7 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
 
         def on_image(result: ImageResult) -> None:
             # Storage is the contract, the stream the notification: store now, whether or not anyone reads.
+            assert ticket is not None  # images arrive from the event loop, after submit() returned
             task = asyncio.create_task(self._store(result, plan, ticket))
             uploads.add(task)
             task.add_done_callback(uploads.discard)

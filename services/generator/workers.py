@@ -56,9 +56,14 @@ class WorkerState(enum.Enum):
 class Process(Protocol):
     """The part of multiprocessing.Process the pool uses (tests drive the pool with fakes)."""
 
-    pid: int | None
-    sentinel: int
-    exitcode: int | None
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def sentinel(self) -> int: ...
+
+    @property
+    def exitcode(self) -> int | None: ...
 
     def is_alive(self) -> bool: ...
 

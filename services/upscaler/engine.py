@@ -97,8 +97,7 @@ class Swin2SREngine:
         module: torch.nn.Module = model
         module.to(device).eval()
         if self.channels_last:
-            # torch documents and supports Module.to(memory_format=...), but its stubs leave it out.
-            module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            module.to(memory_format=torch.channels_last)
         self.model = model
         if self.compile_mode != "off":
             # Tiles vary in size at the image's edges: dynamic shapes, so each edge tile does not recompile.
