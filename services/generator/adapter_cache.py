@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from services.generator.embeddings import read_token_embeddings, set_token_embeddings
-from services.generator.interfaces import AdapterSwitch, CacheStats, InvalidJob
+from services.generator.interfaces import AdapterSwitch, CacheStats, InvalidJob, stacking_adapters
 from services.generator.lora_formats import read_adapter
 from services.generator.messages import AdapterSpec
 
@@ -67,9 +67,10 @@ class AdapterCache:
         if occupied and self.hotswap and self._try_hotswap(slot, adapter.weights):
             self.embeddings[spec.key] = embeddings
             return slot
-        if occupied:
-            self.pipe.delete_adapters(slot)
-        self.pipe.load_lora_weights(_fresh(adapter.weights), adapter_name=slot)
+        with stacking_adapters():
+            if occupied:
+                self.pipe.delete_adapters(slot)
+            self.pipe.load_lora_weights(_fresh(adapter.weights), adapter_name=slot)
         self.embeddings[spec.key] = embeddings
         return slot
 
@@ -81,7 +82,8 @@ class AdapterCache:
         try:
             # A private copy: PEFT exchanges tensors with the dict it is given (torch.utils.swap_tensors),
             # so a dict reused after a failed attempt would hold the evicted adapter's weights.
-            self.pipe.load_lora_weights(_private_copy(weights), adapter_name=slot, hotswap=True)
+            with stacking_adapters():
+                self.pipe.load_lora_weights(_private_copy(weights), adapter_name=slot, hotswap=True)
         except Exception as exc:  # layout differs from the slot's: the caller reloads the slot
             log.info("hot-swap into %s not possible (%s); reloading the slot", slot, exc)
             return False

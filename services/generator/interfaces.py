@@ -7,7 +7,9 @@ these. Torch-free, so the parent can import the errors.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -29,6 +31,16 @@ class InvalidJob(ValueError):
 
 class JobCancelled(Exception):
     """Raised from the step callback to stop denoising at the next step."""
+
+
+@contextmanager
+def stacking_adapters() -> Iterator[None]:
+    """Around loading or evicting one of several adapters: peft warns that a second adapter joins the model, and
+    that an evicted one was active. Both describe what an adapter set is for, so exactly these two are dropped."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Already found a `peft_config` attribute", category=UserWarning)
+        warnings.filterwarnings("ignore", message=r"Adapter \S+ was active which is now deleted", category=UserWarning)
+        yield
 
 
 @dataclass

@@ -30,7 +30,7 @@ from diffusers.utils.peft_utils import (
 from peft.utils.hotswap import _convert_scalings_to_tensor
 
 from services.generator.embeddings import read_token_embeddings, set_token_embeddings
-from services.generator.interfaces import AdapterSwitch, CacheStats, InvalidJob
+from services.generator.interfaces import AdapterSwitch, CacheStats, InvalidJob, stacking_adapters
 from services.generator.lora_formats import read_adapter
 from services.generator.messages import AdapterSpec
 from services.generator.options import CompileOptions
@@ -91,7 +91,8 @@ class LoraSlotAdapters:
         names = [f"slot{i}" for i in range(max(1, options.lora_slots))]
         for name in names:
             # No alphas: scaling 1 until a real adapter is swapped in (then alpha/r of that adapter).
-            pipe.load_lora_into_unet(dict(zeros), None, unet=pipe.unet, adapter_name=name)
+            with stacking_adapters():
+                pipe.load_lora_into_unet(dict(zeros), None, unet=pipe.unet, adapter_name=name)
             self.slots.append(LoraSlot(name))
         pipe.unet.set_adapters(names, [1.0] * len(names))
         # Scalings as tensors: a switch writes them in place instead of changing a Python float the graph guards.
@@ -178,9 +179,14 @@ class LoraSlotAdapters:
             delete_adapter_layers(te, slot.name)
             del self.te_loaded[slot.name]
         if parsed is not None and parsed.text_encoder and key is not None:
-            self.pipe.load_lora_into_text_encoder(
-                dict(parsed.text_encoder), parsed.alphas, text_encoder=te, adapter_name=slot.name, _pipeline=self.pipe
-            )
+            with stacking_adapters():
+                self.pipe.load_lora_into_text_encoder(
+                    dict(parsed.text_encoder),
+                    parsed.alphas,
+                    text_encoder=te,
+                    adapter_name=slot.name,
+                    _pipeline=self.pipe,
+                )
             self.te_loaded[slot.name] = key
         self.te_active = None
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
@@ -30,9 +29,6 @@ from services.generator.options import CompileOptions, WorkerConfig
 
 log = logging.getLogger(__name__)
 
-# Stacking adapters is what the adapter cache is for: peft's warning that a second adapter joins the model describes
-# the intended state, not a problem, so that one message is dropped (all other warnings still show).
-warnings.filterwarnings("ignore", message=r"Already found a `peft_config` attribute", category=UserWarning)
 
 # SD latent -> RGB linear map: a cheap preview without decoding (same idea as A1111's "approx").
 LATENT_RGB_FACTORS = torch.tensor(

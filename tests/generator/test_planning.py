@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from client.api import generate_request
 from productinaction.v1 import generator_pb2 as pb
 from services.generator.options import CompileOptions, WorkerConfig
 from services.generator.planning import adapter_limit
@@ -81,7 +82,7 @@ async def test_a_new_style_adapter_is_served_without_a_product_request_first(tin
 
 async def test_a_scene_made_for_another_category_is_refused_by_name(generator_stub):
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await run(generator_stub, request(template_id="demo-beach"))
+        await run(generator_stub, generate_request(product_id="tiny-star", template_id="demo-beach", num_images=1))
     details = err.value.details()
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("template_id:")
     assert "'demo-beach'" in details and "'tiny-star'" in details and "'tiny'" in details
