@@ -90,7 +90,6 @@ def spawn_process(config: WorkerConfig) -> tuple[Process, Connection | None]:
 class WorkerHandle:
     """The parent's view of one worker process. Its state changes only through WorkerPool's transitions."""
 
-    index: int
     config: WorkerConfig
     process: Process | None = None
     conn: Connection | None = None
@@ -154,7 +153,7 @@ class WorkerPool:
     ):
         if not configs:
             raise ValueError("no devices configured")
-        self.workers = [WorkerHandle(i, c) for i, c in enumerate(configs)]
+        self.workers = [WorkerHandle(c) for c in configs]
         self.policy = policy or WorkerPolicy()
         self.on_health = on_health
         self.start_timeout_s = start_timeout_s
