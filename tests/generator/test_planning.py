@@ -102,3 +102,17 @@ async def test_a_reused_request_id_is_refused_before_the_product_photo_is_read(t
             await run(stub, again)
     # ALREADY_EXISTS, not the photo's INVALID_ARGUMENT: the storage check ran first and nothing was decoded.
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_fault_injecting_stand_ins_are_refused_outside_tests(monkeypatch):
+    from pydantic import ValidationError
+
+    from services.generator.settings import GeneratorSettings
+    from tests.helpers import STANDIN
+
+    monkeypatch.delenv("PIA_ALLOW_TEST_PIPELINES", raising=False)
+    with pytest.raises(ValidationError, match=r"worker_pipeline: 'testkit\.standin:load' is a test stand-in"):
+        GeneratorSettings(worker_pipeline=STANDIN)
+    assert GeneratorSettings().worker_pipeline == "services.generator.pipeline:load"
+    monkeypatch.setenv("PIA_ALLOW_TEST_PIPELINES", "1")
+    assert GeneratorSettings(worker_pipeline=STANDIN).worker_pipeline == STANDIN

@@ -458,6 +458,7 @@ def test_no_token_or_credential_in_logs(tiny_world, tmp_path, moto_s3):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIA_")}
     env.update(PIA_GENERATOR_TOKEN=f"{OLD},{NEW}", AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY=secret)
+    env["PIA_ALLOW_TEST_PIPELINES"] = "1"  # the testkit stand-in
     cmd = [
         *(sys.executable, "-m", "services.generator", "--host", "127.0.0.1", "--port", str(port)),
         *("--model", "standin:step=0.01", "--worker-pipeline", STANDIN, "--devices", "cpu:1"),
