@@ -511,7 +511,7 @@ def fast_path(args, catalog_dirs: tuple[str, str]) -> dict:
 
 def _fast_summary(report: dict, args) -> dict:
     """Per variant: s/image at batch 1 and at the auto batch, images/s, floor fraction, cost per 1,000 images."""
-    from services.generator.settings import CUDA_AUTO_BATCH
+    from services.generator.options import CUDA_AUTO_BATCH
 
     out = {}
     for spec, row in report["variants"].items():
