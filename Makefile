@@ -68,7 +68,7 @@ SHIPPED := $(and $(wildcard models/demo-sd/model_index.json),$(wildcard products
 run: protos $(if $(SHIPPED),,embedded)
 	$(PYTHON) -m tools.run_stack
 
-bench: protos
+bench: protos embedded
 	mkdir -p bench-results
 	$(PYTHON) -m benchmarks.run --out bench-results
 
