@@ -40,9 +40,10 @@ from client.api import generate_request
 from productinaction.v1 import generator_pb2_grpc
 from services.generator.app import start_generator
 from services.generator.settings import GeneratorSettings
+from testkit.standin import FACTORY
 
 ROOT = Path(__file__).resolve().parent.parent
-STANDIN = "testkit.standin:load"
+STANDIN = FACTORY
 os.environ.setdefault("PIA_ALLOW_TEST_PIPELINES", "1")  # benchmarks run the testkit stand-in
 # Most important first: --budget-s skips from the end.
 CUDA_VARIANTS = [

@@ -31,9 +31,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.api import generate_request
 from productinaction.v1 import generator_pb2_grpc
+from testkit.standin import FACTORY
 
 ROOT = Path(__file__).resolve().parent.parent
-STANDIN = "testkit.standin:load"
+STANDIN = FACTORY
 os.environ.setdefault("PIA_ALLOW_TEST_PIPELINES", "1")  # benchmarks run the testkit stand-in
 
 

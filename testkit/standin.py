@@ -26,6 +26,9 @@ from services.generator.interfaces import AdapterSwitch, CacheStats, InvalidJob,
 from services.generator.messages import AdapterSpec, RenderSettings
 from services.generator.options import WorkerConfig
 
+# What `--worker-pipeline` names to load this stand-in (tests and benchmarks use this one constant).
+FACTORY = "testkit.standin:load"
+
 
 class OutOfMemoryError(RuntimeError):
     """Named like torch's, which is how the worker recognises it."""

@@ -18,6 +18,7 @@ from client.api import generate_request
 from productinaction.v1 import generator_pb2_grpc
 from services.generator.app import start_generator
 from services.generator.messages import AdapterSpec
+from testkit.standin import FACTORY
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"
@@ -74,7 +75,7 @@ async def render_product(stub, product: str, scale: float | None = None, seed: i
     raise AssertionError("no image")
 
 
-STANDIN = "testkit.standin:load"
+STANDIN = FACTORY
 
 
 @asynccontextmanager
