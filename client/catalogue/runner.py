@@ -292,7 +292,11 @@ class Runner:
                     self.uri_base = event.accepted.image_uris[0].removesuffix(image_key(item.request_id))
                 elif kind == "image_ready":
                     ready = event.image_ready
-                    parameters = MessageToDict(ready.parameters, preserving_proto_field_name=True)
+                    # As the server embeds them in the PNG (server._params_dict), so recovered lines read alike.
+                    parameters = MessageToDict(
+                        ready.parameters, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+                    )
+                    parameters["seed"] = ready.seed  # int64 reads as a string in JSON mapping
                     stored = Stored(item, ready.image.uri, ready.image.url, parameters, ready.device)
         except grpc.aio.AioRpcError as exc:
             if stored is not None:
