@@ -325,7 +325,10 @@ def _rpc_error(exc: grpc.aio.AioRpcError, address: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return asyncio.run(_main(_parser().parse_args(argv)))
+    try:
+        return asyncio.run(_main(_parser().parse_args(argv)))
+    except KeyboardInterrupt:  # Ctrl-C outside a catalogue run's own handler: no traceback
+        return 130
 
 
 if __name__ == "__main__":

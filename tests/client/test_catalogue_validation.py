@@ -10,7 +10,7 @@ from client import cli
 from client.catalogue import spec
 from client.catalogue.plan import Shard, plan_items, request_id
 from services.common.ids import is_valid_id
-from tests.helpers import standin_server
+from tests.helpers import ROOT, standin_server
 
 ROWS = """product,photo,scenes,images,size,adapters,seed
 tiny-star,,beach;flowers,2,,,
@@ -127,3 +127,22 @@ def test_yaml_rows_with_their_problems(tmp_path):
     assert [r.number for r in good] == [1]
     assert good[0].scenes == ("beach", "dogs") and good[0].images == 2 and good[0].upscale
     assert good[0].adapters == (spec.AdapterUse("tiny-sunset", 0.5),)
+
+
+def test_the_demo_catalogue_is_valid_for_the_demo_world():
+    """demo/catalogue.csv against what `make run` serves: the demo products, the demo scenes, `night`."""
+    from services.generator.catalog import TemplateCatalog
+
+    templates = TemplateCatalog.load(ROOT / "templates" / "catalog.yaml")
+    demo = tuple(t.id for t in templates.for_category("demo"))
+    offer = spec.Offer(
+        products=frozenset(p.name for p in (ROOT / "products").iterdir() if (p / "manifest.yaml").exists()),
+        product_scenes={"split-star": demo, "striped-mug": demo},
+        placement_scenes=tuple(t.id for t in templates.templates if t.placement is not None),
+        free_text=frozenset(t.id for t in templates.templates if t.free_text),
+        adapters=frozenset(p.name for p in (ROOT / "adapters").iterdir() if (p / "manifest.yaml").exists()),
+    )
+    checked = spec.check_offer(spec.parse(ROOT / "demo" / "catalogue.csv"), offer)
+    assert checked.problems == []
+    assert [r.subject for r in checked.rows] == ["split-star", "striped-mug", "catalogue-photo.png"]
+    assert "demo-custom" not in checked.rows[0].scenes and len(plan_items("demo", checked.rows)) == 6 + 6 + 2
