@@ -245,7 +245,7 @@ async def run(args: argparse.Namespace, client: GeneratorClient) -> int:
     print(f"{folder.index_file}, {folder.summary_file}, {folder.gallery_file}", file=sys.stderr)
     if result.interrupted:
         return EXIT_INTERRUPTED
-    return 1 if summary.failed else 0
+    return 1 if summary.failed or summary.done < summary.total else 0
 
 
 def _job_records(folder: JobDir, items: list[Item]) -> list[IndexRecord]:

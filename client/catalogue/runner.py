@@ -236,7 +236,10 @@ class Runner:
                     self.report(ImageDone(outcome, done, total))
 
         self._tasks = [asyncio.create_task(slot()) for _ in range(max(1, self.flow.concurrency))]
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        outcomes = await asyncio.gather(*self._tasks, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):
+                raise outcome  # e.g. the index could not be written: say so, do not finish quietly
         for item in unresolved:
             done += 1
             stored = await self.recover(item)
@@ -289,7 +292,7 @@ class Runner:
             async for event in call:
                 kind = event.WhichOneof("event")
                 if kind == "accepted" and event.accepted.image_uris and not self.uri_base:
-                    self.uri_base = event.accepted.image_uris[0].removesuffix(image_key(item.request_id))
+                    self._learn_base(item, event.accepted.image_uris[0])
                 elif kind == "image_ready":
                     ready = event.image_ready
                     # As the server embeds them in the PNG (server._params_dict), so recovered lines read alike.
@@ -307,6 +310,13 @@ class Runner:
         if stored is None:
             raise _Retry("the stream ended without the image")
         return stored
+
+    def _learn_base(self, item: Item, uri: str) -> None:
+        key = image_key(item.request_id)
+        self.uri_base = uri.removesuffix(key)
+        if self.store is not None and self.store.uri_for(key) != uri:
+            # Then the listing misses what the generator stores (ALREADY_EXISTS still prevents a second render).
+            log.warning("--storage is not where the generator stores: it stores %s at %s", key, uri)
 
     async def _refused(self, item: Item, exc: grpc.aio.AioRpcError) -> Stored | None:
         code = exc.code()

