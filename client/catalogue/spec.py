@@ -133,7 +133,7 @@ def _read_csv(text: str) -> tuple[list[tuple[int, int, dict[str, Any]]], list[Pr
     if problems:
         return [], problems
     reader.fieldnames = header
-    rows = []
+    rows: list[tuple[int, int, dict[str, Any]]] = []
     for raw in reader:
         values = {k: (v or "").strip() for k, v in raw.items() if k is not None}
         if any(values.values()):  # a line of empty cells is not a row
