@@ -17,12 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-from client.api import GeneratorClient
+from client.api import GeneratorClient, UpscalerClient
 from client.catalogue import spec
 from client.catalogue.plan import Item, Shard, check_job_id, plan_items
 from client.catalogue.progress import FORMATS, reporter
 from client.catalogue.results import IndexRecord, JobDir, JobInfo, Summary
-from client.catalogue.runner import FlowControl, Runner
+from client.catalogue.runner import FlowControl, Runner, Stored
+from client.channel import security_from_args
 from services.common.storage import ImageStore, open_store
 
 EXIT_INTERRUPTED = 130
@@ -65,6 +66,11 @@ def _flow_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight over all replicas")
     p.add_argument("--attempts", type=int, default=5, help="attempts per image for faults a retry can fix")
     p.add_argument("--timeout", type=float, default=900.0, help="deadline of one image's request, in seconds")
+    p.add_argument(
+        "--upscaler",
+        default=os.environ.get("PIA_UPSCALER_ADDRESS", "localhost:50052"),
+        help="the upscaler for rows with upscale=true (it must share the generator's storage)",
+    )
     p.add_argument("--zip", action="store_true", help="also write images.zip")
     p.add_argument("--log-format", choices=FORMATS, default="auto", help="auto: a bar on a terminal, else lines")
 
@@ -191,6 +197,7 @@ async def run(args: argparse.Namespace, client: GeneratorClient) -> int:
     items = plan_items(job, good.rows, shard)
     indexed = folder.read_index()
     found = await stored_ids(store, job) if store else set()
+    upscaler = UpscalerClient(args.upscaler, security_from_args(args)) if any(r.upscale for r in good.rows) else None
     runner = Runner(
         client,
         FlowControl(concurrency=args.concurrency, attempts=args.attempts, request_timeout_s=args.timeout),
@@ -198,23 +205,29 @@ async def run(args: argparse.Namespace, client: GeneratorClient) -> int:
         folder.append,
         store,
         uri_base=folder.uri_base(),
+        upscaler=upscaler,
     )
     for item in items:
         if item.request_id in found and item.request_id not in indexed:
             folder.append(await runner.recover(item))  # stored by a run killed before it wrote the line
     indexed = folder.read_index()
     pending = [i for i in items if i.request_id not in indexed]
+    # Stored, but the row's upscale is missing (a run stopped in between, or the upscale failed).
+    to_upscale = [_stored(i, indexed[i.request_id]) for i in items if _needs_upscale(i, indexed)]
     if retry_only is not None:
         pending = [i for i in pending if i.request_id in retry_only]
+        to_upscale = [s for s in to_upscale if s.item.request_id in retry_only]
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, runner.stop)
     try:
-        result = await runner.run(pending, len(items) if retry_only is None else len(pending))
+        result = await runner.run(pending, len(items) if retry_only is None else len(pending), to_upscale)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        if upscaler is not None:
+            await upscaler.close()
 
     records = _job_records(folder, items)
     skipped = [Summary.skipped(p) for p in catalogue.problems]
@@ -228,6 +241,7 @@ async def run(args: argparse.Namespace, client: GeneratorClient) -> int:
         seconds=round(time.monotonic() - started, 3),
         interrupted=result.interrupted,
         rendered=sum(not s.recovered for s in result.stored),
+        upscaled=sum(bool(r.upscaled_uri) for r in records),
     )
     if retry_only is not None:
         # Failures of the last full run that were not retried this time stay failed.
@@ -246,6 +260,15 @@ async def run(args: argparse.Namespace, client: GeneratorClient) -> int:
     if result.interrupted:
         return EXIT_INTERRUPTED
     return 1 if summary.failed or summary.done < summary.total else 0
+
+
+def _needs_upscale(item: Item, indexed: dict[str, IndexRecord]) -> bool:
+    record = indexed.get(item.request_id)
+    return item.row.upscale and record is not None and not record.upscaled_uri
+
+
+def _stored(item: Item, r: IndexRecord) -> Stored:
+    return Stored(item, r.uri, r.url, r.parameters, r.device, r.recovered)
 
 
 def _job_records(folder: JobDir, items: list[Item]) -> list[IndexRecord]:
@@ -269,6 +292,7 @@ def status(out: Path) -> int:
     print(
         f"last run {state}: {summary.done}/{summary.total} stored, {len(summary.failed)} failed, "
         f"{len(summary.skipped_rows)} bad rows skipped, {summary.rendered} rendered in {summary.seconds:.1f}s"
+        + (f", {summary.upscaled} upscaled" if summary.upscaled else "")
     )
     for f in summary.failed:
         print(f"  failed: row {f['row']} {f['subject']} {f['scene']} #{f['index']}: {f['reason']}")

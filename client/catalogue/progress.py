@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from client.catalogue.runner import Event, Finished, ImageDone, ItemFailed, Retrying, Started
+from client.catalogue.runner import Event, Finished, ImageDone, ItemFailed, Retrying, Started, Upscaled
 
 Reporter = Callable[[Event], None]
 FORMATS = ("auto", "bar", "plain", "json")
@@ -54,6 +54,9 @@ class Plain:
             self.rate.rendered += not s.recovered
             how = "found stored" if s.recovered else f"stored ({s.device})" if s.device else "stored"
             return f"[{event.done}/{event.total}] {s.item.row.subject} {s.item.scene} #{s.item.index}: {how} {s.uri}"
+        if isinstance(event, Upscaled):
+            s = event.stored
+            return f"upscaled: {s.item.row.subject} {s.item.scene} #{s.item.index}: {s.upscaled_uri}"
         if isinstance(event, ItemFailed):
             f = event.failure
             return f"failed: {f.item.row.subject} {f.item.scene} #{f.item.index} ({f.item.request_id}): {f.reason}"
@@ -118,6 +121,8 @@ class JsonLines:
                 "done": event.done,
                 "total": event.total,
             }
+        elif isinstance(event, Upscaled):
+            record |= {"request_id": event.stored.item.request_id, "uri": event.stored.upscaled_uri}
         elif isinstance(event, ItemFailed):
             record |= {"request_id": event.failure.item.request_id, "reason": event.failure.reason}
         elif isinstance(event, Retrying):

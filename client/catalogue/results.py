@@ -6,7 +6,8 @@
   the last line per request id.
 - `summary.json`: the last run's counts, failed items with their reasons, bad rows skipped, seconds.
 - `gallery.html`: static, grouped by product, each image by its URL with its parameters.
-- `images.zip` (`--zip`): the images, read back through their URLs (or the store for s3:// URIs).
+- `images.zip` (`--zip`): the images (and upscaled copies), read back through their URLs (or the store
+  for s3:// URIs).
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ class IndexRecord:
     url: str
     device: str
     recovered: bool
-    upscale: bool  # asked for; not done by catalogue jobs yet (docs/CATALOGUE.md)
+    upscale: bool  # the row asks for an upscaled copy too
     parameters: dict[str, Any]
+    upscaled_uri: str = ""
+    upscaled_url: str = ""
 
     @classmethod
     def of(cls, stored: Stored) -> IndexRecord:
@@ -70,6 +73,8 @@ class IndexRecord:
             stored.recovered,
             row.upscale,
             stored.parameters,
+            stored.upscaled_uri,
+            stored.upscaled_url,
         )
 
     @property
@@ -88,6 +93,7 @@ class Summary:
     seconds: float = 0.0
     interrupted: bool = False
     rendered: int = 0  # by this run (the rest were stored before, or found stored)
+    upscaled: int = 0  # images with their upscaled copy (rows with `upscale`)
 
     @staticmethod
     def failure(f: Failure) -> dict[str, Any]:
@@ -180,17 +186,24 @@ class JobDir:
                 except Exception as exc:
                     problems.append(f"{r.request_id}: {type(exc).__name__}: {exc}")
                     continue
-                zf.writestr(f"{_safe(r.subject)}/{_safe(r.scene)}-{r.index}-{r.seed}.png", data)
+                name = f"{_safe(r.subject)}/{_safe(r.scene)}-{r.index}-{r.seed}"
+                zf.writestr(f"{name}.png", data)
+                if r.upscaled_uri:
+                    try:
+                        zf.writestr(f"{name}.upscaled.png", await read_image(r, store, upscaled=True))
+                    except Exception as exc:
+                        problems.append(f"{r.request_id} (upscaled): {type(exc).__name__}: {exc}")
         tmp.replace(self.zip_file)
         return problems
 
 
-async def read_image(record: IndexRecord, store: ImageStore | None) -> bytes:
-    if record.uri.startswith("s3://") and store is not None and store.owns(record.uri):
-        return await store.get(record.uri)
-    if not record.url:
-        raise ValueError(f"no URL for {record.uri or record.request_id} (give --storage to read it)")
-    return await asyncio.to_thread(fetch_bytes, record.url)
+async def read_image(record: IndexRecord, store: ImageStore | None, upscaled: bool = False) -> bytes:
+    uri, url = (record.upscaled_uri, record.upscaled_url) if upscaled else (record.uri, record.url)
+    if uri.startswith("s3://") and store is not None and store.owns(uri):
+        return await store.get(uri)
+    if not url:
+        raise ValueError(f"no URL for {uri or record.request_id} (give --storage to read it)")
+    return await asyncio.to_thread(fetch_bytes, url)
 
 
 def _order(r: IndexRecord) -> tuple[Any, ...]:
@@ -229,10 +242,12 @@ def gallery_html(records: list[IndexRecord], title: str) -> str:
         for r in rs:
             params = json.dumps(r.parameters, indent=1, sort_keys=True)
             img = f'<img src="{e(r.url)}" alt="{e(r.scene)} {r.index}" loading="lazy">' if r.url else "(no URL)"
+            upscaled = f' <a href="{e(r.upscaled_url or r.upscaled_uri)}">upscaled</a>' if r.upscaled_uri else ""
             parts.append(
                 f'<figure data-request-id="{e(r.request_id)}">{img}<figcaption>'
                 f"<b>{e(r.scene)}</b> #{r.index}, seed {r.seed}, row {r.row}<br>"
-                f"<code>{e(r.uri)}</code><details><summary>parameters</summary><pre>{e(params)}</pre></details>"
+                f"<code>{e(r.uri)}</code>{upscaled}"
+                f"<details><summary>parameters</summary><pre>{e(params)}</pre></details>"
                 "</figcaption></figure>"
             )
         parts.append("</div></section>")

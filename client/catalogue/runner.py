@@ -16,11 +16,14 @@ What each status means here (docs/CATALOGUE.md, "Faults"):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
+import hashlib
 import logging
 import random
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +33,9 @@ from google.protobuf.json_format import MessageToDict
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from client.api import GeneratorClient, describe_error
+from client.api import GeneratorClient, UpscalerClient, describe_error
 from client.catalogue.plan import Item
-from productinaction.v1 import generator_pb2
+from productinaction.v1 import generator_pb2, upscaler_pb2
 from services.common.pngmeta import read_parameters
 from services.common.storage import ImageStore
 
@@ -65,6 +68,8 @@ class Stored:
     parameters: dict[str, Any]
     device: str = ""
     recovered: bool = False  # found stored, not rendered by this run
+    upscaled_uri: str = ""  # rows with `upscale`: the upscaler's result, stored next to the image
+    upscaled_url: str = ""
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,11 @@ class ImageDone:
 
 
 @dataclass(frozen=True)
+class Upscaled:
+    stored: Stored
+
+
+@dataclass(frozen=True)
 class ItemFailed:
     failure: Failure
 
@@ -108,7 +118,7 @@ class Finished:
     interrupted: bool
 
 
-Event = Started | ImageDone | ItemFailed | Retrying | Finished
+Event = Started | ImageDone | Upscaled | ItemFailed | Retrying | Finished
 
 
 @dataclass
@@ -151,6 +161,11 @@ def image_key(request_id: str) -> str:
     return f"{request_id}/0.png"
 
 
+def upscale_id(request_id: str) -> str:
+    """The upscale's request id: its result is stored as `{request_id}/0.x{scale}.{upscale id}.png`, one per image."""
+    return "up-" + hashlib.sha256(request_id.encode()).hexdigest()[:12]
+
+
 def request_for(item: Item, photos: Callable[[str], bytes]) -> generator_pb2.GenerateRequest:
     row = item.row
     request = generator_pb2.GenerateRequest(
@@ -184,8 +199,10 @@ class Runner:
         on_stored: Callable[[Stored], None],
         store: ImageStore | None = None,
         uri_base: str = "",
+        upscaler: UpscalerClient | None = None,
     ):
         self.client = client
+        self.upscaler = upscaler
         self.flow = flow
         self.report = report
         self.on_stored = on_stored
@@ -209,12 +226,15 @@ class Runner:
             self._photos[path] = Path(path).read_bytes()
         return self._photos[path]
 
-    async def run(self, pending: list[Item], total: int) -> RunResult:
+    async def run(self, pending: list[Item], total: int, to_upscale: list[Stored] | None = None) -> RunResult:
+        """Render `pending` (and upscale those whose row asks); upscale `to_upscale`, stored already."""
         result = RunResult()
         done = total - len(pending)
         started = time.monotonic()
         self.report(Started(total, done, len(pending)))
-        queue: asyncio.Queue[Item] = asyncio.Queue()
+        queue: asyncio.Queue[Item | Stored] = asyncio.Queue()
+        for stored in to_upscale or []:
+            queue.put_nowait(stored)
         for item in pending:
             queue.put_nowait(item)
         unresolved: list[Item] = []
@@ -222,18 +242,26 @@ class Runner:
         async def slot() -> None:
             nonlocal done
             while not queue.empty() and not self._stopping:
-                item = queue.get_nowait()
-                outcome = await self._item(item)
+                work = queue.get_nowait()
+                if isinstance(work, Stored):
+                    outcome: Stored | Failure | None = work
+                else:
+                    outcome = await self._with_retries(work, self._attempt)
+                    if isinstance(outcome, Stored):
+                        done += 1
+                        result.stored.append(outcome)
+                        self.on_stored(outcome)
+                        self.report(ImageDone(outcome, done, total))
+                    elif outcome is None:
+                        unresolved.append(work)  # stored, its URI not known yet
+                if isinstance(outcome, Stored) and outcome.item.row.upscale and self.upscaler is not None:
+                    outcome = await self._with_retries(outcome.item, functools.partial(self._upscale, outcome))
+                    if isinstance(outcome, Stored):
+                        self.on_stored(outcome)  # the index's later line, with the upscale, wins
+                        self.report(Upscaled(outcome))
                 if isinstance(outcome, Failure):
                     result.failed.append(outcome)
                     self.report(ItemFailed(outcome))
-                elif outcome is None:
-                    unresolved.append(item)  # stored, its URI not known yet
-                else:
-                    done += 1
-                    result.stored.append(outcome)
-                    self.on_stored(outcome)
-                    self.report(ImageDone(outcome, done, total))
 
         self._tasks = [asyncio.create_task(slot()) for _ in range(max(1, self.flow.concurrency))]
         outcomes = await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -250,8 +278,10 @@ class Runner:
         self.report(Finished(done, len(result.failed), total, time.monotonic() - started, result.interrupted))
         return result
 
-    async def _item(self, item: Item) -> Stored | Failure | None:
-        """The item stored (None: stored, URI not yet known), or why it failed."""
+    async def _with_retries(
+        self, item: Item, attempt_once: Callable[[Item], Awaitable[Stored | None]]
+    ) -> Stored | Failure | None:
+        """`attempt_once(item)` under the flow control: the outcome, or why it failed."""
         attempt, waited = 1, 0.0
         while True:
             pause = self._resume_at - time.monotonic()
@@ -259,7 +289,7 @@ class Runner:
                 waited += pause
                 await asyncio.sleep(pause)
             try:
-                return await self._attempt(item)
+                return await attempt_once(item)
             except _Retry as retry:
                 if retry.counts:
                     attempt += 1
@@ -310,6 +340,35 @@ class Runner:
         if stored is None:
             raise _Retry("the stream ended without the image")
         return stored
+
+    async def _upscale(self, stored: Stored, item: Item) -> Stored:
+        """Upscale a stored image (the upscaler reads it from the shared storage); create-only, one per image."""
+        assert self.upscaler is not None
+        request = upscaler_pb2.UpscaleRequest(uri=stored.uri, request_id=upscale_id(item.request_id))
+        call = self.upscaler.upscale(request, timeout=self.flow.request_timeout_s)
+        accepted_uri = ""
+        try:
+            async for event in call:
+                kind = event.WhichOneof("event")
+                if kind == "accepted":
+                    accepted_uri = event.accepted.uri
+                elif kind == "image_ready":
+                    image = event.image_ready.image
+                    return dataclasses.replace(stored, upscaled_uri=image.uri, upscaled_url=image.url)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.ALREADY_EXISTS and accepted_uri:
+                # A stopped run's upscale is stored under this very key (create-only): done.
+                url = accepted_uri if accepted_uri.startswith("file://") else ""
+                return dataclasses.replace(stored, upscaled_uri=accepted_uri, upscaled_url=url)
+            try:
+                await self._refused(item, exc)
+            except Failed as failed:
+                raise Failed(f"upscale: {failed.reason}") from None
+            except _Retry as retry:
+                raise _Retry(f"upscale: {retry.reason}", retry.delay_s, retry.counts) from None
+        finally:
+            call.cancel()
+        raise _Retry("upscale: the stream ended without the image")
 
     def _learn_base(self, item: Item, uri: str) -> None:
         key = image_key(item.request_id)
