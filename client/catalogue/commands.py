@@ -1,8 +1,8 @@
 """`python -m client catalogue validate|run|retry-failed|status`: the glue between the rooms.
 
 A run: parse and check the file against the live generator (every bad row reported at once), plan the
-items, take away what is stored (the index, and the storage listing with --storage), render the rest,
-then write the summary, the gallery and, with --zip, the images' zip.
+items, take away what is stored (the index, and the storage listing with --storage), render the rest
+(and upscale what the rows ask), then write the summary, the gallery and, with --zip, the images' zip.
 """
 
 from __future__ import annotations
