@@ -347,15 +347,18 @@ class Runner:
         request = upscaler_pb2.UpscaleRequest(uri=stored.uri, request_id=upscale_id(item.request_id))
         call = self.upscaler.upscale(request, timeout=self.flow.request_timeout_s)
         accepted_uri = ""
+        upscaled: Stored | None = None
         try:
-            async for event in call:
+            async for event in call:  # to the end, as for Generate: leaving early reads as a cancel
                 kind = event.WhichOneof("event")
                 if kind == "accepted":
                     accepted_uri = event.accepted.uri
                 elif kind == "image_ready":
                     image = event.image_ready.image
-                    return dataclasses.replace(stored, upscaled_uri=image.uri, upscaled_url=image.url)
+                    upscaled = dataclasses.replace(stored, upscaled_uri=image.uri, upscaled_url=image.url)
         except grpc.aio.AioRpcError as exc:
+            if upscaled is not None:
+                return upscaled
             if exc.code() == grpc.StatusCode.ALREADY_EXISTS and accepted_uri:
                 # A stopped run's upscale is stored under this very key (create-only): done.
                 url = accepted_uri if accepted_uri.startswith("file://") else ""
@@ -368,7 +371,9 @@ class Runner:
                 raise _Retry(f"upscale: {retry.reason}", retry.delay_s, retry.counts) from None
         finally:
             call.cancel()
-        raise _Retry("upscale: the stream ended without the image")
+        if upscaled is None:
+            raise _Retry("upscale: the stream ended without the image")
+        return upscaled
 
     def _learn_base(self, item: Item, uri: str) -> None:
         key = image_key(item.request_id)
