@@ -96,3 +96,31 @@ async def test_ctrl_c_cancels_in_flight_requests_and_the_job_resumes(tiny_world,
         assert second.returncode == 0, printed
         assert len({r["request_id"] for r in index(out)}) == ITEMS
         assert len(list((tmp_path / "images").glob("*/0.png"))) == ITEMS
+
+
+async def test_a_replica_stopping_mid_job_loses_nothing(tiny_world, tmp_path, capsys):
+    """Two replicas; one stops (its drain answers UNAVAILABLE) while the job runs: the other finishes it,
+    every image stored once and none rendered twice."""
+    storage = tmp_path / "images"
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    async with standin_server(tiny_world, tmp_path / "a", step=0.05, storage=str(storage)) as (a, _, _):
+        second = standin_server(tiny_world, tmp_path / "b", step=0.05, storage=str(storage))
+        b, _, _ = await second.__aenter__()
+        out = tmp_path / "out"
+        args = ["--generator", f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}", "catalogue", "run"]
+        args += [str(write(tmp_path)), "--out", str(out), "--concurrency", "4", "--log-format", "json"]
+        run = asyncio.create_task(cli._main(cli._parser().parse_args(args)))
+        try:
+            await until(lambda: len(index(out)) >= 2, 60, "2 images indexed")
+        finally:
+            await second.__aexit__(None, None, None)
+        assert await run == 0
+        records = index(out)
+        assert len({r["request_id"] for r in records}) == ITEMS == len(list(storage.glob("*/0.png")))
+        finished = [line for app in (a, b) for line in app.record.read_text().splitlines() if line.endswith(" 4")]
+        assert len(finished) == ITEMS, "no image rendered to the end twice"
+        assert any(r["device"] for r in records)
+        events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        # The stopped replica's calls in flight ended UNAVAILABLE and were sent again (to the other one).
+        assert any(e["type"] == "retrying" and e["reason"].startswith("UNAVAILABLE") for e in events)
