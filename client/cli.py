@@ -4,6 +4,7 @@ python -m client.cli products
 python -m client.cli templates [--product ID | --category CAT]
 python -m client.cli generate --product ID --template demo-beach -n 4 --out DIR
 python -m client.cli rerun IMAGE.png --out DIR      # exactly, from its embedded parameters
+python -m client.cli catalogue run demo/catalogue.csv --out DIR   # a resumable job (docs/CATALOGUE.md)
 
 Images are saved as <product>-<index>-<seed>.png (a rerun as <its input's name>-rerun.png); a name
 already taken gets -2, -3 … : nothing is ever overwritten.
@@ -23,6 +24,8 @@ from PIL import UnidentifiedImageError
 
 from client.api import GeneratorClient, describe_error, fetch_bytes_async, generate_request
 from client.balancing import reporting_interruption
+from client.catalogue.commands import add_parser as add_catalogue_parser
+from client.catalogue.commands import main as catalogue_main
 from client.channel import add_security_flags, security_from_args
 from productinaction.v1 import generator_pb2
 from services.common.pngmeta import read_parameters
@@ -65,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("rerun", help="re-generate an image exactly from the parameters embedded in it")
     r.add_argument("image", type=Path)
     r.add_argument("--out", type=Path, default=Path("outputs/cli"))
+    add_catalogue_parser(sub)
     return p
 
 
@@ -290,6 +294,8 @@ async def _main(args: argparse.Namespace) -> int:
             if (product_image := product_image_from_args(args)) is not None:
                 request.product_image.CopyFrom(product_image)
             await _generate(client, request, args.out, args.timeout)
+        elif args.command == "catalogue":
+            return await catalogue_main(args, client)
         elif args.command == "rerun":
             prompt, request = rerun_request(args.image)
             # Named after the input, so its index stays in the name; save_new never overwrites (the input included).
@@ -319,7 +325,10 @@ def _rpc_error(exc: grpc.aio.AioRpcError, address: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return asyncio.run(_main(_parser().parse_args(argv)))
+    try:
+        return asyncio.run(_main(_parser().parse_args(argv)))
+    except KeyboardInterrupt:  # Ctrl-C outside a catalogue run's own handler: no traceback
+        return 130
 
 
 if __name__ == "__main__":

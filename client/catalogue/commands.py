@@ -1,0 +1,299 @@
+"""`python -m client catalogue validate|run|retry-failed|status`: the glue between the rooms.
+
+A run: parse and check the file against the live generator (every bad row reported at once), plan the
+items, take away what is stored (the index, and the storage listing with --storage), render the rest
+(and upscale what the rows ask), then write the summary, the gallery and, with --zip, the images' zip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import secrets
+import signal
+import sys
+import time
+from pathlib import Path
+
+from client.api import GeneratorClient, UpscalerClient
+from client.catalogue import spec
+from client.catalogue.plan import Item, Shard, check_job_id, plan_items
+from client.catalogue.progress import FORMATS, reporter
+from client.catalogue.results import IndexRecord, JobDir, JobInfo, Summary
+from client.catalogue.runner import FlowControl, Runner, Stored
+from client.channel import security_from_args
+from services.common.storage import ImageStore, open_store
+
+EXIT_INTERRUPTED = 130
+
+
+class CatalogueError(Exception):
+    """A problem worth one line on stderr and exit status 1."""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("catalogue", help="render a catalogue file (products x scenes) as one resumable job")
+    csub = c.add_subparsers(dest="catalogue_command", required=True)
+    v = csub.add_parser("validate", help="check a catalogue file against the generator; report every bad row")
+    v.add_argument("file", type=Path)
+
+    r = csub.add_parser("run", help="render every image of a catalogue not stored yet (run again to resume)")
+    r.add_argument("file", type=Path)
+    r.add_argument("--out", type=Path, required=True, help="the job folder: index, summary, gallery")
+    r.add_argument("--job", default=None, help="job id (default: the folder's, else a new one); ids derive from it")
+    r.add_argument("--shard", default="0/1", metavar="I/N", help="render only shard I of N (0-based); needs --job")
+    r.add_argument("--skip-bad-rows", action="store_true", help="run the good rows of a file with bad ones")
+    _flow_flags(r)
+
+    f = csub.add_parser("retry-failed", help="render again only the items the last run of DIR failed")
+    f.add_argument("out", type=Path)
+    _flow_flags(f)
+
+    s = csub.add_parser("status", help="counts of a job folder")
+    s.add_argument("out", type=Path)
+
+
+def _flow_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage",
+        default=None,
+        metavar="DIR|s3://BUCKET/PREFIX",
+        help="the generator's storage: listed to find what is stored (else the server's ALREADY_EXISTS tells)",
+    )
+    p.add_argument("--s3-endpoint", default=os.environ.get("AWS_ENDPOINT_URL"), help="S3 endpoint for --storage")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight over all replicas")
+    p.add_argument("--attempts", type=int, default=5, help="attempts per image for faults a retry can fix")
+    p.add_argument("--timeout", type=float, default=900.0, help="deadline of one image's request, in seconds")
+    p.add_argument(
+        "--upscaler",
+        default=os.environ.get("PIA_UPSCALER_ADDRESS", "localhost:50052"),
+        help="the upscaler for rows with upscale=true (it must share the generator's storage)",
+    )
+    p.add_argument("--zip", action="store_true", help="also write images.zip")
+    p.add_argument("--log-format", choices=FORMATS, default="auto", help="auto: a bar on a terminal, else lines")
+
+
+async def main(args: argparse.Namespace, client: GeneratorClient) -> int:
+    try:
+        if args.catalogue_command == "validate":
+            return await validate(args.file, client)
+        if args.catalogue_command == "status":
+            return status(args.out)
+        return await run(args, client)
+    except CatalogueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+async def fetch_offer(client: GeneratorClient, products: set[str]) -> spec.Offer:
+    """What the generator offers, in a few calls: products, their scenes, placement scenes, adapters."""
+    listed = await client.products()
+    known = {p.id for p in listed}
+    everything = await client.templates()
+    per_product = {p: tuple(t.id for t in await client.templates(product_id=p)) for p in sorted(products & known)}
+    return spec.Offer(
+        products=frozenset(known),
+        product_scenes=per_product,
+        placement_scenes=tuple(t.id for t in everything if t.supports_placement),
+        free_text=frozenset(t.id for t in everything if t.free_text),
+        adapters=frozenset(a.id for a in await client.adapters()),
+    )
+
+
+async def check(path: Path, client: GeneratorClient) -> spec.Catalogue:
+    catalogue = spec.parse(path)
+    if any(p.row == 0 for p in catalogue.problems):
+        return catalogue  # the file itself is unreadable: rows mean nothing yet
+    offer = await fetch_offer(client, {r.product for r in catalogue.rows if r.product})
+    return spec.check_offer(catalogue, offer)
+
+
+def _print_problems(catalogue: spec.Catalogue) -> None:
+    for problem in catalogue.problems:
+        print(f"{catalogue.path}: {problem}", file=sys.stderr)
+
+
+async def validate(path: Path, client: GeneratorClient) -> int:
+    catalogue = await check(path, client)
+    _print_problems(catalogue)
+    good = [r for r in catalogue.rows if r.number not in catalogue.bad_rows]
+    images = sum(len(r.scenes) * r.images for r in good)
+    bad = len(catalogue.bad_rows - {0})
+    print(
+        f"{len(good)} good rows ({images} images), {bad} bad rows"
+        + (", file refused" if 0 in catalogue.bad_rows else "")
+    )
+    return 1 if catalogue.problems else 0
+
+
+def _new_job_id(path: Path) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-._")[:12] or "job"
+    return f"{stem}-{secrets.token_hex(3)}"
+
+
+def _open_storage(args: argparse.Namespace) -> ImageStore | None:
+    if not args.storage:
+        return None
+    try:
+        return open_store(args.storage, endpoint_url=args.s3_endpoint)
+    except ValueError as exc:
+        raise CatalogueError(str(exc)) from None
+
+
+async def stored_ids(store: ImageStore, job: str) -> set[str]:
+    """Request ids whose image is in the store: one listing of the job's prefix, not a call per image."""
+    ids = set()
+    async for key in store.list(f"{job}-"):
+        rid, _, name = key.partition("/")
+        if name == "0.png":
+            ids.add(rid)
+    return ids
+
+
+async def run(args: argparse.Namespace, client: GeneratorClient) -> int:
+    started = time.monotonic()
+    folder = JobDir(args.out)
+    info = folder.load_job()
+    retry_only: set[str] | None = None
+    if args.catalogue_command == "retry-failed":
+        if info is None:
+            raise CatalogueError(f"{args.out}: no job.json; is it a catalogue job's --out folder?")
+        last = folder.read_summary()
+        retry_only = {f["request_id"] for f in (last.failed if last else [])}
+        if not retry_only:
+            print("nothing failed in the last run")
+            return 0
+        path, shard, job, skip = Path(info.catalogue), Shard.parse(info.shard), info.job, True
+        args.storage = args.storage or info.storage or None
+    else:
+        path, skip = args.file, args.skip_bad_rows
+        try:
+            shard = Shard.parse(args.shard)
+            given = check_job_id(args.job) if args.job else None
+        except ValueError as exc:
+            raise CatalogueError(str(exc)) from None
+        if info is not None and given is not None and info.job != given:
+            raise CatalogueError(f"{args.out} holds job {info.job!r}, not {given!r}: use another --out")
+        if given is None and info is None and shard.count > 1:
+            raise CatalogueError("a shard needs --job: every shard must derive the same ids")
+        job = given or (info.job if info else _new_job_id(path))
+    store = _open_storage(args)
+
+    catalogue = await check(path, client)
+    _print_problems(catalogue)
+    if 0 in catalogue.bad_rows:
+        return 1
+    if catalogue.problems and not skip:
+        print(
+            f"{len(catalogue.bad_rows)} bad rows: nothing was run; fix them, or run the good rows with --skip-bad-rows",
+            file=sys.stderr,
+        )
+        return 1
+    good = spec.without_bad_rows(catalogue)
+    folder.save_job(JobInfo(job, str(path.resolve()), str(shard), args.storage or ""))
+
+    items = plan_items(job, good.rows, shard)
+    indexed = folder.read_index()
+    found = await stored_ids(store, job) if store else set()
+    upscaler = UpscalerClient(args.upscaler, security_from_args(args)) if any(r.upscale for r in good.rows) else None
+    runner = Runner(
+        client,
+        FlowControl(concurrency=args.concurrency, attempts=args.attempts, request_timeout_s=args.timeout),
+        reporter(args.log_format),
+        folder.append,
+        store,
+        uri_base=folder.uri_base(),
+        upscaler=upscaler,
+    )
+    for item in items:
+        if item.request_id in found and item.request_id not in indexed:
+            folder.append(await runner.recover(item))  # stored by a run killed before it wrote the line
+    indexed = folder.read_index()
+    pending = [i for i in items if i.request_id not in indexed]
+    # Stored, but the row's upscale is missing (a run stopped in between, or the upscale failed).
+    to_upscale = [_stored(i, indexed[i.request_id]) for i in items if _needs_upscale(i, indexed)]
+    if retry_only is not None:
+        pending = [i for i in pending if i.request_id in retry_only]
+        to_upscale = [s for s in to_upscale if s.item.request_id in retry_only]
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, runner.stop)
+    try:
+        result = await runner.run(pending, len(items) if retry_only is None else len(pending), to_upscale)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        if upscaler is not None:
+            await upscaler.close()
+
+    records = _job_records(folder, items)
+    skipped = [Summary.skipped(p) for p in catalogue.problems]
+    summary = Summary(
+        job=job,
+        shard=str(shard),
+        total=len(items),
+        done=len(records),
+        failed=[Summary.failure(f) for f in result.failed],
+        skipped_rows=skipped,
+        seconds=round(time.monotonic() - started, 3),
+        interrupted=result.interrupted,
+        rendered=sum(not s.recovered for s in result.stored),
+        upscaled=sum(bool(r.upscaled_uri) for r in records),
+    )
+    if retry_only is not None:
+        # Failures of the last full run that were not retried this time stay failed.
+        previous = folder.read_summary()
+        retried = {i.request_id for i in pending}
+        kept = [f for f in (previous.failed if previous else []) if f["request_id"] not in retried]
+        summary.failed = kept + summary.failed
+    folder.write_summary(summary)
+    folder.write_gallery(records, f"Catalogue job {job}" + (f", shard {shard}" if shard.count > 1 else ""))
+    if args.zip and not result.interrupted:
+        for problem in await folder.write_zip(records, store):
+            print(f"zip: {problem}", file=sys.stderr)
+    if store is not None:
+        await store.close()
+    print(f"{folder.index_file}, {folder.summary_file}, {folder.gallery_file}", file=sys.stderr)
+    if result.interrupted:
+        return EXIT_INTERRUPTED
+    return 1 if summary.failed or summary.done < summary.total else 0
+
+
+def _needs_upscale(item: Item, indexed: dict[str, IndexRecord]) -> bool:
+    record = indexed.get(item.request_id)
+    return item.row.upscale and record is not None and not record.upscaled_uri
+
+
+def _stored(item: Item, r: IndexRecord) -> Stored:
+    return Stored(item, r.uri, r.url, r.parameters, r.device, r.recovered)
+
+
+def _job_records(folder: JobDir, items: list[Item]) -> list[IndexRecord]:
+    """The index's records of this job's items (a file that lost rows keeps their lines, not their place)."""
+    wanted = {i.request_id for i in items}
+    return [r for r in folder.read_index().values() if r.request_id in wanted]
+
+
+def status(out: Path) -> int:
+    folder = JobDir(out)
+    info = folder.load_job()
+    if info is None:
+        raise CatalogueError(f"{out}: no job.json; is it a catalogue job's --out folder?")
+    summary = folder.read_summary()
+    stored = len(folder.read_index())
+    print(f"job {info.job} (shard {info.shard}), catalogue {info.catalogue}")
+    if summary is None:
+        print(f"stored {stored}; no run has finished yet (run it again to resume)")
+        return 0
+    state = "stopped" if summary.interrupted else "finished"
+    print(
+        f"last run {state}: {summary.done}/{summary.total} stored, {len(summary.failed)} failed, "
+        f"{len(summary.skipped_rows)} bad rows skipped, {summary.rendered} rendered in {summary.seconds:.1f}s"
+        + (f", {summary.upscaled} upscaled" if summary.upscaled else "")
+    )
+    for f in summary.failed:
+        print(f"  failed: row {f['row']} {f['subject']} {f['scene']} #{f['index']}: {f['reason']}")
+    return 0
