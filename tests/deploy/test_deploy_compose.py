@@ -92,7 +92,7 @@ def _env(service: dict) -> dict[str, str]:
 
 def test_services_and_health_checks_gate_depends_on(compose):
     services = compose["services"]
-    assert set(services) == {"s3", "s3-init", "generator", "upscaler", "web"}
+    assert set(services) == {"s3", "s3-init", "generator", "upscaler", "web", "catalogue"}
     for name, service in services.items():
         for dependency, rule in service.get("depends_on", {}).items():
             assert dependency in services, f"{name} -> {dependency}"
@@ -180,3 +180,24 @@ def test_every_setting_in_the_environment_exists(compose):
             assert key[len(prefix) :].lower() in fields[prefix], f"{name}: {key} is no setting"
     cli = (ROOT / "client" / "cli.py").read_text() + (ROOT / "client" / "channel.py").read_text()
     assert all(f'"{v}"' in cli for v in cli_env)
+
+
+def test_the_catalogue_profile_runs_the_demo_catalogue_once_against_the_stack(compose):
+    from client.cli import _parser
+
+    services = compose["services"]
+    job = services["catalogue"]
+    assert job["profiles"] == ["catalogue"] and job["restart"] == "no"  # not started by a plain `up`
+    assert job["image"] == services["web"]["image"]  # the web image carries the CLI
+    assert job["depends_on"] == {"generator": {"condition": "service_healthy"}}
+    assert job["command"][:3] == ["python", "-m", "client.cli"]
+    args = _parser().parse_args(job["command"][3:])
+    assert (args.command, args.catalogue_command, args.job) == ("catalogue", "run", "demo")
+    # The catalogue comes from the repository's demo folder, mounted where the command reads it.
+    (demo,) = [v for v in job["volumes"] if v.startswith("./demo:")]
+    host, target, _ = demo.split(":")
+    assert (ROOT / host / args.file.name).is_file() and str(args.file).startswith(target + "/")
+    env = _env(job)
+    assert args.storage == _env(services["generator"])["PIA_GENERATOR_STORAGE"]  # lists what the generator stored
+    assert env["PIA_GENERATOR_ADDRESS"] == "dns:///generator:50051" and "AWS_SECRET_ACCESS_KEY" in env
+    assert any(v.startswith("catalogue-results:") for v in job["volumes"]) and "catalogue-results" in compose["volumes"]

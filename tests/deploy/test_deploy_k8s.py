@@ -221,3 +221,54 @@ def test_images_are_the_three_dockerfiles(objects):
         image = _container(objects, name)["image"]
         assert image.startswith(f"registry.example.com/pia-{name}:"), image
         assert (ROOT / f"Dockerfile.{name}").exists()
+
+
+# The catalogue job (deploy/k8s/catalogue-job.yaml): applied per job, beside the base
+
+
+@pytest.fixture(scope="module")
+def catalogue_job() -> dict[tuple[str, str], dict]:
+    docs = [d for d in yaml.safe_load_all((K8S / "catalogue-job.yaml").read_text()) if d]
+    return {_key(d): d for d in docs}
+
+
+@pytest.mark.parametrize("version", ["1.29.0", kubernetes_validate.latest_version()])
+def test_catalogue_job_validates_strictly(catalogue_job, version):
+    for key, obj in catalogue_job.items():
+        try:
+            kubernetes_validate.validate(copy.deepcopy(obj), version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{key} against {version}: {exc.message} at {list(exc.path)}")
+
+
+def test_catalogue_job_shards_over_the_headless_service_and_resumes_from_storage(catalogue_job, objects):
+    from client.cli import _parser
+
+    job = catalogue_job[("Job", "pia-catalogue")]
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["backoffLimitPerIndex"] >= 1
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"  # backoffLimitPerIndex needs it
+    (container,) = spec["template"]["spec"]["containers"]
+    env = _env(container)
+    assert env["SHARD"]["valueFrom"]["fieldRef"]["fieldPath"].endswith("['batch.kubernetes.io/job-completion-index']")
+    # What the pod runs, with Kubernetes' $(VAR) expansion done for shard 2: the real CLI parses it.
+    values = {"JOB_ID": env["JOB_ID"]["value"], "SHARD": "2", "STORAGE": "s3://b/p", "S3_ENDPOINT": "http://s3"}
+    argv = [re.sub(r"\$\((\w+)\)", lambda m: values[m.group(1)], a) for a in container["args"]]
+    assert container["command"][-2:] == ["-m", "client.cli"]
+    args = _parser().parse_args(argv)
+    assert (args.command, args.catalogue_command) == ("catalogue", "run")
+    index, count = args.shard.split("/")
+    assert index == "2" and int(count) == spec["completions"] == spec["parallelism"]
+    assert args.job == values["JOB_ID"] and args.storage == "s3://b/p" and str(args.out).endswith("/shard-2")
+    # The target is the base's headless Service; the storage, S3 credentials and token are the base's own.
+    service = objects[("Service", "generator-headless")]
+    (grpc_port,) = [p for p in service["spec"]["ports"] if p["name"] == "grpc"]
+    assert args.generator == f"dns:///generator-headless:{grpc_port['port']}"
+    assert env["STORAGE"]["valueFrom"]["configMapKeyRef"]["name"] in {n for k, n in objects if k == "ConfigMap"}
+    assert {s["secretRef"]["name"] for s in container["envFrom"]} <= {n for k, n in objects if k == "Secret"}
+    volumes = {v["name"]: v for v in spec["template"]["spec"]["volumes"]}
+    assert volumes["token"]["secret"]["secretName"] in {n for k, n in objects if k == "Secret"}
+    assert ("PersistentVolumeClaim", volumes["results"]["persistentVolumeClaim"]["claimName"]) in catalogue_job
+    assert volumes["catalogue"]["configMap"]["name"] == "pia-catalogue"  # created per job (the file's header)
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert str(args.file).startswith("/catalogue/") and "/results" in mounts and "/tmp" in mounts
