@@ -15,6 +15,7 @@ BENCHES = [
     ("generator", ["benchmarks.generator"]),
     ("upscaler", ["benchmarks.upscaler"]),
     ("soak", ["benchmarks.soak"]),  # 20 clients x 200 requests: latency, throughput, RSS and fds over time
+    ("catalogue", ["benchmarks.catalogue"]),  # 1,000 images: the runner against plain Generate calls, resume
 ]
 CUDA_BENCHES = [("generator-cuda", ["benchmarks.generator", "--fullsize", "--device", "cuda:0"])]
 
