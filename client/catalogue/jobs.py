@@ -139,6 +139,7 @@ class JobRegistry:
         self.generator = generator  # called on the loop: grpc.aio channels belong to a loop
         self.options = options or JobOptions(zip=True)
         self._live: dict[str, _Live] = {}
+        self._disk: dict[str, tuple[tuple[int, ...], JobView]] = {}
 
     async def validate(self, path: Path) -> tuple[list[str], int]:
         """Every problem of the file, one line each (spec's own sentences), checked against the generator,
@@ -201,7 +202,7 @@ class JobRegistry:
         if self.root.is_dir():
             for folder in self.root.iterdir():
                 if folder.name not in views and (folder / "job.json").is_file():
-                    views[folder.name] = self._from_disk(folder)
+                    views[folder.name] = self._cached(folder)
         return sorted(views.values(), key=lambda v: v.started, reverse=True)
 
     def view(self, job: str) -> JobView | None:
@@ -209,7 +210,18 @@ class JobRegistry:
         if live is not None:
             return live.view
         folder = self.root / job
-        return self._from_disk(folder) if (folder / "job.json").is_file() else None
+        return self._cached(folder) if (folder / "job.json").is_file() else None
+
+    def _cached(self, folder: Path) -> JobView:
+        """`_from_disk`, read again only when one of the folder's files changed (the page asks every second)."""
+        jobdir = JobDir(folder)
+        stamp = tuple(
+            p.stat().st_mtime_ns if p.exists() else 0 for p in (jobdir.job_file, jobdir.index_file, jobdir.summary_file)
+        )
+        cached = self._disk.get(folder.name)
+        if cached is None or cached[0] != stamp:
+            cached = self._disk[folder.name] = (stamp, self._from_disk(folder))
+        return cached[1]
 
     async def _run(self, live: _Live, path: Path) -> None:
         view = live.view
