@@ -1,5 +1,6 @@
 """The page's Catalogue tab in Debian's chromium: a products × scenes job started from the tab keeps
-running in the web process through a page reload, finishes, and its zip downloads with every image.
+running in the web process through a page reload, is stopped and resumed from the page (rendering only
+what is missing), finishes, and its zip downloads with every image.
 
 The generator is the stand-in (fixed time per step) on a real socket; the page is `python -m client.web`.
 """
@@ -7,6 +8,7 @@ The generator is the stand-in (fixed time per step) on a real socket; the page i
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import sys
@@ -26,7 +28,7 @@ pytestmark = pytest.mark.browser
 
 PRODUCTS = ("Tiny Star", "Tiny Mug")
 SCENES = ("Beach · beach", "Flowers · flowers")
-IMAGES_PER_SCENE = 2
+IMAGES_PER_SCENE = 3
 TOTAL = len(PRODUCTS) * len(SCENES) * IMAGES_PER_SCENE
 
 
@@ -77,9 +79,9 @@ async def test_a_job_started_on_the_tab_survives_a_reload_and_its_zip_holds_ever
 ):
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: run `make browser` (apt-get install chromium)")
-    # About 0.5 s an image on one worker: the job is still running when the page reloads.
+    # About 1 s an image on one worker: the job is still running after the reload, when Stop is pressed.
     async with (
-        standin_server(tiny_world, tmp_path, step=0.12) as (generator, _, _),
+        standin_server(tiny_world, tmp_path, step=0.25) as (generator, _, _),
         serve_page(f"127.0.0.1:{generator.port}", tmp_path) as url,
         local_page() as (page, external),
     ):
@@ -106,11 +108,24 @@ async def test_a_job_started_on_the_tab_survives_a_reload_and_its_zip_holds_ever
         await page.get_by_role("tab", name="Catalogue").click()
         listed = page.locator(f'#cat-jobs tr[data-job="{job}"]')
         await listed.wait_for(timeout=30_000)
-        assert await listed.get_attribute("data-state") in ("running", "finished")
+        assert await listed.get_attribute("data-state") == "running"
+
+        # Stop: the job stays listed, stopped and resumable; Resume renders only what is missing.
+        await page.locator("#cat-stop").click()
+        await listed.and_(page.locator('[data-state="stopped"]')).wait_for(timeout=30_000)
+        folder = tmp_path / "jobs" / job
+        stopped = json.loads((folder / "summary.json").read_text())
+        assert stopped["interrupted"] and stopped["done"] < TOTAL
+        assert "Resume renders the rest" in await page.locator("#cat-detail").inner_text()
+        await page.locator("#cat-resume").click()
         await listed.and_(page.locator('[data-state="finished"]')).wait_for(timeout=60_000)
+        finished = json.loads((folder / "summary.json").read_text())
+        assert finished["rendered"] == TOTAL - stopped["done"], (stopped, finished)
         assert re.search(rf"{TOTAL} done, 0 failed, {TOTAL} in all", await page.locator("#cat-detail").inner_text())
         assert await page.locator('#cat-detail tr[data-state="done"]').count() == TOTAL
-        await page.locator("#cat-gallery").get_by_role("button").nth(TOTAL - 1).wait_for(timeout=30_000)
+        thumbnails = page.locator("#cat-gallery button.thumbnail-lg")
+        await thumbnails.nth(TOTAL - 1).wait_for(timeout=30_000)
+        assert await thumbnails.count() == TOTAL
 
         zip_button = page.locator("#cat-zip")
         await zip_button.wait_for(timeout=30_000)
