@@ -220,7 +220,9 @@ def _catalogue_tab(demo: gr.Blocks, backends: Backends, registry: JobRegistry) -
 
     demo.load(on_load, outputs=[products, scenes, problems], show_progress="hidden")
 
-    async def catalogue_file(picked: list[str], picked_scenes: list[str], count: float | None, path: str | None):
+    async def catalogue_file(
+        picked: list[str], picked_scenes: list[str], count: float | None, path: str | None
+    ) -> tuple[Path | None, list[str]]:
         if path:
             return Path(path), []
         return await web_catalogue.picked_catalogue(backends, picked or [], picked_scenes or [], count)
@@ -241,7 +243,10 @@ def _catalogue_tab(demo: gr.Blocks, backends: Backends, registry: JobRegistry) -
         path, message = await checked(*values)
         if path is None:
             return {problems: message}
-        started = registry.start(path)
+        try:
+            started = registry.start(path)
+        except (OSError, ValueError) as exc:  # e.g. --catalogue-dir not writable
+            return {problems: f"{message}\n\nThe job could not start: {exc}"}
         message += f"\n\nJob **{started}** started."
         return {problems: message, job: _dropdown(web_catalogue.job_choices(registry.jobs(), started))}
 

@@ -49,7 +49,10 @@ async def picked_catalogue(
     was left out; no file, with the reason, when nothing is left."""
     if not products or not scenes:
         return None, ["Pick at least one product and one scene, or upload a catalogue file."]
-    offer = await fetch_offer(backends.generator(), set(products))
+    try:
+        offer = await fetch_offer(backends.generator(), set(products))
+    except grpc.aio.AioRpcError as exc:
+        return None, [friendly_error(exc, "generator", backends.generator_address)]
     rows, notes = [], []
     for product in products:
         offered = offer.product_scenes.get(product)
@@ -87,7 +90,7 @@ async def check(registry: JobRegistry, backends: Backends, path: Path) -> tuple[
 def problems_markdown(problems: list[str], notes: list[str], images: int) -> str:
     lines = [f"- {html.escape(n)}" for n in notes]
     if problems:
-        lines.insert(0, f"**{len(problems)} problem(s); nothing was started:**")
+        lines.insert(0, f"**{len(problems)} problem(s); the job cannot start:**")
         lines += [f"- {html.escape(p)}" for p in problems]
     else:
         lines.insert(0, f"The catalogue is valid: {images} image(s).")

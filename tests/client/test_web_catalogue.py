@@ -55,6 +55,14 @@ async def test_picks_keep_the_scenes_each_product_offers(backends, registry):
     none, why = await web_catalogue.picked_catalogue(backends, ["tiny-star"], ["demo-beach"], 1)
     assert none is None and why[-1] == "No picked scene is offered for the picked products."
     assert (await web_catalogue.picked_catalogue(backends, [], ["beach"], 1))[0] is None
+    down = Backends(f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}", backends.files_dir)
+    try:
+        none, why = await web_catalogue.picked_catalogue(down, ["tiny-star"], ["beach"], 1)
+    finally:
+        await down.close()
+    assert none is None and why == [
+        f"The generator is unreachable ({down.generator_address}). Try again once it is back."
+    ]
 
 
 async def test_an_uploaded_file_with_bad_rows_is_refused_with_every_row(backends, registry, tmp_path):
@@ -62,7 +70,7 @@ async def test_an_uploaded_file_with_bad_rows_is_refused_with_every_row(backends
     path.write_text("- {product: nope, scenes: beach}\n- {product: tiny-star, scenes: beach, images: 0}\n")
     problems, _ = await web_catalogue.check(registry, backends, path)
     shown = web_catalogue.problems_markdown(problems, [], 0)
-    assert shown.startswith("**2 problem(s); nothing was started:**")
+    assert shown.startswith("**2 problem(s); the job cannot start:**")
     assert "row 1, column product: unknown product &#x27;nope&#x27;" in shown
     assert "row 2, column images: must be between 1 and 1000, got 0" in shown
 
