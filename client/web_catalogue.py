@@ -7,10 +7,10 @@ turns picks into a catalogue file, validates it as the CLI does, and shows the r
 from __future__ import annotations
 
 import csv
+import hashlib
 import html
 import io
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -72,7 +72,8 @@ async def picked_catalogue(
     writer.writerow(["product", "scenes", "images"])
     count = int(images) if images is not None and images == images else 1
     writer.writerows((product, scene_list, count) for product, scene_list in rows)
-    folder = backends.files_dir / "catalogue-picks" / uuid.uuid4().hex[:12]
+    # Named by its content: validating the same picks again (then starting them) writes no second file.
+    folder = backends.files_dir / "catalogue-picks" / hashlib.sha256(text.getvalue().encode()).hexdigest()[:12]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "picked.csv"
     path.write_text(text.getvalue())
