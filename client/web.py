@@ -27,7 +27,11 @@ from gradio.blocks import Block
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from client import web_catalogue
 from client import web_logic as logic
+from client.catalogue.commands import JobOptions
+from client.catalogue.jobs import JobRegistry
+from client.catalogue.runner import FlowControl
 from client.channel import ChannelSettings
 from client.web_logic import Backends, Form, Session
 
@@ -47,6 +51,8 @@ CSS = """
 #upscaled img { width: 100%; height: auto; max-height: none; object-fit: contain; }
 #upscaled .image-frame, #upscaled .image-container { width: 100%; height: auto; max-height: none; }
 .pixel-preview { display: inline-block; margin: 0; }
+#cat-detail progress { width: 100%; height: 0.9rem; }
+#cat-jobs td, #cat-detail td { padding: 0.15rem 0.5rem; }
 .pixel-preview figcaption { font-size: 0.85em; opacity: 0.8; }
 """
 
@@ -87,6 +93,12 @@ class WebSettings(ChannelSettings):  # token and TLS fields (PIA_WEB_TOKEN, ...)
         None, description="Gradio login for the page: 'user:password', comma-separated (prefer the env variable)."
     )
     auth_file: str | None = Field(None, description="Gradio login: a file of 'user:password' lines.")
+    catalogue_dir: str = Field(
+        "outputs/web-catalogue",
+        description="Catalogue jobs started on the page: one folder per job (index, summary, gallery, zip); "
+        "the page lists every job found here, also after a restart.",
+    )
+    catalogue_concurrency: int = Field(4, description="Requests in flight per catalogue job.")
 
     def login(self) -> Callable[[str, str], bool] | None:
         """Gradio's auth callable (constant-time check), or None when no login is configured."""
@@ -152,11 +164,151 @@ def _placement_widgets() -> tuple[gr.Checkbox, gr.Image, gr.Checkbox, gr.Slider,
     return keep, photo, shadow, strength, mask, note
 
 
-def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
-    """The page; `backends` defaults to the addresses in `settings`."""
+def job_registry(settings: WebSettings, backends: Backends) -> JobRegistry:
+    """The web process's catalogue jobs: run on the server's loop, in folders under `catalogue_dir`."""
+    options = JobOptions(
+        flow=FlowControl(concurrency=settings.catalogue_concurrency),
+        upscaler=settings.upscaler,
+        security=settings.channel_security(),
+        zip=True,
+    )
+    return JobRegistry(Path(settings.catalogue_dir), backends.generator, options)
+
+
+def _catalogue_tab(demo: gr.Blocks, backends: Backends, registry: JobRegistry) -> None:
+    """Products x scenes (or a CSV/YAML file) -> a validated job in the registry; every job, its items,
+    its images and its zip, refreshed by a timer. The jobs run in the registry, never in these handlers."""
+    gr.Markdown(
+        "Render products × scenes as one job (or upload a catalogue file, docs/CATALOGUE.md). "
+        "The job runs in the web server: closing or reloading this page does not stop it."
+    )
+    with gr.Row():
+        with gr.Column(scale=2, min_width=320):
+            products = gr.Dropdown(label="Products", choices=[], multiselect=True, elem_id="cat-products")
+            scenes = gr.Dropdown(label="Scenes", choices=[], multiselect=True, elem_id="cat-scenes")
+            images = gr.Number(label="Images per scene (1–1000)", value=1, precision=0, elem_id="cat-images")
+            upload = gr.File(
+                label="…or a catalogue file (CSV or YAML; used instead of the picks)",
+                file_types=[".csv", ".yaml", ".yml"],
+                type="filepath",
+                elem_id="cat-file",
+            )
+            with gr.Row():
+                validate_btn = gr.Button("Validate", elem_id="cat-validate")
+                start_btn = gr.Button("Start job", variant="primary", elem_id="cat-start")
+            problems = gr.Markdown("", elem_id="cat-problems")
+        with gr.Column(scale=3, min_width=360):
+            jobs_table = gr.HTML(web_catalogue.jobs_html([]), elem_id="cat-jobs")
+            # Custom values allowed: the choices follow the registry, so a tab may briefly hold a newer job.
+            job = gr.Dropdown(label="Job", choices=[], allow_custom_value=True, elem_id="cat-job")
+            detail = gr.HTML("", elem_id="cat-detail")
+            with gr.Row():
+                stop_btn = gr.Button("Stop job", variant="stop", interactive=False, elem_id="cat-stop")
+                resume_btn = gr.Button("Resume job", interactive=False, elem_id="cat-resume")
+                zip_btn = gr.DownloadButton("Download images.zip", visible=False, elem_id="cat-zip")
+            job_gallery = gr.Gallery(label="Stored images", format="png", columns=6, elem_id="cat-gallery")
+    # What this tab shows now, so a tick sends only what changed (a zip or a gallery is not re-sent each second).
+    shown = gr.State({})
+
+    async def on_load() -> dict:
+        product_choices, scene_choices, message = await web_catalogue.load_picks(backends)
+        return {
+            products: gr.update(choices=product_choices.choices),
+            scenes: gr.update(choices=scene_choices.choices),
+            problems: message,
+        }
+
+    demo.load(on_load, outputs=[products, scenes, problems], show_progress="hidden")
+
+    async def catalogue_file(
+        picked: list[str], picked_scenes: list[str], count: float | None, path: str | None
+    ) -> tuple[Path | None, list[str]]:
+        if path:
+            return Path(path), []
+        return await web_catalogue.picked_catalogue(backends, picked or [], picked_scenes or [], count)
+
+    async def checked(*values: Any) -> tuple[Path | None, str]:
+        path, notes = await catalogue_file(*values)
+        if path is None:
+            return None, web_catalogue.problems_markdown(notes, [], 0)
+        found, count = await web_catalogue.check(registry, backends, path)
+        return (None if found else path), web_catalogue.problems_markdown(found, notes, count)
+
+    picks = [products, scenes, images, upload]
+
+    async def on_validate(*values: Any) -> str:
+        return (await checked(*values))[1]
+
+    async def on_start(*values: Any) -> dict:
+        path, message = await checked(*values)
+        if path is None:
+            return {problems: message}
+        try:
+            started = registry.start(path)
+        except (OSError, ValueError) as exc:  # e.g. --catalogue-dir not writable
+            return {problems: f"{message}\n\nThe job could not start: {exc}"}
+        message += f"\n\nJob **{started}** started."
+        return {problems: message, job: _dropdown(web_catalogue.job_choices(registry.jobs(), started))}
+
+    validate_btn.click(on_validate, picks, problems, show_progress="hidden")
+    start_event = start_btn.click(on_start, picks, [problems, job], show_progress="hidden")
+
+    async def refresh(chosen: str | None, before: dict) -> dict:
+        views = registry.jobs()
+        choices = web_catalogue.job_choices(views, chosen)
+        view = next((v for v in views if v.job == choices.value), None)
+        now = dict(before)
+        update: dict[Block, Any] = {
+            jobs_table: web_catalogue.jobs_html(views),
+            detail: web_catalogue.job_html(view),
+            stop_btn: gr.update(interactive=web_catalogue.can_stop(view)),
+            resume_btn: gr.update(interactive=web_catalogue.can_resume(view)),
+        }
+        if (now.get("choices"), now.get("job")) != (choices.choices, choices.value):
+            update[job] = _dropdown(choices)
+            now.update(choices=choices.choices, job=choices.value)
+        zip_file = view.zip_file if view is not None else None
+        zip_key = f"{zip_file}:{zip_file.stat().st_mtime}" if zip_file else ""
+        if now.get("zip") != zip_key:
+            update[zip_btn] = gr.update(value=str(zip_file), visible=True) if zip_file else gr.update(visible=False)
+            now["zip"] = zip_key
+        gallery_key = f"{view.job}:{view.done}" if view else ""
+        if now.get("gallery") != gallery_key:
+            update[job_gallery] = await web_catalogue.gallery(backends, view)
+            now["gallery"] = gallery_key
+        update[shown] = now
+        return update
+
+    outputs = [jobs_table, job, detail, stop_btn, resume_btn, zip_btn, job_gallery, shown]
+    watch: dict[str, Any] = dict(inputs=[job, shown], outputs=outputs, show_progress="hidden")
+    gr.Timer(1.0).tick(refresh, **watch)
+    start_event.then(refresh, **watch)
+    job.input(refresh, **watch)
+
+    async def on_stop(chosen: str | None, before: dict) -> dict:
+        if chosen:
+            registry.stop(chosen)
+        return await refresh(chosen, before)
+
+    async def on_resume(chosen: str | None, before: dict) -> dict:
+        if chosen:
+            try:
+                registry.resume(chosen)
+            except ValueError as exc:
+                gr.Warning(str(exc))
+        return await refresh(chosen, before)
+
+    stop_btn.click(on_stop, **watch)
+    resume_btn.click(on_resume, **watch)
+
+
+def build(settings: WebSettings, backends: Backends | None = None, registry: JobRegistry | None = None) -> gr.Blocks:
+    """The page; `backends` defaults to the addresses in `settings`, `registry` to its catalogue jobs."""
     if backends is None:
         files_dir = settings.files_dir or tempfile.mkdtemp(prefix="pia-web-")
         backends = Backends(settings.generator, settings.upscaler, files_dir, settings.channel_security())
+    if registry is None:
+        registry = job_registry(settings, backends)
 
     # Gradio's own copies of served files: swept hourly once a day old (ours go with each tab's state).
     with gr.Blocks(title="Product in Action", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
@@ -172,95 +324,122 @@ def build(settings: WebSettings, backends: Backends | None = None) -> gr.Blocks:
         gr.Markdown("# Product in Action\nPhotos of your own product in scenes you choose.")
         banner = gr.Markdown("Checking the services…", elem_id="status-banner")
 
-        with gr.Row():
-            with gr.Column(scale=2, min_width=320):
-                product = gr.Dropdown(label="Product", choices=[], elem_id="product")
-                template = gr.Dropdown(label="Scene", choices=[], elem_id="template")
-                text = gr.Textbox(label="Extra details (optional)", lines=2, elem_id="scene-text")
-                prompt_preview = gr.Textbox(label="Final prompt", lines=3, interactive=False, elem_id="prompt-preview")
-                # No minimum/maximum on number widgets: Gradio would refuse an out-of-range value with a
-                # traceback in the log and no word on the page; web_logic checks them and says why.
-                num_images = gr.Number(
-                    label=f"Number of images (1–{settings.max_images})", value=4, precision=0, elem_id="num-images"
-                )
-                show_previews = gr.Checkbox(label="Show step previews while generating", value=False)
-                keep_product, product_photo, shadow, shadow_strength, mask_view, mask_note = _placement_widgets()
-                with gr.Accordion("Advanced", open=False):
-                    with gr.Row():
-                        seed = gr.Number(label="Seed", value=None, precision=0, placeholder="random", elem_id="seed")
-                        random_seed = gr.Checkbox(label="Random seed", value=True)
-                    with gr.Row():
-                        steps = gr.Number(
-                            label="Steps (0: default)",
-                            value=None,
+        with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("Generate", id="generate", elem_id="generate-tab"):
+                with gr.Row():
+                    with gr.Column(scale=2, min_width=320):
+                        product = gr.Dropdown(label="Product", choices=[], elem_id="product")
+                        template = gr.Dropdown(label="Scene", choices=[], elem_id="template")
+                        text = gr.Textbox(label="Extra details (optional)", lines=2, elem_id="scene-text")
+                        prompt_preview = gr.Textbox(
+                            label="Final prompt", lines=3, interactive=False, elem_id="prompt-preview"
+                        )
+                        # No minimum/maximum on number widgets: Gradio would refuse an out-of-range value with a
+                        # traceback in the log and no word on the page; web_logic checks them and says why.
+                        num_images = gr.Number(
+                            label=f"Number of images (1–{settings.max_images})",
+                            value=4,
                             precision=0,
-                            placeholder="default",
-                            elem_id="steps",
+                            elem_id="num-images",
                         )
-                        guidance = gr.Number(
-                            label="Guidance (0: default)",
-                            value=None,
-                            step=0.5,
-                            placeholder="default",
-                            elem_id="guidance",
+                        show_previews = gr.Checkbox(label="Show step previews while generating", value=False)
+                        keep_product, product_photo, shadow, shadow_strength, mask_view, mask_note = (
+                            _placement_widgets()
                         )
-                    with gr.Row():
-                        width = gr.Number(
-                            label="Width (0: default)", value=None, precision=0, step=8, placeholder="default"
-                        )
-                        height = gr.Number(
-                            label="Height (0: default)", value=None, precision=0, step=8, placeholder="default"
-                        )
-                    negative = gr.Textbox(label="Negative prompt (blank: the scene's own)", lines=1, elem_id="negative")
-                    negative_preview = gr.Textbox(
-                        label="Final negative prompt", lines=1, interactive=False, elem_id="negative-preview"
-                    )
-                    scheduler = gr.Dropdown(
-                        label="Scheduler",
-                        choices=[("Model default", ""), *((name, name) for name in logic.SCHEDULERS)],
-                        value="",
-                    )
-                    with gr.Row():
-                        style = gr.Dropdown(label="Style adapter", choices=[("None", "")], value="", elem_id="style")
-                        style_weight = gr.Number(
-                            label="Style weight (-2 to 2)", value=1.0, step=0.05, elem_id="style-weight"
-                        )
-                    with gr.Row():
-                        background = gr.Dropdown(
-                            label="Background adapter", choices=[("None", "")], value="", elem_id="background"
-                        )
-                        background_weight = gr.Number(
-                            label="Background weight (-2 to 2)", value=1.0, step=0.05, elem_id="background-weight"
-                        )
-                with gr.Row():
-                    generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
-                    more_btn = gr.Button("Generate more", elem_id="generate-more")
-                    stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
+                        with gr.Accordion("Advanced", open=False):
+                            with gr.Row():
+                                seed = gr.Number(
+                                    label="Seed", value=None, precision=0, placeholder="random", elem_id="seed"
+                                )
+                                random_seed = gr.Checkbox(label="Random seed", value=True)
+                            with gr.Row():
+                                steps = gr.Number(
+                                    label="Steps (0: default)",
+                                    value=None,
+                                    precision=0,
+                                    placeholder="default",
+                                    elem_id="steps",
+                                )
+                                guidance = gr.Number(
+                                    label="Guidance (0: default)",
+                                    value=None,
+                                    step=0.5,
+                                    placeholder="default",
+                                    elem_id="guidance",
+                                )
+                            with gr.Row():
+                                width = gr.Number(
+                                    label="Width (0: default)", value=None, precision=0, step=8, placeholder="default"
+                                )
+                                height = gr.Number(
+                                    label="Height (0: default)", value=None, precision=0, step=8, placeholder="default"
+                                )
+                            negative = gr.Textbox(
+                                label="Negative prompt (blank: the scene's own)", lines=1, elem_id="negative"
+                            )
+                            negative_preview = gr.Textbox(
+                                label="Final negative prompt", lines=1, interactive=False, elem_id="negative-preview"
+                            )
+                            scheduler = gr.Dropdown(
+                                label="Scheduler",
+                                choices=[("Model default", ""), *((name, name) for name in logic.SCHEDULERS)],
+                                value="",
+                            )
+                            with gr.Row():
+                                style = gr.Dropdown(
+                                    label="Style adapter", choices=[("None", "")], value="", elem_id="style"
+                                )
+                                style_weight = gr.Number(
+                                    label="Style weight (-2 to 2)", value=1.0, step=0.05, elem_id="style-weight"
+                                )
+                            with gr.Row():
+                                background = gr.Dropdown(
+                                    label="Background adapter", choices=[("None", "")], value="", elem_id="background"
+                                )
+                                background_weight = gr.Number(
+                                    label="Background weight (-2 to 2)",
+                                    value=1.0,
+                                    step=0.05,
+                                    elem_id="background-weight",
+                                )
+                        with gr.Row():
+                            generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+                            more_btn = gr.Button("Generate more", elem_id="generate-more")
+                            stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
 
-            with gr.Column(scale=3, min_width=360):
-                progress = gr.HTML(_progress_html(0, ""), elem_id="progress")
-                status = gr.Markdown("", elem_id="status")
-                # Plain HTML: the frame takes the preview's own size (shown at a whole-number scale).
-                preview = gr.HTML("", visible=False, elem_id="preview")
-                gallery = gr.Gallery(
-                    label="Images", format="png", columns=3, object_fit="contain", elem_id="gallery", preview=False
-                )
-                details = gr.Markdown(logic.select_image(Session(), None).summary, elem_id="details")
-                with gr.Accordion("Technical details", open=False, elem_id="technical-details"):
-                    technical = gr.Markdown("", elem_id="technical")
-                with gr.Row():
-                    upscale_btn = gr.Button(f"Upscale ×{settings.upscale_factor}", interactive=False, elem_id="upscale")
-                    reuse_btn = gr.Button("Reuse settings", interactive=False, elem_id="reuse")
-                upscale_status = gr.Markdown("", elem_id="upscale-status")
-                upscaled = gr.Image(
-                    label="Upscaled",
-                    type="filepath",
-                    format="png",
-                    interactive=False,
-                    buttons=["download", "fullscreen"],
-                    elem_id="upscaled",
-                )
-                download = gr.DownloadButton("Download upscaled PNG", visible=False, elem_id="download")
+                    with gr.Column(scale=3, min_width=360):
+                        progress = gr.HTML(_progress_html(0, ""), elem_id="progress")
+                        status = gr.Markdown("", elem_id="status")
+                        # Plain HTML: the frame takes the preview's own size (shown at a whole-number scale).
+                        preview = gr.HTML("", visible=False, elem_id="preview")
+                        gallery = gr.Gallery(
+                            label="Images",
+                            format="png",
+                            columns=3,
+                            object_fit="contain",
+                            elem_id="gallery",
+                            preview=False,
+                        )
+                        details = gr.Markdown(logic.select_image(Session(), None).summary, elem_id="details")
+                        with gr.Accordion("Technical details", open=False, elem_id="technical-details"):
+                            technical = gr.Markdown("", elem_id="technical")
+                        with gr.Row():
+                            upscale_btn = gr.Button(
+                                f"Upscale ×{settings.upscale_factor}", interactive=False, elem_id="upscale"
+                            )
+                            reuse_btn = gr.Button("Reuse settings", interactive=False, elem_id="reuse")
+                        upscale_status = gr.Markdown("", elem_id="upscale-status")
+                        upscaled = gr.Image(
+                            label="Upscaled",
+                            type="filepath",
+                            format="png",
+                            interactive=False,
+                            buttons=["download", "fullscreen"],
+                            elem_id="upscaled",
+                        )
+                        download = gr.DownloadButton("Download upscaled PNG", visible=False, elem_id="download")
+            with gr.Tab("Catalogue", id="catalogue", elem_id="catalogue-tab"):
+                _catalogue_tab(demo, backends, registry)
 
         form: dict[str, Block] = {
             "product_id": product,
@@ -556,6 +735,7 @@ def launch(settings: WebSettings, backends: Backends | None = None, block: bool 
         server_port=settings.port,
         share=False,
         auth=settings.login(),
+        allowed_paths=[str(Path(settings.catalogue_dir).resolve())],  # the jobs' images.zip
         show_error=False,
         prevent_thread_lock=not block,
         quiet=True,

@@ -15,6 +15,8 @@ import secrets
 import signal
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from client.api import GeneratorClient, UpscalerClient
@@ -22,8 +24,8 @@ from client.catalogue import spec
 from client.catalogue.plan import Item, Shard, check_job_id, plan_items
 from client.catalogue.progress import FORMATS, reporter
 from client.catalogue.results import IndexRecord, JobDir, JobInfo, Summary
-from client.catalogue.runner import FlowControl, Runner, Stored
-from client.channel import security_from_args
+from client.catalogue.runner import Event, FlowControl, Runner, Stored
+from client.channel import ChannelSecurity, security_from_args
 from services.common.storage import ImageStore, open_store
 
 EXIT_INTERRUPTED = 130
@@ -128,18 +130,9 @@ async def validate(path: Path, client: GeneratorClient) -> int:
     return 1 if catalogue.problems else 0
 
 
-def _new_job_id(path: Path) -> str:
+def new_job_id(path: Path) -> str:
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-._")[:12] or "job"
     return f"{stem}-{secrets.token_hex(3)}"
-
-
-def _open_storage(args: argparse.Namespace) -> ImageStore | None:
-    if not args.storage:
-        return None
-    try:
-        return open_store(args.storage, endpoint_url=args.s3_endpoint)
-    except ValueError as exc:
-        raise CatalogueError(str(exc)) from None
 
 
 async def stored_ids(store: ImageStore, job: str) -> set[str]:
@@ -153,7 +146,6 @@ async def stored_ids(store: ImageStore, job: str) -> set[str]:
 
 
 async def run(args: argparse.Namespace, client: GeneratorClient) -> int:
-    started = time.monotonic()
     folder = JobDir(args.out)
     info = folder.load_job()
     retry_only: set[str] | None = None
@@ -178,54 +170,111 @@ async def run(args: argparse.Namespace, client: GeneratorClient) -> int:
             raise CatalogueError(f"{args.out} holds job {info.job!r}, not {given!r}: use another --out")
         if given is None and info is None and shard.count > 1:
             raise CatalogueError("a shard needs --job: every shard must derive the same ids")
-        job = given or (info.job if info else _new_job_id(path))
-    store = _open_storage(args)
+        job = given or (info.job if info else new_job_id(path))
+    options = JobOptions(
+        flow=FlowControl(concurrency=args.concurrency, attempts=args.attempts, request_timeout_s=args.timeout),
+        storage=args.storage or "",
+        s3_endpoint=args.s3_endpoint,
+        upscaler=args.upscaler,
+        security=security_from_args(args),
+        zip=args.zip,
+    )
+    loop = asyncio.get_running_loop()
 
-    catalogue = await check(path, client)
-    _print_problems(catalogue)
-    if 0 in catalogue.bad_rows:
-        return 1
-    if catalogue.problems and not skip:
-        print(
-            f"{len(catalogue.bad_rows)} bad rows: nothing was run; fix them, or run the good rows with --skip-bad-rows",
-            file=sys.stderr,
+    def on_plan(runner: Runner, _items: list[Item], _indexed: set[str]) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, runner.stop)
+
+    try:
+        outcome = await run_job(
+            client, path, folder, job, options, reporter(args.log_format), shard, skip, retry_only, on_plan
         )
-        return 1
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    if outcome.summary is not None:
+        print(f"{folder.index_file}, {folder.summary_file}, {folder.gallery_file}", file=sys.stderr)
+    return outcome.exit_status
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """How a job runs (the CLI's flags, or the web page's settings)."""
+
+    flow: FlowControl = field(default_factory=FlowControl)
+    storage: str = ""  # the generator's storage, listed to find what is stored ("" : ALREADY_EXISTS tells)
+    s3_endpoint: str | None = None
+    upscaler: str = "localhost:50052"
+    security: ChannelSecurity | None = None
+    zip: bool = False
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    exit_status: int  # 0 every item stored, 1 failures or bad rows, 130 stopped
+    summary: Summary | None  # None: nothing ran (a bad file)
+
+
+def say(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+async def run_job(
+    client: GeneratorClient,
+    path: Path,
+    folder: JobDir,
+    job: str,
+    options: JobOptions,
+    report: Callable[[Event], None],
+    shard: Shard = Shard(),
+    skip_bad_rows: bool = False,
+    retry_only: set[str] | None = None,
+    on_plan: Callable[[Runner, list[Item], set[str]], None] | None = None,
+    problems: Callable[[str], None] = say,
+) -> JobOutcome:
+    """Check, plan, resume and render one job into `folder`, then write its summary, gallery (and zip).
+
+    `on_plan(runner, items, indexed)` is called once the items are known, before anything renders (the
+    caller's hold on `runner.stop()`); `problems` gets one line per bad row or unreadable image.
+    """
+    started = time.monotonic()
+    try:
+        store = open_store(options.storage, endpoint_url=options.s3_endpoint) if options.storage else None
+    except ValueError as exc:
+        raise CatalogueError(str(exc)) from None
+    catalogue = await check(path, client)
+    for problem in catalogue.problems:
+        problems(f"{catalogue.path}: {problem}")
+    if 0 in catalogue.bad_rows:
+        return JobOutcome(1, None)
+    if catalogue.problems and not skip_bad_rows:
+        problems(
+            f"{len(catalogue.bad_rows)} bad rows: nothing was run; fix them, or run the good rows with --skip-bad-rows"
+        )
+        return JobOutcome(1, None)
     good = spec.without_bad_rows(catalogue)
-    folder.save_job(JobInfo(job, str(path.resolve()), str(shard), args.storage or ""))
+    folder.save_job(JobInfo(job, str(path.resolve()), str(shard), options.storage))
 
     items = plan_items(job, good.rows, shard)
     indexed = folder.read_index()
     found = await stored_ids(store, job) if store else set()
-    upscaler = UpscalerClient(args.upscaler, security_from_args(args)) if any(r.upscale for r in good.rows) else None
-    runner = Runner(
-        client,
-        FlowControl(concurrency=args.concurrency, attempts=args.attempts, request_timeout_s=args.timeout),
-        reporter(args.log_format),
-        folder.append,
-        store,
-        uri_base=folder.uri_base(),
-        upscaler=upscaler,
-    )
-    for item in items:
-        if item.request_id in found and item.request_id not in indexed:
-            folder.append(await runner.recover(item))  # stored by a run killed before it wrote the line
-    indexed = folder.read_index()
-    pending = [i for i in items if i.request_id not in indexed]
-    # Stored, but the row's upscale is missing (a run stopped in between, or the upscale failed).
-    to_upscale = [_stored(i, indexed[i.request_id]) for i in items if _needs_upscale(i, indexed)]
-    if retry_only is not None:
-        pending = [i for i in pending if i.request_id in retry_only]
-        to_upscale = [s for s in to_upscale if s.item.request_id in retry_only]
-
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, runner.stop)
+    upscaler = UpscalerClient(options.upscaler, options.security) if any(r.upscale for r in good.rows) else None
+    runner = Runner(client, options.flow, report, folder.append, store, uri_base=folder.uri_base(), upscaler=upscaler)
+    if on_plan is not None:
+        on_plan(runner, items, set(indexed))
     try:
+        for item in items:
+            if item.request_id in found and item.request_id not in indexed:
+                folder.append(await runner.recover(item))  # stored by a run killed before it wrote the line
+        indexed = folder.read_index()
+        pending = [i for i in items if i.request_id not in indexed]
+        # Stored, but the row's upscale is missing (a run stopped in between, or the upscale failed).
+        to_upscale = [_stored(i, indexed[i.request_id]) for i in items if _needs_upscale(i, indexed)]
+        if retry_only is not None:
+            pending = [i for i in pending if i.request_id in retry_only]
+            to_upscale = [s for s in to_upscale if s.item.request_id in retry_only]
         result = await runner.run(pending, len(items) if retry_only is None else len(pending), to_upscale)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
         if upscaler is not None:
             await upscaler.close()
 
@@ -251,15 +300,14 @@ async def run(args: argparse.Namespace, client: GeneratorClient) -> int:
         summary.failed = kept + summary.failed
     folder.write_summary(summary)
     folder.write_gallery(records, f"Catalogue job {job}" + (f", shard {shard}" if shard.count > 1 else ""))
-    if args.zip and not result.interrupted:
-        for problem in await folder.write_zip(records, store):
-            print(f"zip: {problem}", file=sys.stderr)
+    if options.zip and not result.interrupted:
+        for unread in await folder.write_zip(records, store):
+            problems(f"zip: {unread}")
     if store is not None:
         await store.close()
-    print(f"{folder.index_file}, {folder.summary_file}, {folder.gallery_file}", file=sys.stderr)
     if result.interrupted:
-        return EXIT_INTERRUPTED
-    return 1 if summary.failed or summary.done < summary.total else 0
+        return JobOutcome(EXIT_INTERRUPTED, summary)
+    return JobOutcome(1 if summary.failed or summary.done < summary.total else 0, summary)
 
 
 def _needs_upscale(item: Item, indexed: dict[str, IndexRecord]) -> bool:

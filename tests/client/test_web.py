@@ -358,6 +358,8 @@ def test_page_builds_offline(tmp_path, closed):
     names = {fn.name for fn in demo.fns.values()}
     assert {"on_load", "on_tick", "on_generate", "on_generate_more", "on_stop", "on_upscale", "on_reuse"} <= names
     assert "on_unload" in names, "a closed tab must stop its run"
+    # The Catalogue tab: validate, start, stop, resume, and a timer's refresh of every job.
+    assert {"on_validate", "on_start", "on_stop", "on_resume", "refresh"} <= names
     # Stop must not cancel the Generate event: the handler itself reports "Stopped after N of M images".
     assert all(not fn.cancels for fn in demo.fns.values() if fn.name == "on_stop")
     assert FORM_FIELDS[0] == "product_id"
