@@ -210,3 +210,32 @@ def load_mask_png(data: bytes) -> np.ndarray:
 
     with Image.open(io.BytesIO(data)) as im:
         return np.asarray(im.convert("L")) >= 128
+
+
+@asynccontextmanager
+async def web_process(process, url: str, log, log_path: Path, timeout: float = 90.0):
+    """`url` once the page `process` serves answers; on exit the process is stopped (killed after 10 s)."""
+    import time
+    import urllib.request
+
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.returncode is not None:
+                raise RuntimeError(f"web page exited: {log_path.read_text()[-3000:]}")
+            try:
+                await asyncio.to_thread(urllib.request.urlopen, url, timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"web page not up on {url}") from None
+                await asyncio.sleep(0.3)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), 10)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+        log.close()

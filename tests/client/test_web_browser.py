@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, free_port
+from tests.helpers import ROOT, free_port, web_process
 from tools.browser import CHROMIUM, choose, local_page
 
 pytestmark = pytest.mark.browser
@@ -53,28 +53,8 @@ async def serve_page(generator: str, upscaler: str, tmp_path: Path) -> AsyncIter
         stdout=log,
         stderr=asyncio.subprocess.STDOUT,
     )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if process.returncode is not None:
-                raise RuntimeError(f"web page exited: {(tmp_path / f'web-{port}.log').read_text()[-3000:]}")
-            try:
-                await asyncio.to_thread(urllib.request.urlopen, url, timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"web page not up on {url}") from None
-                await asyncio.sleep(0.3)
+    async with web_process(process, f"http://127.0.0.1:{port}/", log, (tmp_path / f"web-{port}.log")) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            await asyncio.wait_for(process.wait(), 10)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-        log.close()
 
 
 @pytest.fixture

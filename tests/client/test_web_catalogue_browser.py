@@ -12,8 +12,6 @@ import json
 import os
 import re
 import sys
-import time
-import urllib.request
 import zipfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, free_port, standin_server
+from tests.helpers import ROOT, free_port, standin_server, web_process
 from tools.browser import CHROMIUM, choose, local_page
 
 pytestmark = pytest.mark.browser
@@ -45,28 +43,8 @@ async def serve_page(generator: str, tmp_path: Path) -> AsyncIterator[str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "client.web", *args, cwd=ROOT, env=env, stdout=log, stderr=asyncio.subprocess.STDOUT
     )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if process.returncode is not None:
-                raise RuntimeError(f"web page exited: {log_path.read_text()[-3000:]}")
-            try:
-                await asyncio.to_thread(urllib.request.urlopen, url, timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"web page not up on {url}") from None
-                await asyncio.sleep(0.3)
+    async with web_process(process, f"http://127.0.0.1:{port}/", log, log_path) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            await asyncio.wait_for(process.wait(), 10)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-        log.close()
 
 
 async def open_tab(page, url: str) -> None:

@@ -87,13 +87,17 @@ def test_kustomize_build_renders(objects):
         assert theirs == objects
 
 
-@pytest.mark.parametrize("version", ["1.29.0", kubernetes_validate.latest_version()])
-def test_every_object_validates_strictly(objects, version):
+def _validate_strictly(objects: dict[tuple[str, str], dict], version: str) -> None:
     for key, obj in objects.items():
         try:
             kubernetes_validate.validate(copy.deepcopy(obj), version, strict=True)
         except kubernetes_validate.ValidationError as exc:
             pytest.fail(f"{key} against {version}: {exc.message} at {list(exc.path)}")
+
+
+@pytest.mark.parametrize("version", ["1.29.0", kubernetes_validate.latest_version()])
+def test_every_object_validates_strictly(objects, version):
+    _validate_strictly(objects, version)
 
 
 def _pod(objects, name: str) -> dict:
@@ -234,11 +238,7 @@ def catalogue_job() -> dict[tuple[str, str], dict]:
 
 @pytest.mark.parametrize("version", ["1.29.0", kubernetes_validate.latest_version()])
 def test_catalogue_job_validates_strictly(catalogue_job, version):
-    for key, obj in catalogue_job.items():
-        try:
-            kubernetes_validate.validate(copy.deepcopy(obj), version, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            pytest.fail(f"{key} against {version}: {exc.message} at {list(exc.path)}")
+    _validate_strictly(catalogue_job, version)
 
 
 def test_catalogue_job_shards_over_the_headless_service_and_resumes_from_storage(catalogue_job, objects):
