@@ -16,6 +16,7 @@ BENCHES = [
     ("upscaler", ["benchmarks.upscaler"]),
     ("soak", ["benchmarks.soak"]),  # 20 clients x 200 requests: latency, throughput, RSS and fds over time
     ("catalogue", ["benchmarks.catalogue"]),  # 1,000 images: the runner against plain Generate calls, resume
+    ("catalogue-demo", ["benchmarks.catalogue_demo"]),  # the demo catalogue on the demo model, 1 vs 2 replicas
 ]
 CUDA_BENCHES = [("generator-cuda", ["benchmarks.generator", "--fullsize", "--device", "cuda:0"])]
 
