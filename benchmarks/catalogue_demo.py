@@ -21,23 +21,12 @@ from pathlib import Path
 
 import grpc
 
-from benchmarks.soak import ROOT, _free_port
+from benchmarks.soak import ROOT, _free_port, wait_serving
 
 
-async def _serving(port: int, timeout: float = 600) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+async def _serving(port: int, process: subprocess.Popen) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        async with asyncio.timeout(timeout):
-            while True:
-                try:
-                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.5)
+        await wait_serving(channel, process, timeout=600)
 
 
 def run(replicas: int, work: Path, concurrency: int) -> dict:
@@ -57,8 +46,8 @@ def run(replicas: int, work: Path, concurrency: int) -> dict:
         for p in ports
     ]
     try:
-        for p in ports:
-            asyncio.run(_serving(p))
+        for p, server in zip(ports, servers, strict=True):
+            asyncio.run(_serving(p, server))
         target = "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in ports)
         started = time.perf_counter()
         job = [f"--out={work / 'job'}", "--job=demo", f"--storage={storage}", f"--concurrency={concurrency}"]

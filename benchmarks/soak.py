@@ -49,6 +49,22 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+async def wait_serving(channel: grpc.aio.Channel, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until the generator behind `channel` reports SERVING; raises if its process exits first."""
+    health = health_pb2_grpc.HealthStub(channel)
+    async with asyncio.timeout(timeout):
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the generator exited with {proc.returncode}")
+            try:
+                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.2)
+
+
 class Server:
     def __init__(self, args, storage: Path):
         self.port = _free_port()
@@ -74,18 +90,7 @@ class Server:
         self.ps = psutil.Process(self.proc.pid)
 
     async def wait_serving(self, channel: grpc.aio.Channel, timeout: float = 300) -> None:
-        health = health_pb2_grpc.HealthStub(channel)
-        async with asyncio.timeout(timeout):
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"the generator exited with {self.proc.returncode}")
-                try:
-                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.2)
+        await wait_serving(channel, self.proc, timeout)
 
     def sample(self) -> dict:
         """The parent's RSS and open fds, and the workers' RSS."""
