@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -39,9 +40,13 @@ def tiny_world(tmp_path_factory) -> Path:
     # Rebuilt whenever the builders change.
     builders = b"".join((ROOT / "demo" / f).read_bytes() for f in ("embedded.py", "tiny.py", "tiny_sr.py"))
     cache = ROOT / ".cache" / f"test-world-{hashlib.sha256(builders).hexdigest()[:12]}"
-    if not (cache / ".ready").exists():
-        shutil.rmtree(cache, ignore_errors=True)
-        build(cache)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    # xdist workers (and concurrent runs) start together: one builds, the others wait for it on the lock.
+    with (cache.parent / f"{cache.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (cache / ".ready").exists():
+            shutil.rmtree(cache, ignore_errors=True)
+            build(cache)
     out = tmp_path_factory.mktemp("world")
     shutil.copytree(cache, out, dirs_exist_ok=True)
     return out
