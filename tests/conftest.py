@@ -20,6 +20,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+# One torch thread per process, here (set before torch loads) and in every server the tests start: the suite
+# runs on 2 workers (`make test`: pytest -n 2) on 2 cores, and OpenMP threads that outnumber the cores spin
+# against each other (a demo render took 72 s with 2 threads a worker instead of 35 s on a busy machine).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("PIA_GENERATOR_CPU_THREADS", "1")
 
 from services.common.logs import configure_logging
 from tests.helpers import ARTIFACTS, ROOT, free_port, generator_settings
