@@ -55,10 +55,12 @@ browser:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 		|| echo "chromium could not be installed; browser tests will fail"; }
 
+# Two workers (pytest-xdist) for the two cores; a module's tests stay on one worker, so module fixtures
+# (the compiled pipeline, the demo generator, the browser stack) are built once.
 test: protos browser
 	$(BIN)/ruff check .
 	$(BIN)/mypy services client testkit
-	$(PYTHON) -m pytest -q -ra
+	$(PYTHON) -m pytest -q -ra -n 2 --dist loadfile --durations=15
 
 test-fast: protos
 	$(PYTHON) -m pytest -q -ra -m "not slow and not browser"

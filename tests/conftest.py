@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -20,6 +21,11 @@ os.environ.setdefault("PIA_ALLOW_TEST_PIPELINES", "1")  # the testkit stand-ins 
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+# One torch thread per process, here (set before torch loads) and in every server the tests start: the suite
+# runs on 2 workers (`make test`: pytest -n 2) on 2 cores, and OpenMP threads that outnumber the cores spin
+# against each other (a demo render took 72 s with 2 threads a worker instead of 35 s on a busy machine).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("PIA_GENERATOR_CPU_THREADS", "1")
 
 from services.common.logs import configure_logging
 from tests.helpers import ARTIFACTS, ROOT, free_port, generator_settings
@@ -40,9 +46,13 @@ def tiny_world(tmp_path_factory) -> Path:
     # Rebuilt whenever the builders change.
     builders = b"".join((ROOT / "demo" / f).read_bytes() for f in ("embedded.py", "tiny.py", "tiny_sr.py"))
     cache = ROOT / ".cache" / f"test-world-{hashlib.sha256(builders).hexdigest()[:12]}"
-    if not (cache / ".ready").exists():
-        shutil.rmtree(cache, ignore_errors=True)
-        build(cache)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    # xdist workers (and concurrent runs) start together: one builds, the others wait for it on the lock.
+    with (cache.parent / f"{cache.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (cache / ".ready").exists():
+            shutil.rmtree(cache, ignore_errors=True)
+            build(cache)
     out = tmp_path_factory.mktemp("world")
     shutil.copytree(cache, out, dirs_exist_ok=True)
     return out

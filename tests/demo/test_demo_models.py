@@ -38,7 +38,6 @@ def sd_pipe():
     from diffusers import AutoPipelineForText2Image
 
     assert (SD_DIR / "model_index.json").exists(), "demo SD missing: python -m demo.train_sd"
-    torch.set_num_threads(2)
     pipe = AutoPipelineForText2Image.from_pretrained(str(SD_DIR), dtype=torch.float32, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe

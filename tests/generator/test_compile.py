@@ -33,6 +33,9 @@ CACHE = ROOT / ".cache" / "compile-tests" / torch.__version__
 WARM = (32, 32, 1)  # the one warm shape: 32², batch 1 (the UNet sees 2 with classifier-free guidance)
 # Compiled and eager fp32 differ by float rounding only: at most this many levels of 255 per pixel.
 TOLERANCE = 1
+# A fresh process's torch thread count (read at collection, before any test sets one): compiled CPU kernels and
+# their cache key depend on it, and dynamo guards on it, so the compile and every check here run with it.
+THREADS = torch.get_num_threads()
 
 _built: dict = {}
 
@@ -76,9 +79,14 @@ def served(tiny_world, hotswap_adapters):
     """One compiled pipeline, built and warmed up by `worker_main` (on a thread), and what it reported."""
     from services.generator import worker
 
+    # Pinned in this thread and the worker's: an earlier test in this process (tests run in any order under
+    # xdist) may have set another count, in this thread or in the default that new threads start from.
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
     config = worker.WorkerConfig(
         model=str(tiny_world / "tiny-sd"),
         device="cpu",
+        threads=THREADS,
         pipeline=f"{__name__}:keep_pipeline",
         compile=_options(tiny_world, hotswap_adapters),
         log_level="WARNING",
@@ -86,6 +94,7 @@ def served(tiny_world, hotswap_adapters):
     parent, child = mp.Pipe()
     with pytest.MonkeyPatch.context() as mpatch:
         mpatch.setattr(worker, "configure_logging", lambda *a: None)  # keep pytest's log capture
+        mpatch.setenv("OMP_NUM_THREADS", str(THREADS))  # worker_main sets it too; undone after Ready
         thread = threading.Thread(target=worker.worker_main, args=(config, child), daemon=True)
         thread.start()
         assert parent.poll(600), "the worker sent nothing within 10 minutes"
@@ -94,6 +103,7 @@ def served(tiny_world, hotswap_adapters):
     yield {"pipe": _built["pipe"], "ready": ready, "at_ready": at_ready}
     parent.send(Shutdown())
     thread.join(30)
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

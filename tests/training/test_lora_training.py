@@ -501,7 +501,9 @@ def test_bad_inputs_fail_clearly(tiny_world, photos, products, trained, tmp_path
         (["--images", str(photos), "--token", "<n>", "--background-swap", "1.5"], "--background-swap: a share", "1.5"),
     ]
     for args, message, detail in cases:
-        argv = ["--base", base, "--out", out, "--work-dir", str(tmp_path / "w"), *cli(*args)]
+        # No class images: two of these checks come after prior preservation draws them (100 by default,
+        # 10 s here each time), and every case fails before any training step would use them.
+        argv = ["--base", base, "--out", out, "--work-dir", str(tmp_path / "w"), "--num-class-images", "0", *cli(*args)]
         assert main(argv) == 1, args
         err = capsys.readouterr().err
         assert message in err and detail in err, (args, err)
