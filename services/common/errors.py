@@ -85,8 +85,22 @@ class Unauthenticated(ServiceError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+DOMAIN = "productinaction.v1"  # google.rpc.ErrorInfo's domain for the reasons below
+
+
 class AlreadyExists(ServiceError):
+    """`reason` (an ErrorInfo detail) says what exists, so a program need not read the message:
+    REQUEST_RUNNING (the request id is in flight), REQUEST_STORED (its images are stored), OBJECT_STORED
+    (a storage key holds other bytes)."""
+
     code = grpc.StatusCode.ALREADY_EXISTS
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+    def details(self) -> list[Any]:
+        return [error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN)]
 
 
 class FailedPrecondition(ServiceError):

@@ -117,11 +117,23 @@ class ImageStore(ABC):
         """The URI `key` has (or will have) in this store."""
 
     @abstractmethod
+    async def url_for(self, key: str) -> str:
+        """A URL a browser can fetch `key` from now (S3: presigned, for the store's expiry)."""
+
+    @abstractmethod
     def owns(self, uri: str) -> bool:
         """Whether `uri` points into this kind of store (not whether the object exists)."""
 
     @abstractmethod
-    async def put(self, key: str, data: bytes, metadata: dict[str, str], *, overwrite: bool = True) -> StoredObject:
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        metadata: dict[str, str],
+        *,
+        overwrite: bool = True,
+        content_type: str = "image/png",
+    ) -> StoredObject:
         """Store `data` durably under `key`. overwrite=False: create-only, ALREADY_EXISTS if `key` holds other bytes."""
 
     @abstractmethod
@@ -160,6 +172,9 @@ class LocalImageStore(ImageStore):
     def uri_for(self, key: str) -> str:
         return self._path(key).as_uri()
 
+    async def url_for(self, key: str) -> str:
+        return self.uri_for(key)  # as put() answers: the web page and the gallery read file:// URLs
+
     def owns(self, uri: str) -> bool:
         return uri.startswith("file://")
 
@@ -172,7 +187,15 @@ class LocalImageStore(ImageStore):
             raise NotFound("image", uri, "it is outside this server's storage")
         return path
 
-    async def put(self, key: str, data: bytes, metadata: dict[str, str], *, overwrite: bool = True) -> StoredObject:
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        metadata: dict[str, str],
+        *,
+        overwrite: bool = True,
+        content_type: str = "image/png",
+    ) -> StoredObject:
         path = self._path(key)
 
         async def write() -> None:
@@ -182,7 +205,7 @@ class LocalImageStore(ImageStore):
                 # An earlier attempt of this very put may have finished after its timeout.
                 if await asyncio.to_thread(path.read_bytes) != data:
                     raise _Permanent(
-                        AlreadyExists(f"{key!r} is already stored; images are never overwritten")
+                        AlreadyExists(f"{key!r} is already stored; images are never overwritten", "OBJECT_STORED")
                     ) from None
 
         # A local disk that hangs (a stuck network mount) is bounded too; the thread is left behind.
@@ -316,12 +339,27 @@ class S3ImageStore(ImageStore):
     def owns(self, uri: str) -> bool:
         return uri.startswith(f"s3://{self.bucket}/")
 
+    async def url_for(self, key: str) -> str:
+        # Signed locally (no request to S3): nothing to bound.
+        s3 = await self._s3()
+        return await s3.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=self.presign_expiry_s
+        )
+
     def _split(self, uri: str) -> str:
         if not self.owns(uri):
             raise NotFound("image", uri, f"this server stores images in s3://{self.bucket}/")
         return uri[len(f"s3://{self.bucket}/") :]
 
-    async def put(self, key: str, data: bytes, metadata: dict[str, str], *, overwrite: bool = True) -> StoredObject:
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        metadata: dict[str, str],
+        *,
+        overwrite: bool = True,
+        content_type: str = "image/png",
+    ) -> StoredObject:
         full = self._key(key)
         # S3 metadata must be ASCII and is capped at 2 KB in all: keep what fits, quoted.
         meta = {k: urllib.parse.quote(v, safe=" ,:=()<>")[:1024] for k, v in metadata.items()}
@@ -332,7 +370,7 @@ class S3ImageStore(ImageStore):
             s3 = await self._s3()
             try:
                 await s3.put_object(
-                    Bucket=self.bucket, Key=full, Body=data, ContentType="image/png", Metadata=meta, **condition
+                    Bucket=self.bucket, Key=full, Body=data, ContentType=content_type, Metadata=meta, **condition
                 )
             except s3.exceptions.ClientError as exc:
                 code = _error_code(exc)
@@ -343,7 +381,7 @@ class S3ImageStore(ImageStore):
                 # An earlier attempt of this very put may have finished after its timeout.
                 if not await self._holds(s3, full, data):
                     raise _Permanent(
-                        AlreadyExists(f"{key!r} is already stored; images are never overwritten")
+                        AlreadyExists(f"{key!r} is already stored; images are never overwritten", "OBJECT_STORED")
                     ) from None
             return await s3.generate_presigned_url(
                 "get_object", Params={"Bucket": self.bucket, "Key": full}, ExpiresIn=self.presign_expiry_s

@@ -131,7 +131,9 @@ class Dispatcher:
         if not self.pool.live:
             raise Unavailable("no generator worker can run; see the server log")
         if any(t.request_id == request_id for t in self.tickets.values()):
-            raise AlreadyExists(f"request_id {request_id!r} is already running; request ids are single-use")
+            raise AlreadyExists(
+                f"request_id {request_id!r} is already running; request ids are single-use", "REQUEST_RUNNING"
+            )
         queued = self.queued_images
         if queued + len(seeds) > self.max_queue:
             workers = max(1, len(self.pool.ready))

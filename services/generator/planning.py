@@ -229,7 +229,8 @@ class Planner:
         # 4. One storage call: a reused request id must not overwrite what it stored
         if request.request_id and await self.store.exists(request_id + "/"):
             raise AlreadyExists(
-                f"request_id {request_id!r} was used before and its images are stored; ids are single-use"
+                f"request_id {request_id!r} was used before and its images are stored; ids are single-use",
+                "REQUEST_STORED",
             )
 
         # 5. Placement mode: download, decode and place the product photo

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 from prometheus_client import REGISTRY
 
+from client.catalogue.runner import error_reason
 from productinaction.v1 import generator_pb2_grpc
 from services.common.errors import AlreadyExists
 from services.common.ids import ID_PATTERN, check_id, is_valid_id
@@ -245,13 +246,21 @@ async def test_generator_and_upscaler_refuse_the_same_ids(generator_stub, upscal
 
 
 async def test_request_id_reuse_is_refused_and_never_overwrites(tiny_world, tmp_path):
+    """Refused while the id runs and once it is stored; the ErrorInfo reason tells the two apart."""
     async with standin_server(tiny_world, tmp_path) as (_app, stub, _h):
-        first = images(await run(stub, request(n=1, seed=1, request_id="once")))[0]
+        log: list = []
+        running = asyncio.create_task(run(stub, request(n=1, seed=1, steps=100, request_id="once"), log))
+        await until(lambda: ("", "accepted") in log, 30, "accepted")
+        with pytest.raises(grpc.aio.AioRpcError) as busy:
+            await run(stub, request(n=1, seed=2, request_id="once"))
+        first = images(await running)[0]
         path = Path(urllib.parse.unquote(urllib.parse.urlparse(first.image.uri).path))
         before = path.read_bytes()
-        with pytest.raises(grpc.aio.AioRpcError) as err:
+        with pytest.raises(grpc.aio.AioRpcError) as stored:
             await run(stub, request(n=1, seed=2, request_id="once"))
-    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS and "single-use" in err.value.details()
+    for err, reason in ((busy.value, "REQUEST_RUNNING"), (stored.value, "REQUEST_STORED")):
+        assert err.code() == grpc.StatusCode.ALREADY_EXISTS and "single-use" in err.details()
+        assert error_reason(err) == reason
     assert path.read_bytes() == before
 
 
