@@ -33,9 +33,12 @@ def describe_error(exc: BaseException) -> str:
 
 
 class _Client:
-    def __init__(self, address: str, security: ChannelSecurity | None = None):
+    def __init__(
+        self, address: str, security: ChannelSecurity | None = None, options: list[tuple[str, Any]] | None = None
+    ):
         self.address = address
-        self.channel = (security or ChannelSecurity()).open(address)
+        self.security = security or ChannelSecurity()
+        self.channel = self.security.open(address, options=options)
 
     async def serving(self, service: str = "", timeout: float = 2.0) -> bool:
         """True when the service's health check says SERVING."""
@@ -62,8 +65,13 @@ class _Client:
 
 
 class GeneratorClient(_Client):
-    def __init__(self, address: str = "localhost:50051", security: ChannelSecurity | None = None):
-        super().__init__(address, security)
+    def __init__(
+        self,
+        address: str = "localhost:50051",
+        security: ChannelSecurity | None = None,
+        options: list[tuple[str, Any]] | None = None,
+    ):
+        super().__init__(address, security, options)
         self.stub = generator_pb2_grpc.GeneratorStub(self.channel)
 
     async def products(self, timeout: float = 5.0) -> list[generator_pb2.Product]:

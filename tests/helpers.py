@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
+import re
+import signal
 import socket
+import subprocess
+import sys
+import urllib.request
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -15,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from client.api import generate_request
+from client.balancing import replica_health
 from productinaction.v1 import generator_pb2_grpc
 from services.generator.app import start_generator
 from services.generator.messages import AdapterSpec
@@ -239,3 +247,66 @@ async def web_process(process, url: str, log, log_path: Path, timeout: float = 9
             process.kill()
             await process.wait()
         log.close()
+
+
+@dataclass
+class Replica:
+    """A generator in its own process group (server + worker), as one replica of a deployment."""
+
+    proc: subprocess.Popen
+    port: int
+    metrics_port: int
+    log: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def counters(self) -> dict[str, float]:
+        """From its /metrics: 'images' stored, 'ok' Generate requests completed, 'requests' ended in any way."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        images = sum(float(v) for v in re.findall(r"^pia_images_generated_total\{[^}]*\} (\S+)$", text, re.M))
+        outcomes = dict(re.findall(r'^pia_requests_total\{outcome="(\w+)"\} (\S+)$', text, re.M))
+        ok = float(outcomes.get("ok", 0.0))
+        return {"images": images, "ok": ok, "requests": sum(float(v) for v in outcomes.values())}
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (the server and its worker), as when a node dies."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+def start_replica(world: Path, storage: Path | str, log: Path, **args: object) -> Replica:
+    """`python -m services.generator` on the tiny world (1 CPU worker, 2 steps, 32 px), on free ports."""
+    port, metrics_port = free_port(), free_port()
+    flags = {
+        "host": "127.0.0.1",
+        "port": port,
+        "metrics-port": metrics_port,
+        "model": world / "tiny-sd",
+        "products-dir": world / "products",
+        "adapters-dir": world / "adapters",
+        "templates-file": ROOT / "templates" / "catalog.yaml",
+        "storage": storage,
+        "devices": "cpu:1",
+        "cpu-threads": 1,
+        "default-steps": 2,
+        "default-size": 32,
+        "log-level": "WARNING",
+        **args,
+    }
+    cmd = [sys.executable, "-m", "services.generator", *(f"--{k}={v}" for k, v in flags.items())]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    return Replica(proc, port, metrics_port, log)
+
+
+async def wait_serving(replicas: list[Replica], timeout: float = 300.0) -> None:
+    """Until every replica's health says SERVING; fails with a replica's log if one exits first."""
+    target = "ipv4:" + ",".join(r.address for r in replicas)
+    async with asyncio.timeout(timeout):
+        while set((await replica_health(target)).values()) != {"SERVING"}:
+            for r in replicas:
+                assert r.proc.poll() is None, r.log.read_text()[-3000:]
+            await asyncio.sleep(0.5)

@@ -1,4 +1,4 @@
-"""`python -m client catalogue validate|run|retry-failed|status`: the glue between the rooms.
+"""`python -m client catalogue validate|run|retry-failed|status|merge`: the glue between the rooms.
 
 A run: parse and check the file against the live generator (every bad row reported at once), plan the
 items, take away what is stored (the index, and the storage listing with --storage), render the rest
@@ -21,11 +21,15 @@ from pathlib import Path
 
 from client.api import GeneratorClient, UpscalerClient
 from client.catalogue import spec
+from client.catalogue.merge import MergeError, merge
 from client.catalogue.plan import Item, Shard, check_job_id, plan_items
 from client.catalogue.progress import FORMATS, reporter
+from client.catalogue.remote import fetch_catalogue, is_remote, publish
+from client.catalogue.replicas import Replicas
 from client.catalogue.results import IndexRecord, JobDir, JobInfo, Summary
 from client.catalogue.runner import Event, FlowControl, Runner, Stored
 from client.channel import ChannelSecurity, security_from_args
+from services.common.errors import ServiceError
 from services.common.storage import ImageStore, open_store
 
 EXIT_INTERRUPTED = 130
@@ -42,22 +46,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("file", type=Path)
 
     r = csub.add_parser("run", help="render every image of a catalogue not stored yet (run again to resume)")
-    r.add_argument("file", type=Path)
+    r.add_argument(
+        "file", metavar="FILE|s3://BUCKET/KEY", help="the catalogue (.csv, .yaml); from S3 with --s3-endpoint"
+    )
     r.add_argument("--out", type=Path, required=True, help="the job folder: index, summary, gallery")
     r.add_argument("--job", default=None, help="job id (default: the folder's, else a new one); ids derive from it")
     r.add_argument("--shard", default="0/1", metavar="I/N", help="render only shard I of N (0-based); needs --job")
     r.add_argument("--skip-bad-rows", action="store_true", help="run the good rows of a file with bad ones")
     _flow_flags(r)
+    _publish_flag(r)
 
     f = csub.add_parser("retry-failed", help="render again only the items the last run of DIR failed")
     f.add_argument("out", type=Path)
     _flow_flags(f)
+    _publish_flag(f)
 
     s = csub.add_parser("status", help="counts of a job folder")
     s.add_argument("out", type=Path)
 
+    m = csub.add_parser("merge", help="the shards' folders of one job as one folder: index, summary, gallery")
+    m.add_argument("out", type=Path, help="the merged job folder (not one of the shards')")
+    m.add_argument("shards", type=Path, nargs="+", metavar="SHARD_DIR", help="each shard's --out folder")
+    m.add_argument("--zip", action="store_true", help="also write images.zip")
+    _storage_flags(m)
+    _publish_flag(m)
 
-def _flow_flags(p: argparse.ArgumentParser) -> None:
+
+def _storage_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--storage",
         default=None,
@@ -65,7 +80,20 @@ def _flow_flags(p: argparse.ArgumentParser) -> None:
         help="the generator's storage: listed to find what is stored (else the server's ALREADY_EXISTS tells)",
     )
     p.add_argument("--s3-endpoint", default=os.environ.get("AWS_ENDPOINT_URL"), help="S3 endpoint for --storage")
-    p.add_argument("--concurrency", type=int, default=4, help="requests in flight over all replicas")
+
+
+def _publish_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--publish",
+        default=None,
+        metavar="DIR|s3://BUCKET/PREFIX",
+        help="when done, copy the job folder's files there (index, summary, gallery, zip); S3 uses --s3-endpoint",
+    )
+
+
+def _flow_flags(p: argparse.ArgumentParser) -> None:
+    _storage_flags(p)
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight on each replica")
     p.add_argument("--attempts", type=int, default=5, help="attempts per image for faults a retry can fix")
     p.add_argument("--timeout", type=float, default=900.0, help="deadline of one image's request, in seconds")
     p.add_argument(
@@ -83,8 +111,10 @@ async def main(args: argparse.Namespace, client: GeneratorClient) -> int:
             return await validate(args.file, client)
         if args.catalogue_command == "status":
             return status(args.out)
+        if args.catalogue_command == "merge":
+            return await merge_shards(args)
         return await run(args, client)
-    except CatalogueError as exc:
+    except (CatalogueError, MergeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
@@ -157,10 +187,10 @@ async def run(args: argparse.Namespace, client: GeneratorClient) -> int:
         if not retry_only:
             print("nothing failed in the last run")
             return 0
-        path, shard, job, skip = Path(info.catalogue), Shard.parse(info.shard), info.job, True
+        source, shard, job, skip = info.catalogue, Shard.parse(info.shard), info.job, True
         args.storage = args.storage or info.storage or None
     else:
-        path, skip = args.file, args.skip_bad_rows
+        source, skip = args.file, args.skip_bad_rows
         try:
             shard = Shard.parse(args.shard)
             given = check_job_id(args.job) if args.job else None
@@ -170,7 +200,11 @@ async def run(args: argparse.Namespace, client: GeneratorClient) -> int:
             raise CatalogueError(f"{args.out} holds job {info.job!r}, not {given!r}: use another --out")
         if given is None and info is None and shard.count > 1:
             raise CatalogueError("a shard needs --job: every shard must derive the same ids")
-        job = given or (info.job if info else new_job_id(path))
+        job = given or (info.job if info else new_job_id(Path(source)))
+    try:
+        path = await fetch_catalogue(source, folder.path, args.s3_endpoint) if is_remote(source) else Path(source)
+    except (ValueError, ServiceError) as exc:
+        raise CatalogueError(f"{source}: {getattr(exc, 'message', exc)}") from None
     options = JobOptions(
         flow=FlowControl(concurrency=args.concurrency, attempts=args.attempts, request_timeout_s=args.timeout),
         storage=args.storage or "",
@@ -187,14 +221,34 @@ async def run(args: argparse.Namespace, client: GeneratorClient) -> int:
 
     try:
         outcome = await run_job(
-            client, path, folder, job, options, reporter(args.log_format), shard, skip, retry_only, on_plan
+            client,
+            path,
+            folder,
+            job,
+            options,
+            reporter(args.log_format),
+            shard,
+            skip,
+            retry_only,
+            on_plan,
+            source=source,
         )
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     if outcome.summary is not None:
         print(f"{folder.index_file}, {folder.summary_file}, {folder.gallery_file}", file=sys.stderr)
+        await _publish(folder, args)
     return outcome.exit_status
+
+
+async def _publish(folder: JobDir, args: argparse.Namespace) -> None:
+    if args.publish:
+        try:
+            uris = await publish(folder, args.publish, args.s3_endpoint)
+        except (ValueError, ServiceError) as exc:
+            raise CatalogueError(f"--publish {args.publish}: {getattr(exc, 'message', exc)}") from None
+        print(f"published {len(uris)} files to {args.publish}", file=sys.stderr)
 
 
 @dataclass(frozen=True)
@@ -231,11 +285,13 @@ async def run_job(
     retry_only: set[str] | None = None,
     on_plan: Callable[[Runner, list[Item], set[str]], None] | None = None,
     problems: Callable[[str], None] = say,
+    source: str = "",
 ) -> JobOutcome:
     """Check, plan, resume and render one job into `folder`, then write its summary, gallery (and zip).
 
     `on_plan(runner, items, indexed)` is called once the items are known, before anything renders (the
-    caller's hold on `runner.stop()`); `problems` gets one line per bad row or unreadable image.
+    caller's hold on `runner.stop()`); `problems` gets one line per bad row or unreadable image. `source`:
+    where the catalogue came from, if not `path` (an `s3://` URI: `retry-failed` reads it there again).
     """
     started = time.monotonic()
     try:
@@ -253,13 +309,14 @@ async def run_job(
         )
         return JobOutcome(1, None)
     good = spec.without_bad_rows(catalogue)
-    folder.save_job(JobInfo(job, str(path.resolve()), str(shard), options.storage))
+    folder.save_job(JobInfo(job, source if is_remote(source) else str(path.resolve()), str(shard), options.storage))
 
     items = plan_items(job, good.rows, shard)
     indexed = folder.read_index()
     found = await stored_ids(store, job) if store else set()
     upscaler = UpscalerClient(options.upscaler, options.security) if any(r.upscale for r in good.rows) else None
-    runner = Runner(client, options.flow, report, folder.append, store, uri_base=folder.uri_base(), upscaler=upscaler)
+    replicas = Replicas(client.address, client.security, options.flow.concurrency)
+    runner = Runner(replicas, options.flow, report, folder.append, store, uri_base=folder.uri_base(), upscaler=upscaler)
     if on_plan is not None:
         on_plan(runner, items, set(indexed))
     try:
@@ -275,6 +332,7 @@ async def run_job(
             to_upscale = [s for s in to_upscale if s.item.request_id in retry_only]
         result = await runner.run(pending, len(items) if retry_only is None else len(pending), to_upscale)
     finally:
+        await replicas.close()
         if upscaler is not None:
             await upscaler.close()
 
@@ -316,13 +374,31 @@ def _needs_upscale(item: Item, indexed: dict[str, IndexRecord]) -> bool:
 
 
 def _stored(item: Item, r: IndexRecord) -> Stored:
-    return Stored(item, r.uri, r.url, r.parameters, r.device, r.recovered)
+    return Stored(item, r.uri, r.url, r.parameters, r.device, r.recovered, replica=r.replica)
 
 
 def _job_records(folder: JobDir, items: list[Item]) -> list[IndexRecord]:
     """The index's records of this job's items (a file that lost rows keeps their lines, not their place)."""
     wanted = {i.request_id for i in items}
     return [r for r in folder.read_index().values() if r.request_id in wanted]
+
+
+async def merge_shards(args: argparse.Namespace) -> int:
+    """`catalogue merge`: 0 when every shard was given and every image of the job is stored, else 1."""
+    store = open_store(args.storage, endpoint_url=args.s3_endpoint) if args.storage else None
+    try:
+        merged = await merge(args.out, args.shards, store, zip_images=args.zip)
+    finally:
+        if store is not None:
+            await store.close()
+    s = merged.summary
+    for unread in merged.unread:
+        print(f"zip: {unread}", file=sys.stderr)
+    if merged.missing_shards:
+        print(f"not given: shard(s) {', '.join(map(str, merged.missing_shards))}; their images are not in the merge")
+    print(f"job {s.job}, {s.shard}: {s.done}/{s.total} stored, {len(s.failed)} failed -> {args.out}")
+    await _publish(JobDir(args.out), args)
+    return 0 if not merged.missing_shards and not s.failed and s.done == s.total else 1
 
 
 def status(out: Path) -> int:

@@ -52,7 +52,8 @@ class Plain:
         if isinstance(event, ImageDone):
             s = event.stored
             self.rate.rendered += not s.recovered
-            how = "found stored" if s.recovered else f"stored ({s.device})" if s.device else "stored"
+            where = " ".join(filter(None, (s.replica, s.device)))
+            how = "found stored" if s.recovered else f"stored ({where})" if where else "stored"
             return f"[{event.done}/{event.total}] {s.item.row.subject} {s.item.scene} #{s.item.index}: {how} {s.uri}"
         if isinstance(event, Upscaled):
             s = event.stored
@@ -117,6 +118,7 @@ class JsonLines:
                 "index": s.item.index,
                 "uri": s.uri,
                 "device": s.device,
+                "replica": s.replica,
                 "recovered": s.recovered,
                 "done": event.done,
                 "total": event.total,

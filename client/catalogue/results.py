@@ -55,6 +55,7 @@ class IndexRecord:
     parameters: dict[str, Any]
     upscaled_uri: str = ""
     upscaled_url: str = ""
+    replica: str = ""  # the generator replica that rendered it ("" : found stored, or an older index)
 
     @classmethod
     def of(cls, stored: Stored) -> IndexRecord:
@@ -75,6 +76,7 @@ class IndexRecord:
             stored.parameters,
             stored.upscaled_uri,
             stored.upscaled_url,
+            stored.replica,
         )
 
     @property
@@ -162,6 +164,11 @@ class JobDir:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
+
+    def write_index(self, records: list[IndexRecord]) -> None:
+        """The whole index at once (a merge), replacing any: one line per record, in gallery order."""
+        lines = [json.dumps(asdict(r), sort_keys=True) + "\n" for r in sorted(records, key=_order)]
+        _write_atomic(self.index_file, "".join(lines))
 
     def write_summary(self, summary: Summary) -> None:
         _write_atomic(self.summary_file, json.dumps(asdict(summary), indent=2) + "\n")

@@ -5,10 +5,12 @@ What each status means here (docs/CATALOGUE.md, "Faults"):
   (the `retry-after-ms` trailer, else RetryInfo), then the item is sent again; without a hint (an image
   that does not fit in memory) the item fails.
 - UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED, or a stream that ended early: sent again, with backoff, up to
-  `FlowControl.attempts` times. The channel's service config sends it to another replica; the same request
-  id makes the retry exact (the server refuses an id whose image is stored).
+  `FlowControl.attempts` times. A replica that answered UNAVAILABLE rests, so the retry goes to another
+  one (client/catalogue/replicas.py); the same request id makes the retry exact (the server refuses an id
+  whose image is stored).
 - ALREADY_EXISTS: the id's image is stored (a run stopped after the server stored it, before the index
-  had it): done, recovered. "already running" (a stopped run's request still finishing): retried.
+  had it): done, recovered. With the reason REQUEST_RUNNING (a stopped run's request still finishing):
+  retried.
 - anything else (INVALID_ARGUMENT, NOT_FOUND, ...): the item fails with the server's reason.
 `stop()` (Ctrl-C) cancels every call in flight; the server then drops their work and the job resumes later.
 """
@@ -23,6 +25,7 @@ import logging
 import random
 import time
 import urllib.parse
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +36,9 @@ from google.protobuf.json_format import MessageToDict
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from client.api import GeneratorClient, UpscalerClient, describe_error
+from client.api import UpscalerClient, describe_error
 from client.catalogue.plan import Item
+from client.catalogue.replicas import Replicas
 from productinaction.v1 import generator_pb2, upscaler_pb2
 from services.common.pngmeta import read_parameters
 from services.common.storage import ImageStore
@@ -51,7 +55,7 @@ RETRIED = {
 
 @dataclass(frozen=True)
 class FlowControl:
-    concurrency: int = 4  # requests in flight, over all replicas the target names
+    concurrency: int = 4  # requests in flight on each replica the target names
     attempts: int = 5  # per item, for faults that a retry can fix
     backoff_s: float = 0.5  # before attempt 2; doubles
     max_wait_s: float = 900.0  # per item: how long a full queue may keep it waiting in all
@@ -70,6 +74,7 @@ class Stored:
     recovered: bool = False  # found stored, not rendered by this run
     upscaled_uri: str = ""  # rows with `upscale`: the upscaler's result, stored next to the image
     upscaled_url: str = ""
+    replica: str = ""  # the generator replica (address) that rendered it
 
 
 @dataclass(frozen=True)
@@ -144,16 +149,30 @@ def retry_after_s(exc: grpc.aio.AioRpcError) -> float | None:
                 return max(0.0, int(value) / 1000)
             except (TypeError, ValueError):
                 break
-    try:
-        status = rpc_status.from_call(exc)  # an aio error has the trailers from_call reads
-    except Exception:
-        status = None
-    for detail in status.details if status else ():
+    for detail in _status_details(exc):
         if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
             info = error_details_pb2.RetryInfo()
             detail.Unpack(info)
             return info.retry_delay.ToMilliseconds() / 1000
     return None
+
+
+def error_reason(exc: grpc.aio.AioRpcError) -> str:
+    """The server's google.rpc.ErrorInfo reason (ALREADY_EXISTS: REQUEST_RUNNING, REQUEST_STORED); '' if none."""
+    for detail in _status_details(exc):
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason
+    return ""
+
+
+def _status_details(exc: grpc.aio.AioRpcError) -> list[Any]:
+    try:
+        status = rpc_status.from_call(exc)  # an aio error has the trailers from_call reads
+    except Exception:
+        return []
+    return list(status.details) if status else []
 
 
 def image_key(request_id: str) -> str:
@@ -189,11 +208,11 @@ def request_for(item: Item, photos: Callable[[str], bytes]) -> generator_pb2.Gen
 
 
 class Runner:
-    """Sends the pending items, `flow.concurrency` at a time, and reports each outcome as it happens."""
+    """Sends the pending items, `flow.concurrency` at a time on each replica, and reports each outcome."""
 
     def __init__(
         self,
-        client: GeneratorClient,
+        replicas: Replicas,
         flow: FlowControl,
         report: Callable[[Event], None],
         on_stored: Callable[[Stored], None],
@@ -201,7 +220,7 @@ class Runner:
         uri_base: str = "",
         upscaler: UpscalerClient | None = None,
     ):
-        self.client = client
+        self.replicas = replicas
         self.upscaler = upscaler
         self.flow = flow
         self.report = report
@@ -210,7 +229,7 @@ class Runner:
         # What a key's URI starts with, learned from `accepted` (its image_uris) or from the index.
         self.uri_base = uri_base
         self._resume_at = 0.0  # a full queue pauses every slot, not just the one that was told
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._photos: dict[str, bytes] = {}
 
@@ -232,42 +251,51 @@ class Runner:
         done = total - len(pending)
         started = time.monotonic()
         self.report(Started(total, done, len(pending)))
-        queue: asyncio.Queue[Item | Stored] = asyncio.Queue()
-        for stored in to_upscale or []:
-            queue.put_nowait(stored)
-        for item in pending:
-            queue.put_nowait(item)
+        queue: deque[Item | Stored] = deque(to_upscale or [])
+        queue.extend(pending)
         unresolved: list[Item] = []
 
-        async def slot() -> None:
+        async def one(work: Item | Stored) -> None:
             nonlocal done
-            while not queue.empty() and not self._stopping:
-                work = queue.get_nowait()
-                if isinstance(work, Stored):
-                    outcome: Stored | Failure | None = work
-                else:
-                    outcome = await self._with_retries(work, self._attempt)
-                    if isinstance(outcome, Stored):
-                        done += 1
-                        result.stored.append(outcome)
-                        self.on_stored(outcome)
-                        self.report(ImageDone(outcome, done, total))
-                    elif outcome is None:
-                        unresolved.append(work)  # stored, its URI not known yet
-                if isinstance(outcome, Stored) and outcome.item.row.upscale and self.upscaler is not None:
-                    outcome = await self._with_retries(outcome.item, functools.partial(self._upscale, outcome))
-                    if isinstance(outcome, Stored):
-                        self.on_stored(outcome)  # the index's later line, with the upscale, wins
-                        self.report(Upscaled(outcome))
-                if isinstance(outcome, Failure):
-                    result.failed.append(outcome)
-                    self.report(ItemFailed(outcome))
+            if isinstance(work, Stored):
+                outcome: Stored | Failure | None = work
+            else:
+                outcome = await self._with_retries(work, self._attempt)
+                if isinstance(outcome, Stored):
+                    done += 1
+                    result.stored.append(outcome)
+                    self.on_stored(outcome)
+                    self.report(ImageDone(outcome, done, total))
+                elif outcome is None:
+                    unresolved.append(work)  # stored, its URI not known yet
+            if isinstance(outcome, Stored) and outcome.item.row.upscale and self.upscaler is not None:
+                outcome = await self._with_retries(outcome.item, functools.partial(self._upscale, outcome))
+                if isinstance(outcome, Stored):
+                    self.on_stored(outcome)  # the index's later line, with the upscale, wins
+                    self.report(Upscaled(outcome))
+            if isinstance(outcome, Failure):
+                result.failed.append(outcome)
+                self.report(ItemFailed(outcome))
 
-        self._tasks = [asyncio.create_task(slot()) for _ in range(max(1, self.flow.concurrency))]
-        outcomes = await asyncio.gather(*self._tasks, return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, Exception):
-                raise outcome  # e.g. the index could not be written: say so, do not finish quietly
+        await self.replicas.refresh()
+        running = self._tasks
+        try:
+            while queue or running:
+                # As many items at once as the replicas take (it grows when a refresh finds more of them).
+                while queue and not self._stopping and len(running) < self.replicas.capacity():
+                    running.add(asyncio.create_task(one(queue.popleft())))
+                if not running:
+                    break
+                finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                running.difference_update(finished)
+                for task in finished:
+                    error = None if task.cancelled() else task.exception()
+                    if error is not None:
+                        raise error  # e.g. the index could not be written: say so, do not finish quietly
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
         for item in unresolved:
             done += 1
             stored = await self.recover(item)
@@ -315,31 +343,41 @@ class Runner:
             request = request_for(item, self._photo)
         except OSError as exc:
             raise Failed(f"photo {exc.filename}: {exc.strerror or exc}") from None
-        call = self.client.generate(request, timeout=self.flow.request_timeout_s)
         stored: Stored | None = None
-        try:
-            # Read to the end (`completed`): leaving after the image would count as a cancel on the server.
-            async for event in call:
-                kind = event.WhichOneof("event")
-                if kind == "accepted" and event.accepted.image_uris and not self.uri_base:
-                    self._learn_base(item, event.accepted.image_uris[0])
-                elif kind == "image_ready":
-                    ready = event.image_ready
-                    # As the server embeds them in the PNG (server._params_dict), so recovered lines read alike.
-                    parameters = MessageToDict(
-                        ready.parameters, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-                    )
-                    parameters["seed"] = ready.seed  # int64 reads as a string in JSON mapping
-                    stored = Stored(item, ready.image.uri, ready.image.url, parameters, ready.device)
-        except grpc.aio.AioRpcError as exc:
-            if stored is not None:
-                return stored  # announced only once stored: what broke afterwards changes nothing
-            return await self._refused(item, exc)
-        finally:
-            call.cancel()  # a no-op once the call ended; on Ctrl-C it tells the server to drop the work
-        if stored is None:
-            raise _Retry("the stream ended without the image")
-        return stored
+        error: grpc.aio.AioRpcError | None = None
+        async with self.replicas.lease() as replica:
+            call = replica.client.generate(request, timeout=self.flow.request_timeout_s)
+            try:
+                # Read to the end (`completed`): leaving after the image would count as a cancel on the server.
+                async for event in call:
+                    kind = event.WhichOneof("event")
+                    if kind == "accepted" and event.accepted.image_uris and not self.uri_base:
+                        self._learn_base(item, event.accepted.image_uris[0])
+                    elif kind == "image_ready":
+                        ready = event.image_ready
+                        # As the server embeds them in the PNG (server._params_dict): recovered lines read alike.
+                        parameters = MessageToDict(
+                            ready.parameters,
+                            preserving_proto_field_name=True,
+                            always_print_fields_with_no_presence=True,
+                        )
+                        parameters["seed"] = ready.seed  # int64 reads as a string in JSON mapping
+                        stored = Stored(
+                            item, ready.image.uri, ready.image.url, parameters, ready.device, replica=replica.address
+                        )
+            except grpc.aio.AioRpcError as exc:
+                error = exc
+            finally:
+                call.cancel()  # a no-op once the call ended; on Ctrl-C it tells the server to drop the work
+            if error is not None and error.code() == grpc.StatusCode.UNAVAILABLE and stored is None:
+                self.replicas.rest(replica)
+            else:
+                self.replicas.answered(replica)
+        if stored is not None:
+            return stored  # announced only once stored: what broke afterwards changes nothing
+        if error is not None:
+            return await self._refused(item, error)
+        raise _Retry("the stream ended without the image")
 
     async def _upscale(self, stored: Stored, item: Item) -> Stored:
         """Upscale a stored image (the upscaler reads it from the shared storage); create-only, one per image."""
@@ -385,8 +423,10 @@ class Runner:
     async def _refused(self, item: Item, exc: grpc.aio.AioRpcError) -> Stored | None:
         code = exc.code()
         reason = describe_error(exc)
+        if not reason.startswith(code.name):
+            reason = f"{code.name}: {reason}"  # logs and summaries are read by programs too
         if code == grpc.StatusCode.ALREADY_EXISTS:
-            if "running" in (exc.details() or ""):
+            if error_reason(exc) == "REQUEST_RUNNING":
                 raise _Retry("the same request is still running (a stopped run's)")
             return await self.recover(item) if self.store or self.uri_base else None
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -405,6 +445,7 @@ class Runner:
         parameters: dict[str, Any] = {}
         try:
             if self.store is not None and uri:
+                url = await self.store.url_for(key)  # S3: a fresh presigned URL, for the gallery
                 data = await self.store.get(uri)
             elif url:
                 data = await asyncio.to_thread(Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).read_bytes)

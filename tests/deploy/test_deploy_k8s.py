@@ -252,14 +252,20 @@ def test_catalogue_job_shards_over_the_headless_service_and_resumes_from_storage
     env = _env(container)
     assert env["SHARD"]["valueFrom"]["fieldRef"]["fieldPath"].endswith("['batch.kubernetes.io/job-completion-index']")
     # What the pod runs, with Kubernetes' $(VAR) expansion done for shard 2: the real CLI parses it.
-    values = {"JOB_ID": env["JOB_ID"]["value"], "SHARD": "2", "STORAGE": "s3://b/p", "S3_ENDPOINT": "http://s3"}
+    values = {"SHARD": "2", "STORAGE": "s3://b/p", "S3_ENDPOINT": "http://s3"}
+    values |= {k: env[k]["value"] for k in ("JOB_ID", "CATALOGUE", "RESULTS")}
     argv = [re.sub(r"\$\((\w+)\)", lambda m: values[m.group(1)], a) for a in container["args"]]
     assert container["command"][-2:] == ["-m", "client.cli"]
     args = _parser().parse_args(argv)
     assert (args.command, args.catalogue_command) == ("catalogue", "run")
     index, count = args.shard.split("/")
     assert index == "2" and int(count) == spec["completions"] == spec["parallelism"]
-    assert args.job == values["JOB_ID"] and args.storage == "s3://b/p" and str(args.out).endswith("/shard-2")
+    assert args.job == values["JOB_ID"] and args.storage == "s3://b/p" and args.s3_endpoint == "http://s3"
+    # The catalogue and the results in S3 (the images' bucket); the pod's own folder is an emptyDir.
+    bucket = "s3://" + objects[("ConfigMap", "pia-storage")]["data"]["storage"].removeprefix("s3://").split("/")[0]
+    assert args.file.startswith(f"{bucket}/") and args.file.endswith(".csv")
+    assert args.publish == f"{values['RESULTS']}/shard-2" and args.publish.startswith(f"{bucket}/")
+    assert values["JOB_ID"] in values["RESULTS"]
     # The target is the base's headless Service; the storage, S3 credentials and token are the base's own.
     service = objects[("Service", "generator-headless")]
     (grpc_port,) = [p for p in service["spec"]["ports"] if p["name"] == "grpc"]
@@ -268,7 +274,5 @@ def test_catalogue_job_shards_over_the_headless_service_and_resumes_from_storage
     assert {s["secretRef"]["name"] for s in container["envFrom"]} <= {n for k, n in objects if k == "Secret"}
     volumes = {v["name"]: v for v in spec["template"]["spec"]["volumes"]}
     assert volumes["token"]["secret"]["secretName"] in {n for k, n in objects if k == "Secret"}
-    assert ("PersistentVolumeClaim", volumes["results"]["persistentVolumeClaim"]["claimName"]) in catalogue_job
-    assert volumes["catalogue"]["configMap"]["name"] == "pia-catalogue"  # created per job (the file's header)
-    mounts = {m["mountPath"] for m in container["volumeMounts"]}
-    assert str(args.file).startswith("/catalogue/") and "/results" in mounts and "/tmp" in mounts
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    assert str(args.out).startswith("/work/") and "emptyDir" in mounts["/work"] and "emptyDir" in mounts["/tmp"]

@@ -10,15 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest
@@ -28,74 +20,19 @@ from client.api import GeneratorClient, generate_request
 from client.balancing import replica_addresses, replica_health, reporting_interruption, split_target
 from client.web_logic import Backends, Session, check_health
 from productinaction.v1 import generator_pb2, generator_pb2_grpc
-from tests.helpers import ROOT, free_port
-
-
-@dataclass
-class Replica:
-    proc: subprocess.Popen
-    port: int
-    metrics_port: int
-    log: Path
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def counters(self) -> dict[str, float]:
-        """{'images': stored images, 'ok': Generate requests completed} from its /metrics."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-        images = sum(float(v) for v in re.findall(r"^pia_images_generated_total\{[^}]*\} (\S+)$", text, re.M))
-        ok = re.search(r'^pia_requests_total\{outcome="ok"\} (\S+)$', text, re.M)
-        return {"images": images, "ok": float(ok[1]) if ok else 0.0}
-
-    def kill(self) -> None:
-        # The whole process group: the server and its worker process, as when a node dies.
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-
-def _start(world: Path, storage: Path, log: Path) -> Replica:
-    port, metrics_port = free_port(), free_port()
-    args = {
-        "host": "127.0.0.1",
-        "port": port,
-        "metrics-port": metrics_port,
-        "model": world / "tiny-sd",
-        "products-dir": world / "products",
-        "adapters-dir": world / "adapters",
-        "templates-file": ROOT / "templates" / "catalog.yaml",
-        "storage": storage,
-        "devices": "cpu:1",
-        "cpu-threads": 1,
-        "default-steps": 2,
-        "default-size": 32,
-        "log-level": "WARNING",
-    }
-    cmd = [sys.executable, "-m", "services.generator", *(f"--{k}={v}" for k, v in args.items())]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    return Replica(proc, port, metrics_port, log)
+from tests.helpers import Replica, free_port, start_replica, wait_serving
 
 
 @pytest.fixture(scope="module")
 async def replicas(tiny_world, tmp_path_factory):
     base = tmp_path_factory.mktemp("replicas")
-    started = [_start(tiny_world, base / "images", base / f"replica-{i}.log") for i in range(2)]
-    target = "ipv4:" + ",".join(r.address for r in started)
+    started = [start_replica(tiny_world, base / "images", base / f"replica-{i}.log") for i in range(2)]
     try:
-        for _ in range(600):
-            if list((await replica_health(target)).values()) == ["SERVING", "SERVING"]:
-                break
-            for r in started:
-                assert r.proc.poll() is None, r.log.read_text()[-3000:]
-            await asyncio.sleep(0.5)
-        assert list((await replica_health(target)).values()) == ["SERVING", "SERVING"]
+        await wait_serving(started)
         yield started
     finally:
         for r in started:
-            if r.proc.poll() is None:
-                r.kill()
+            r.kill()
 
 
 def _request(**overrides):
