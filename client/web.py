@@ -98,7 +98,13 @@ class WebSettings(ChannelSettings):  # token and TLS fields (PIA_WEB_TOKEN, ...)
         description="Catalogue jobs started on the page: one folder per job (index, summary, gallery, zip); "
         "the page lists every job found here, also after a restart.",
     )
-    catalogue_concurrency: int = Field(4, description="Requests in flight per catalogue job.")
+    catalogue_concurrency: int = Field(4, description="Requests in flight per generator replica, per catalogue job.")
+    catalogue_storage: str = Field(
+        "",
+        description="The generator's storage (a folder, or s3://bucket/prefix), listed to find what a catalogue job "
+        "has stored when it resumes; empty: the generator's ALREADY_EXISTS tells, one request per image.",
+    )
+    catalogue_s3_endpoint: str | None = Field(None, description="S3 endpoint for catalogue_storage (MinIO, SeaweedFS).")
 
     def login(self) -> Callable[[str, str], bool] | None:
         """Gradio's auth callable (constant-time check), or None when no login is configured."""
@@ -168,6 +174,8 @@ def job_registry(settings: WebSettings, backends: Backends) -> JobRegistry:
     """The web process's catalogue jobs: run on the server's loop, in folders under `catalogue_dir`."""
     options = JobOptions(
         flow=FlowControl(concurrency=settings.catalogue_concurrency),
+        storage=settings.catalogue_storage,
+        s3_endpoint=settings.catalogue_s3_endpoint,
         upscaler=settings.upscaler,
         security=settings.channel_security(),
         zip=True,
@@ -185,7 +193,10 @@ def _catalogue_tab(demo: gr.Blocks, backends: Backends, registry: JobRegistry) -
     with gr.Row():
         with gr.Column(scale=2, min_width=320):
             products = gr.Dropdown(label="Products", choices=[], multiselect=True, elem_id="cat-products")
-            scenes = gr.Dropdown(label="Scenes", choices=[], multiselect=True, elem_id="cat-scenes")
+            # Custom values allowed: a scene picked before its product was removed is left out with a note.
+            scenes = gr.Dropdown(
+                label="Scenes", choices=[], multiselect=True, allow_custom_value=True, elem_id="cat-scenes"
+            )
             images = gr.Number(label="Images per scene (1–1000)", value=1, precision=0, elem_id="cat-images")
             upload = gr.File(
                 label="…or a catalogue file (CSV or YAML; used instead of the picks)",
@@ -219,6 +230,13 @@ def _catalogue_tab(demo: gr.Blocks, backends: Backends, registry: JobRegistry) -
         }
 
     demo.load(on_load, outputs=[products, scenes, problems], show_progress="hidden")
+
+    async def on_products(picked: list[str] | None) -> dict:
+        # Choices only: the picks stay as the person made them (a pick made meanwhile is not lost).
+        scene_choices, message = await web_catalogue.scenes_for(backends, picked or [])
+        return {scenes: gr.update(choices=scene_choices.choices), problems: message}
+
+    products.change(on_products, [products], [scenes, problems], show_progress="hidden")
 
     async def catalogue_file(
         picked: list[str], picked_scenes: list[str], count: float | None, path: str | None

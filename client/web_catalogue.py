@@ -20,6 +20,7 @@ from client.catalogue.commands import fetch_offer
 from client.catalogue.jobs import ItemState, JobRegistry, JobState, JobView
 from client.catalogue.results import JobDir, read_image
 from client.web_logic import Backends, Choices, friendly_error
+from productinaction.v1 import generator_pb2
 
 MAX_ITEMS_SHOWN = 200  # rows of the items table; the counts above it cover the rest
 MAX_GALLERY = 120  # newest images shown in the page's gallery; images.zip holds them all
@@ -33,13 +34,32 @@ async def load_picks(backends: Backends) -> tuple[Choices, Choices, str]:
     except grpc.aio.AioRpcError as exc:
         return Choices(), Choices(), friendly_error(exc, "generator", backends.generator_address)
     product_choices = [(p.display_name or p.id, p.id) for p in products]
+    return Choices(product_choices), _scene_choices(templates), ""
+
+
+def _scene_choices(templates: list[generator_pb2.Template]) -> Choices:
     ready_made = [t for t in templates if not t.free_text]
     names = Counter(t.name or t.id for t in ready_made)
     # Scenes of other categories may share a name ("Beach"): then the id tells them apart.
-    scene_choices = [
-        (t.name if names[t.name] == 1 else f"{t.name} · {t.id}", t.id) if t.name else (t.id, t.id) for t in ready_made
-    ]
-    return Choices(product_choices), Choices(scene_choices), ""
+    return Choices(
+        [(t.name if names[t.name] == 1 else f"{t.name} · {t.id}", t.id) if t.name else (t.id, t.id) for t in ready_made]
+    )
+
+
+async def scenes_for(backends: Backends, products: list[str]) -> tuple[Choices, str]:
+    """The ready-made scenes offered for any of the picked products (all of them when none is picked), so
+    the list never offers a scene the generator would refuse for every pick; or why there are none."""
+    generator = backends.generator()
+    try:
+        if not products:
+            return _scene_choices(await generator.templates()), ""
+        offered: dict[str, generator_pb2.Template] = {}
+        for product in products:
+            for template in await generator.templates(product_id=product):
+                offered.setdefault(template.id, template)
+    except grpc.aio.AioRpcError as exc:
+        return Choices(), friendly_error(exc, "generator", backends.generator_address)
+    return _scene_choices(list(offered.values())), ""
 
 
 async def picked_catalogue(

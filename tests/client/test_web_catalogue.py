@@ -44,6 +44,15 @@ async def test_picks_offer_every_ready_made_scene_and_tell_same_names_apart(back
     assert labels["demo-city"] == "Minimal city"
 
 
+async def test_picking_products_narrows_the_scenes_to_those_offered(backends):
+    everything, _ = await web_catalogue.scenes_for(backends, [])
+    narrowed, message = await web_catalogue.scenes_for(backends, ["tiny-star", "tiny-mug"])
+    offered = {t.id for t in await backends.generator().templates(product_id="tiny-star") if not t.free_text}
+    assert message == "" and {value for _, value in narrowed.choices} == offered
+    assert "demo-beach" in {value for _, value in everything.choices} and "demo-beach" not in offered
+    assert dict((v, label) for label, v in narrowed.choices)["beach"] == "Beach"  # no other "Beach" left to tell apart
+
+
 async def test_picks_keep_the_scenes_each_product_offers(backends, registry):
     path, notes = await web_catalogue.picked_catalogue(backends, ["tiny-star"], ["beach", "demo-beach"], 2)
     assert path is not None and path.read_text() == "product,scenes,images\ntiny-star,beach,2\n"

@@ -196,8 +196,16 @@ def test_the_catalogue_profile_runs_the_demo_catalogue_once_against_the_stack(co
     # The catalogue comes from the repository's demo folder, mounted where the command reads it.
     (demo,) = [v for v in job["volumes"] if v.startswith("./demo:")]
     host, target, _ = demo.split(":")
-    assert (ROOT / host / args.file.name).is_file() and str(args.file).startswith(target + "/")
+    assert (ROOT / host / Path(args.file).name).is_file() and args.file.startswith(target + "/")
     env = _env(job)
     assert args.storage == _env(services["generator"])["PIA_GENERATOR_STORAGE"]  # lists what the generator stored
     assert env["PIA_GENERATOR_ADDRESS"] == "dns:///generator:50051" and "AWS_SECRET_ACCESS_KEY" in env
     assert any(v.startswith("catalogue-results:") for v in job["volumes"]) and "catalogue-results" in compose["volumes"]
+    # The page's jobs too: their folders on the volume (shown after a restart), the same storage listed to resume.
+    web = _env(services["web"])
+    assert web["PIA_WEB_CATALOGUE_STORAGE"] == args.storage and web["PIA_WEB_CATALOGUE_S3_ENDPOINT"] == args.s3_endpoint
+    assert (
+        web["PIA_WEB_CATALOGUE_DIR"].startswith("/results/")
+        and "catalogue-results:/results" in services["web"]["volumes"]
+    )
+    assert "AWS_SECRET_ACCESS_KEY" in web
