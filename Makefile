@@ -26,11 +26,11 @@ help:
 $(STAMP): $(wildcard requirements/*.txt)
 	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }
 	$(PY) -m venv $(VENV)
-	# torch first and pinned (requirements/torch.txt): anything looser pulls a multi-GB CUDA build.
-	$(BIN)/pip install -q -r requirements/torch.txt
-	$(BIN)/pip install -q -r requirements/dev.txt
+	# torch pinned (requirements/torch.txt): anything looser pulls a multi-GB CUDA build. One resolve; no
+	# byte-compiling of every installed file (half the install's time): Python compiles what it imports.
+	$(BIN)/pip install -q --no-compile -r requirements/torch.txt -r requirements/dev.txt
 	# Only for its CLIP BPE vocabulary file; never imported (it needs torchvision).
-	$(BIN)/pip install -q --no-deps open-clip-torch
+	$(BIN)/pip install -q --no-compile --no-deps open-clip-torch
 	touch $@
 
 venv: $(STAMP)
@@ -56,11 +56,12 @@ browser:
 		|| echo "chromium could not be installed; browser tests will fail"; }
 
 # Two workers (pytest-xdist) for the two cores; a module's tests stay on one worker, so module fixtures
-# (the compiled pipeline, the demo generator, the browser stack) are built once.
+# (the compiled pipeline, the demo generator, the browser stack) are built once. Modules go out longest
+# first (tests/durations.json; tests/conftest.py), not by test count.
 test: protos browser
 	$(BIN)/ruff check .
 	$(BIN)/mypy services client testkit
-	$(PYTHON) -m pytest -q -ra -n 2 --dist loadfile --durations=15
+	$(PYTHON) -m pytest -q -ra -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 test-fast: protos
 	$(PYTHON) -m pytest -q -ra -m "not slow and not browser"
