@@ -3,8 +3,9 @@
     python -m benchmarks.catalogue --out bench-results/catalogue.json
 
 Two stand-in generator replicas (`python -m services.generator`, own processes, one shared storage folder);
-the same number of 1-image requests, the same steps and concurrency, sent (a) by `catalogue run` (a
-subprocess, as operators run it) and (b) as plain concurrent `Generate` calls from one asyncio client.
+the same number of 1-image requests, the same steps and requests in flight, sent (a) by `catalogue run` (a
+subprocess, as operators run it; `--concurrency` on each replica) and (b) as plain concurrent `Generate`
+calls from one asyncio client over the round_robin channel (`--concurrency` x 2 in flight).
 Reported: the runner's wall time over the plain calls' (goal <= 1.05), the runner's RSS at the 100th and
 the last image (goal: <= 10% growth), and a second run of the finished job, which finds every image stored
 and renders none (goal: <= 2 s per 1,000 items to find what is stored).
@@ -31,6 +32,7 @@ from client.api import generate_request
 from productinaction.v1 import generator_pb2_grpc
 
 TINY_SCENES = ("flowers", "beach", "dogs", "fire", "minimal")  # what ListTemplates offers the tiny products
+REPLICAS = 2
 
 
 def _catalogue(path: Path, per_scene: int) -> int:
@@ -116,7 +118,7 @@ async def bench(args) -> dict:
             pipeline=STANDIN,
             clients=16 * args.concurrency,  # max-queue: never full in this benchmark
         )
-        servers = [Server(server_args, storage) for _ in range(2)]
+        servers = [Server(server_args, storage) for _ in range(REPLICAS)]
         target = "ipv4:" + ",".join(f"127.0.0.1:{s.port}" for s in servers)
         try:
             for server in servers:
@@ -124,8 +126,9 @@ async def bench(args) -> dict:
                     await server.wait_serving(channel)
             file = root / "catalogue.csv"
             n = _catalogue(file, args.per_scene)
-            await _plain(target, 20, args.concurrency, "warm")  # both replicas and the channel
-            plain_s = await _plain(target, n, args.concurrency, "plain")
+            in_flight = args.concurrency * REPLICAS  # what the runner keeps in flight: --concurrency on each
+            await _plain(target, 20, in_flight, "warm")  # both replicas and the channel
+            plain_s = await _plain(target, n, in_flight, "plain")
             run = await asyncio.to_thread(_runner, args, target, file, root / "job", storage, "bench")
             again = await asyncio.to_thread(_runner, args, target, file, root / "job", storage, "bench")
         finally:
@@ -134,8 +137,8 @@ async def bench(args) -> dict:
     growth = run["last_mb"] / run["at_100_mb"] - 1 if run.get("at_100_mb") else None
     return {
         "images": n,
-        "replicas": 2,
-        "concurrency": args.concurrency,
+        "replicas": REPLICAS,
+        "concurrency_per_replica": args.concurrency,
         "stand_in_step_s": args.step,
         "steps": 25,  # the generator's default: neither the catalogue nor the plain calls set any
         "plain_generate_s": plain_s,
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "bench-results" / "catalogue.json")
     p.add_argument("--per-scene", type=int, default=100, help="images per product and scene (2 x 5 x this)")
-    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight on each replica")
     p.add_argument("--step", type=float, default=0.002, help="the stand-in's seconds per step (25 steps an image)")
     p.add_argument("--products-dir", default=None)
     p.add_argument("--adapters-dir", default=None)

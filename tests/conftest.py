@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import shutil
@@ -36,17 +35,6 @@ configure_logging("WARNING", "test")
 # Upscaler fixtures (`tiny_swin2sr`, `upscaler`, `upscaler_stub`) live beside the upscaler tests.
 pytest_plugins = ["tests.fixtures_upscaler"]
 
-
-DURATIONS = Path(__file__).parent / "durations.json"  # seconds per module, measured (tools/test_durations.py)
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """Longest modules first. `make test` deals whole modules to two xdist workers in this order
-    (`--dist loadfile --no-loadscope-reorder`): both start on long ones and finish together, instead of one
-    worker ending alone on a long module. A module not measured yet goes after, in file order."""
-    weights = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
-    # A stable sort: a module's tests stay together and in their order.
-    items.sort(key=lambda item: -weights.get(item.nodeid.split("::")[0], 0.0))
 
 
 @pytest.fixture(scope="session")

@@ -41,6 +41,8 @@ def default_environment() -> dict[str, str]:
     storage = str(ROOT / "outputs")
     env.setdefault("PIA_GENERATOR_STORAGE", storage)
     env.setdefault("PIA_UPSCALER_STORAGE", storage)
+    # The page's catalogue jobs list the generator's storage to resume (docs/CATALOGUE.md, "On the web page").
+    env.setdefault("PIA_WEB_CATALOGUE_STORAGE", env["PIA_GENERATOR_STORAGE"])
     env.setdefault("PIA_WEB_GENERATOR", f"localhost:{env.get('PIA_GENERATOR_PORT', '50051')}")
     env.setdefault("PIA_WEB_UPSCALER", f"localhost:{env.get('PIA_UPSCALER_PORT', '50052')}")
     env.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
