@@ -11,6 +11,10 @@ PROTO_OUT := productinaction/v1/.generated
 EMBEDDED := .cache/embedded/.ready
 
 export PYTHONUNBUFFERED := 1
+# Python writes .pyc for what it imports (into __pycache__, ignored by git): pip does not byte-compile the
+# venv (--no-compile: half the install's time), and without .pyc every process would compile torch from
+# source again (a machine that sets PYTHONDONTWRITEBYTECODE made the suite 55% slower).
+unexport PYTHONDONTWRITEBYTECODE
 export GRADIO_ANALYTICS_ENABLED := False
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -30,9 +34,6 @@ $(STAMP): $(wildcard requirements/*.txt)
 	$(BIN)/pip install -q --no-compile -r requirements/torch.txt -r requirements/dev.txt
 	# Only for its CLIP BPE vocabulary file; never imported (it needs torchvision).
 	$(BIN)/pip install -q --no-compile --no-deps open-clip-torch
-	# Byte-compiled on every core at once (pip compiles one file at a time: 140 s -> 114 s in all). Needed:
-	# with PYTHONDONTWRITEBYTECODE set, every process would otherwise compile torch from source.
-	$(PYTHON) -m compileall -q -j 0 $(VENV)/lib >/dev/null || true
 	touch $@
 
 venv: $(STAMP)
@@ -58,13 +59,12 @@ browser:
 		|| echo "chromium could not be installed; browser tests will fail"; }
 
 # Two workers (pytest-xdist) for the two cores; a module's tests stay on one worker, so module fixtures
-# (the compiled pipeline, the demo generator, the browser stack) are built once. Three workers on two
-# cores: many tests wait (servers starting, stand-in renders that sleep, the browser), and one torch
-# thread per process (tests/conftest.py) keeps the busy ones from fighting.
+# (the compiled pipeline, the demo generator, the browser stack) are built once. (Three workers were no
+# faster on two cores, and the compile and demo modules slowed each other most.)
 test: protos browser
 	$(BIN)/ruff check .
 	$(BIN)/mypy services client testkit
-	$(PYTHON) -m pytest -q -ra -n 3 --dist loadfile --durations=15
+	$(PYTHON) -m pytest -q -ra -n 2 --dist loadfile --durations=15
 
 test-fast: protos
 	$(PYTHON) -m pytest -q -ra -m "not slow and not browser"

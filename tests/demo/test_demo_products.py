@@ -91,7 +91,10 @@ async def test_lists_demo_products_and_templates(demo_stub):
 CELL_FLOOR = 0.8
 FLOOR_SEEDS = range(8)
 GOAL = 0.9  # issue 11: fidelity per scene
-GOAL_SEEDS = 32  # at 8 seeds one failed image moves a cell by 0.125, coarser than the goal itself
+# Issue 11's goal is measured on seeds 0-31 by `python -m demo.fidelity --n 32` (the table in
+# docs/FIDELITY.md). The suite guards it on seeds 0-15, half the renders: one failed image in a cell still
+# passes (0.94), two fail it (at 8 seeds one failed image already moved a cell by 0.125, below the goal).
+GOAL_SEEDS = 16
 HELD_OUT_CELLS = [(pid, bg) for pid in DEMO_PRODUCTS for bg in HELD_OUT[pid]]
 
 
@@ -125,7 +128,8 @@ async def night_effect(stub, product_id: str, template: str, seeds: range = SEED
 
 async def test_style_adapter_halves_the_background_and_keeps_the_product(demo_stub):
     # Issue 11's night criterion (demo.fidelity.night_ok). Measured with 32 seeds: x0.16 / 0.96 (split-star,
-    # beach), x0.25 / 1.00 (mug, city); docs/FIDELITY.md. The style acts on the scene only (regional.py).
+    # beach), x0.25 / 1.00 (mug, city); docs/FIDELITY.md; guarded here on 16. The style acts on the scene
+    # only (regional.py).
     for product_id, template in NIGHT_CASES:
         ratio, kept = await night_effect(demo_stub, product_id, template, range(GOAL_SEEDS))
         assert ratio <= 0.5 and kept >= 0.9, (product_id, ratio, kept)
@@ -158,7 +162,7 @@ async def test_scene_templates_are_obeyed_and_products_kept_through_the_stack(de
             cells[(product, background)] = fidelity(product, rendered)
     print({f"{p}/{b}": round(v, 2) for (p, b), v in cells.items()})
     assert hits / total >= 0.95, f"background matched in {hits}/{total} images"
-    # Seeds 0-31 as `demo.fidelity --n 32`, so this is issue 11's goal on the table in docs/FIDELITY.md.
+    # Seeds 0-15 of `demo.fidelity --n 32`'s 0-31: a guard of issue 11's goal on the table in docs/FIDELITY.md.
     low = {k: round(v, 2) for k, v in cells.items() if v < GOAL}
     assert not low, f"fidelity under {GOAL}: {low}"
 
