@@ -103,8 +103,13 @@ def big_request(n: int = 16):
 async def test_stalled_readers_images_stored_memory_bounded_streams_closed(tiny_world, tmp_path):
     streams = 4
     async with generator_process(tiny_world, tmp_path, stall_timeout_s=10, max_queue=128) as (proc, stub, storage):
-        async for _ in stub.Generate(big_request(), timeout=120):  # warm every buffer once
-            pass
+        # Warm every buffer with the same load, read: the heap reaches its size for 4 streams at once (glibc
+        # keeps freed 0.4 MB blocks for reuse), so the growth below is what the stalled streams hold.
+        async def drain() -> None:
+            async for _ in stub.Generate(big_request(), timeout=120):
+                pass
+
+        await asyncio.gather(*(drain() for _ in range(streams)))
         baseline = rss(proc)
         async with grpc.aio.insecure_channel(stub.port, options=STALLED_CLIENT) as channel:
             stalled = generator_pb2_grpc.GeneratorStub(channel)
@@ -112,10 +117,12 @@ async def test_stalled_readers_images_stored_memory_bounded_streams_closed(tiny_
             for call in calls:
                 assert (await call.read()).WhichOneof("event") == "accepted"  # then: never read again
             # Storage is the contract: every image is stored although nobody reads the streams.
-            await until(lambda: stored(storage) == 16 * (streams + 1), 60, "every image stored")
+            await until(lambda: stored(storage) == 16 * (2 * streams), 60, "every image stored")
             held = rss(proc) - baseline
-            # Holding the stalled streams' images would take streams * 16 * PNG_BYTES (28 MB).
-            assert held < streams * 16 * PNG_BYTES / 3, f"parent grew {held / 1e6:.1f} MB"
+            # Holding the stalled streams' images would take streams * 16 * PNG_BYTES (28 MB). What is held is
+            # each stream's message in flight and gRPC's buffers: 8.4 MB on a quiet machine, up to 10.8 MB with
+            # the suite's other worker busy (its timing decides how much is mid-write), so the bar is half.
+            assert held < streams * 16 * PNG_BYTES / 2, f"parent grew {held / 1e6:.1f} MB"
             closed = "closing the stream: the client read nothing"
             await until(lambda: proc.log.read_text().count(closed) == streams, 60, "stalled streams closed")
             for call in calls:  # what was sent before is still readable, then the status
