@@ -36,7 +36,6 @@ configure_logging("WARNING", "test")
 pytest_plugins = ["tests.fixtures_upscaler"]
 
 
-
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> Path:
     """Tiny random SD pipeline + 2 products + 1 style adapter (demo.embedded), built once per session."""

@@ -16,7 +16,7 @@ from client.api import generate_request
 from productinaction.v1 import generator_pb2 as pb
 from services.generator.options import CompileOptions, WorkerConfig
 from services.generator.planning import adapter_limit
-from tests.helpers import images, request, run, standin_server
+from tests.helpers import images, request, run, standin_server, until
 
 
 def cutout_png(size: int = 24) -> bytes:
@@ -62,7 +62,8 @@ async def test_too_many_adapters_for_the_compiled_slots_are_refused_before_accep
         assert "adapters: at most 1 can be stacked on a product, got 2 (2 LoRA slots" in err.value.details()
         ok = images(await run(stub, request(adapters=two[:1])))
         assert len(ok) == 1
-        assert not app.dispatcher.tickets
+        # The stream has ended; its ticket goes once the dispatcher has seen the end (a moment later).
+        await until(lambda: not app.dispatcher.tickets, 10, "every ticket released")
 
 
 async def test_a_new_style_adapter_is_served_without_a_product_request_first(tiny_world, tmp_path):
