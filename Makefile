@@ -61,10 +61,13 @@ browser:
 # Two workers (pytest-xdist) for the two cores; a module's tests stay on one worker, so module fixtures
 # (the compiled pipeline, the demo generator, the browser stack) are built once. (Three workers were no
 # faster on two cores, and the compile and demo modules slowed each other most.)
+# The type check runs beside the suite (one core for ~20 s while the workers start their servers); either
+# failing fails the target.
 test: protos browser
 	$(BIN)/ruff check .
-	$(BIN)/mypy services client testkit
-	$(PYTHON) -m pytest -q -ra -n 2 --dist loadfile --durations=15
+	$(BIN)/mypy services client testkit > .mypy.log 2>&1 & mypy=$$!; \
+	$(PYTHON) -m pytest -q -ra -n 2 --dist loadfile --durations=15; tests=$$?; \
+	wait $$mypy; typed=$$?; cat .mypy.log; exit $$(( tests || typed ))
 
 test-fast: protos
 	$(PYTHON) -m pytest -q -ra -m "not slow and not browser"
