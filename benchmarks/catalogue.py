@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import grpc
 import psutil
 
+from benchmarks.report import save_report
 from benchmarks.soak import ROOT, STANDIN, Server
 from client.api import generate_request
 from productinaction.v1 import generator_pb2_grpc
@@ -167,10 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--adapters-dir", default=None)
     args = p.parse_args(argv)
     report = asyncio.run(bench(args))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
-    return report
+    return save_report(args.out, report)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 
+from benchmarks.report import save_report
 from benchmarks.soak import ROOT, _free_port, wait_serving
 
 
@@ -86,10 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     for replicas in (1, 2):
         with tempfile.TemporaryDirectory(prefix="pia-catalogue-demo-") as tmp:
             report[f"{replicas}_replicas"] = run(replicas, Path(tmp), args.concurrency)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
-    return report
+    return save_report(args.out, report)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import grpc
 
+from benchmarks.report import save_report
 from client.api import generate_request
 from productinaction.v1 import generator_pb2_grpc
 from services.generator.app import start_generator
@@ -895,10 +896,7 @@ def main(argv: list[str] | None = None) -> dict:
     configure_logging("WARNING", "bench")
     report = asyncio.run(main_async(args))
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
-    return report
+    return save_report(args.out, report)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import socket
@@ -29,6 +28,7 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from benchmarks.report import save_report
 from client.api import generate_request
 from productinaction.v1 import generator_pb2_grpc
 from testkit.standin import FACTORY
@@ -215,10 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {"python": platform.python_version(), "cpus": psutil.cpu_count()},
         "result": result,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
-    return report
+    return save_report(args.out, report)
 
 
 if __name__ == "__main__":
