@@ -9,11 +9,13 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/productinaction/v1/*.proto)
 PROTO_OUT := productinaction/v1/.generated
 EMBEDDED := .cache/embedded/.ready
+# pip's find-links (this machine's CPU torch wheel lies there), handed to uv.
+UV_LINKS := $(foreach d,$(PIP_FIND_LINKS),--find-links $(d))
 
 export PYTHONUNBUFFERED := 1
-# Python writes .pyc for what it imports (into __pycache__, ignored by git): pip does not byte-compile the
-# venv (--no-compile: half the install's time), and without .pyc every process would compile torch from
-# source again (a machine that sets PYTHONDONTWRITEBYTECODE made the suite 55% slower).
+# Python writes .pyc for what it imports (into __pycache__, ignored by git): the install does not byte-compile
+# the venv (most of it is never imported), and without .pyc every process would compile torch from source
+# again (a machine that sets PYTHONDONTWRITEBYTECODE made the suite 55% slower).
 unexport PYTHONDONTWRITEBYTECODE
 export GRADIO_ANALYTICS_ENABLED := False
 export HF_HUB_OFFLINE := 1
@@ -30,10 +32,17 @@ help:
 $(STAMP): $(wildcard requirements/*.txt)
 	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }
 	$(PY) -m venv $(VENV)
-	# torch pinned (requirements/torch.txt): anything looser pulls a multi-GB CUDA build. One resolve.
-	$(BIN)/pip install -q --no-compile -r requirements/torch.txt -r requirements/dev.txt
-	# Only for its CLIP BPE vocabulary file; never imported (it needs torchvision).
-	$(BIN)/pip install -q --no-compile --no-deps open-clip-torch
+	# uv installs the same requirements about five times faster than pip (parallel downloads, one resolve,
+	# no byte-compiling); pip does it when uv cannot be had. torch pinned (requirements/torch.txt): anything
+	# looser pulls a multi-GB CUDA build. uv does not read pip's config, so pip's local wheels are passed on.
+	# open-clip-torch only for its CLIP BPE vocabulary file; never imported (it needs torchvision).
+	if $(BIN)/pip install -q --no-compile uv; then \
+		$(BIN)/uv pip install -q --python $(PYTHON) $(UV_LINKS) -r requirements/torch.txt -r requirements/dev.txt \
+		&& $(BIN)/uv pip install -q --python $(PYTHON) --no-deps open-clip-torch; \
+	else \
+		$(BIN)/pip install -q --no-compile -r requirements/torch.txt -r requirements/dev.txt \
+		&& $(BIN)/pip install -q --no-compile --no-deps open-clip-torch; \
+	fi
 	touch $@
 
 venv: $(STAMP)
