@@ -36,6 +36,20 @@ configure_logging("WARNING", "test")
 pytest_plugins = ["tests.fixtures_upscaler"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def worker_forkserver() -> None:
+    """Generators started inside a test process share its one forkserver, whose imports the first worker
+    start fixes (workers.spawn_process): start it here with both pipelines' modules, so every worker of every
+    test forks with torch and diffusers already imported, whichever test runs first."""
+    import multiprocessing.forkserver
+
+    from tests.helpers import STANDIN
+
+    modules = ["services.generator.worker", "services.generator.pipeline", STANDIN.partition(":")[0]]
+    multiprocessing.set_forkserver_preload(modules)
+    multiprocessing.forkserver.ensure_running()
+
+
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> Path:
     """Tiny random SD pipeline + 2 products + 1 style adapter (demo.embedded), built once per session."""

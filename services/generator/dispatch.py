@@ -53,6 +53,13 @@ class Unit:
     index: int
     seed: int
     attempts: int = 0
+    lost_on: str = ""  # the device whose worker died or hung rendering it: its retry goes elsewhere if it can
+
+
+def may_run(unit: Unit, device: str, live_devices: set[str]) -> bool:
+    """A lost image is retried on another device while one lives (a respawned worker is back in about a
+    second, so "retry" alone would often hand a poison image to the device it just killed)."""
+    return unit.lost_on != device or live_devices <= {device}
 
 
 @dataclass
@@ -226,15 +233,24 @@ class Dispatcher:
     def _dispatch(self) -> None:
         ready = self.pool.ready
         idle = self.pool.idle
-        while idle:
+        live = {w.device for w in self.pool.live}
+        passed_over = 0  # tickets in a row that no idle worker may take: after a full round, stop
+        while idle and passed_over <= len(self._rr):
             ticket = self._next_ticket()
             if ticket is None:
                 break
+            w = next((w for w in idle if may_run(ticket.pending[0], w.device, live)), None)
+            if w is None:
+                passed_over += 1
+                continue
+            passed_over = 0
             # Spread first, batch second: never take more than this request's share of the devices
             # it is not already running on.
             free_for_it = max(1, len(ready) - len(ticket.inflight))
             take = min(self.batch_size(ticket.settings), math.ceil(len(ticket.pending) / free_for_it))
-            units = [ticket.pending.popleft() for _ in range(min(take, len(ticket.pending)))]
+            units: list[Unit] = []
+            while ticket.pending and len(units) < take and may_run(ticket.pending[0], w.device, live):
+                units.append(ticket.pending.popleft())
             job = Job(
                 ticket_key=ticket.key,
                 job_id=next(self._job_ids),
@@ -244,7 +260,7 @@ class Dispatcher:
                 preview_every=ticket.preview_every,
                 metadata=ticket.metadata,
             )
-            w = idle.pop(0)
+            idle.remove(w)
             ticket.inflight[job.job_id] = (job, w)
             if ticket.started_at is None:
                 ticket.started_at = time.perf_counter()
@@ -301,6 +317,7 @@ class Dispatcher:
         lost = [ticket.units[i] for i in job.indices if i not in ticket.delivered]
         for unit in lost:
             unit.attempts += 1
+            unit.lost_on = worker.device
         if any(u.attempts > 1 for u in lost):
             how = "hung" if worker.hung else "died"
             self._fail(

@@ -77,8 +77,13 @@ StartProcess = Callable[[WorkerConfig], tuple[Process, Connection | None]]
 
 
 def spawn_process(config: WorkerConfig) -> tuple[Process, Connection | None]:
-    """Spawned, not forked: no fork after gRPC threads or a CUDA context exist."""
-    ctx = mp.get_context("spawn")
+    """Forked from a forkserver, never from the server itself: the forkserver is a fresh process (exec'd like a
+    spawn) that only imports modules, so no gRPC thread and no CUDA context is ever forked (importing torch
+    creates none). It imports the worker and its pipeline factory's module (torch, diffusers, peft: about 9 s
+    of CPU) once; each worker, and each respawn after a crash, is a fork of it that starts in about a second.
+    One forkserver per server process, started with the first worker: its imports are fixed then."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["services.generator.worker", config.pipeline.partition(":")[0]])
     parent_conn, child_conn = ctx.Pipe(duplex=True)
     process = ctx.Process(target=worker_main, args=(config, child_conn), name=f"worker-{config.device}", daemon=True)
     process.start()

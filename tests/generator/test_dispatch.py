@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from services.generator.app import start_generator
+from services.generator.dispatch import Unit, may_run
 from services.generator.workers import WorkerState
 from tests.helpers import STANDIN, free_port, generator_settings, images, request, run, standin_server
 
@@ -130,6 +131,14 @@ async def test_dead_worker_images_are_retried_elsewhere_and_worker_respawned(tin
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await run(stub, request(n=1, prompt="crash-always", steps=5))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "died" in err.value.details()
+
+
+def test_a_lost_image_goes_to_another_device_while_one_lives():
+    lost = Unit(index=0, seed=1, attempts=1, lost_on="cpu:0")
+    assert not may_run(lost, "cpu:0", {"cpu:0", "cpu:1"})  # cpu:1 lives (busy or respawning): wait for it
+    assert may_run(lost, "cpu:1", {"cpu:0", "cpu:1"})
+    assert may_run(lost, "cpu:0", {"cpu:0"})  # the only device left
+    assert may_run(Unit(index=1, seed=2), "cpu:0", {"cpu:0", "cpu:1"})
 
 
 async def test_health_follows_worker_readiness_and_death(tiny_world, tmp_path):
