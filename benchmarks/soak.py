@@ -93,8 +93,9 @@ class Server:
         await wait_serving(channel, self.proc, timeout)
 
     def sample(self) -> dict:
-        """The parent's RSS and open fds, and the workers' RSS."""
-        workers = [c for c in self.ps.children() if "resource_tracker" not in " ".join(c.cmdline())]
+        """The parent's RSS and open fds, and the workers' RSS (with the forkserver they are forked from; pages
+        they still share with it count in each)."""
+        workers = [c for c in self.ps.children(recursive=True) if "resource_tracker" not in " ".join(c.cmdline())]
         return {
             "rss_mb": self.ps.memory_info().rss / 1e6,
             "fds": self.ps.num_fds(),

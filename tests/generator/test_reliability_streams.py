@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from productinaction.v1 import generator_pb2_grpc
-from tests.helpers import ROOT, STANDIN, free_port, request, until
+from tests.helpers import ROOT, STANDIN, free_port, images, request, run, until
 
 pytestmark = pytest.mark.slow
 
@@ -77,15 +77,21 @@ async def generator_process(world: Path, tmp_path: Path, model: str = "standin:s
 
 
 def workers(proc) -> list[psutil.Process]:
-    """The generator's live worker processes (a killed one stays a zombie until the parent reaps it)."""
+    """The generator's live worker processes: the children of its forkserver (the server's own children are the
+    forkserver and the resource tracker). A killed worker stays a zombie until it is reaped."""
     live = []
-    for child in psutil.Process(proc.pid).children():
+    for child in psutil.Process(proc.pid).children(recursive=True):
         try:
-            if child.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(child.cmdline()):
+            if child.ppid() != proc.pid and child.status() != psutil.STATUS_ZOMBIE:
                 live.append(child)
         except psutil.NoSuchProcess:  # includes ZombieProcess
             continue
     return live
+
+
+def helpers(proc) -> list[psutil.Process]:
+    """The server's own children: its forkserver and the resource tracker."""
+    return psutil.Process(proc.pid).children()
 
 
 def stored(storage: Path) -> int:
@@ -166,17 +172,30 @@ async def test_workers_exit_with_a_killed_parent(tiny_world, tmp_path):
         first.kill()
         await until(lambda: workers(proc) and workers(proc)[0].pid != first.pid, 30, "worker respawned")
         (loading,) = workers(proc)
+        left = [loading, *helpers(proc)]  # the forkserver goes too: nothing is left behind
         await asyncio.sleep(1)
         proc.kill()  # while its worker loads: nobody would ever read what it sends
         proc.wait(10)
 
-        def gone() -> bool:
+        def gone(p: psutil.Process) -> bool:
             try:
-                return not loading.is_running() or loading.status() == psutil.STATUS_ZOMBIE
+                return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
             except psutil.NoSuchProcess:  # includes ZombieProcess, raised by some calls on a zombie
                 return True
 
-        await until(gone, 10, "the worker exits with its parent")
+        await until(lambda: all(gone(p) for p in left), 10, "the worker and the forkserver exit with their parent")
+
+
+async def test_a_killed_forkserver_is_started_again_for_the_next_respawn(tiny_world, tmp_path):
+    """Workers are forked from a forkserver (workers.spawn_process); losing it loses no worker and no respawn."""
+    async with generator_process(tiny_world, tmp_path) as (proc, stub, _):
+        (first,) = workers(proc)
+        (forkserver,) = [p for p in helpers(proc) if "forkserver" in " ".join(p.cmdline())]
+        forkserver.kill()
+        assert len(images(await run(stub, request(n=2)))) == 2  # the running worker serves on
+        first.kill()
+        await until(lambda: workers(proc) and workers(proc)[0].pid != first.pid, 30, "worker respawned")
+        assert len(images(await run(stub, request(n=2)))) == 2
 
 
 async def test_process_exits_non_zero_when_no_worker_can_start(tiny_world, tmp_path):
