@@ -713,9 +713,9 @@ def time_each(pipe, timed, **settings) -> dict[str, float]:
 
 
 def placement_cost(args, pipe, product, timed) -> dict:
-    """Seconds per placement request (a catalogue shot with the product adapter): the product's words and adapter
-    inside its mask only (services/generator/product_region.py: two UNet evaluations per step) against one
-    prompt everywhere, beside plain text-to-image; the composite with a shadow is included in both."""
+    """Seconds per placement request (a catalogue shot with the product adapter): the scene prompt with the
+    product adapter off (placement.scene_adapters, as served) against the request's prompt and adapter,
+    beside plain text-to-image; the composite with a shadow is included in both."""
     from dataclasses import replace
 
     from demo.placement_eval import png_bytes, product_photo
@@ -737,12 +737,12 @@ def placement_cost(args, pipe, product, timed) -> dict:
     )
     text = RenderSettings("a photo on the beach", "", args.steps, 7.0, size, size, "", (product,))
     one_prompt = replace(text, placement=placed)
-    region = replace(one_prompt, scene_prompt="on the beach")
+    scene = replace(one_prompt, scene_prompt="on the beach")
     out: dict = {
         "size": size,
-        **time_each(pipe, timed, text2image_s=text, placement_one_prompt_s=one_prompt, placement_region_s=region),
+        **time_each(pipe, timed, text2image_s=text, placement_one_prompt_s=one_prompt, placement_scene_s=scene),
     }
-    out["region_over_one_prompt"] = out["placement_region_s"] / out["placement_one_prompt_s"]
+    out["scene_over_one_prompt"] = out["placement_scene_s"] / out["placement_one_prompt_s"]
     print(json.dumps(out), file=sys.stderr, flush=True)
     return out
 

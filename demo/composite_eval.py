@@ -4,7 +4,7 @@
 
 For each demo product, scene and mode (placement alone, placement + the product adapter), the catalogue shot
 (`demo.placement_eval.product_photo`) goes through placement mode as the server runs it (template ground
-line and shadow, scene prompt outside the product), seeds `--seed0`.. (never used to choose anything):
+line and shadow, the scene prompt and no product adapter), seeds `--seed0`.. (never used to choose anything):
 
 - **ghost**: pixels of the product's own colours (split-star: red, blue; striped-mug: the mug's yellow)
   outside its mask dilated by 2 px. The level of *the same scene without a product* is the 99th percentile
@@ -20,7 +20,7 @@ line and shadow, scene prompt outside the product), seeds `--seed0`.. (never use
   same seed without a shadow: the fall should be the requested strength (+-10%).
 - **exact**: pixels with weight 255 (kept exactly) that differ from the placed product after the PNG round
   trip (goal 0); **scene**: the judge's background accuracy (goal >= 95%).
-- `--before` renders the same without the scene prompt (the product's prompt and adapter everywhere), as
+- `--before` renders the same with the request's prompt and the product adapter (no scene prompt), as
   the generator did before issue 20.
 """
 
@@ -108,7 +108,9 @@ def measure(n: int = 8, seed0: int = 300, before: bool = False, backgrounds=BACK
             template = renderer.catalog.template(f"demo-{background}").placement
             scenes = renderer.render_scene(background, seeds)
             for mode in ("placement", "placement+lora"):
-                images, placed = renderer.render(product_id, background, seeds, mode, photo, mask, region=not before)
+                images, placed = renderer.render(
+                    product_id, background, seeds, mode, photo, mask, scene_only=not before
+                )
                 rgb, frame_mask = placement.arrays(placed)
                 w = placement.weights(placed)
                 exact = w == 255
@@ -129,7 +131,7 @@ def measure(n: int = 8, seed0: int = 300, before: bool = False, backgrounds=BACK
                 }
                 if placed.shadow is not None:
                     plain, _ = renderer.render(
-                        product_id, background, seeds, mode, photo, mask, shadow=None, region=not before
+                        product_id, background, seeds, mode, photo, mask, shadow=None, scene_only=not before
                     )
                     band = placement.shadow_band(placed)
                     lum = [
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--seed0", type=int, default=300)
-    p.add_argument("--before", action="store_true", help="without the scene prompt outside the product")
+    p.add_argument("--before", action="store_true", help="with the request's prompt and the product adapter, not the scene prompt")
     p.add_argument("--json", help="write the result here too")
     args = p.parse_args(argv)
     started = time.time()

@@ -108,7 +108,7 @@ def composite_before_after(renderer: Renderer, seed: int) -> Image.Image:
                 photo,
                 mask,
                 shadow="template" if now else None,
-                region=now,
+                scene_only=now,
             )
             x = LABEL_W + (2 * k + j) * (CELL + PAD)
             out.paste(_big(image), (x, HEADER_H))

@@ -79,7 +79,7 @@ class Renderer:
         mask=None,
         style: str = "",
         shadow="template",
-        region: bool = True,
+        scene_only: bool = True,
     ) -> list:
         """Images of `product_id` in the demo scene `background`.
 
@@ -87,7 +87,7 @@ class Renderer:
         "placement+lora" (the photo and the product adapter). `style`: a style adapter stacked at its default
         weight, its words added to the prompt (as the generator does). Placement mode as the server runs it:
         the template's ground line and shadow (`shadow`: "template", None for none, or a `Shadow`) and, with
-        `region`, the scene prompt outside the product (services/generator/product_region.py)."""
+        `scene_only`, the scene prompt and no product adapter (placement.scene_adapters)."""
         from services.generator import placement
         from services.generator.catalog import compose_prompt, compose_scene_prompt
         from services.generator.messages import RenderSettings
@@ -124,7 +124,7 @@ class Renderer:
             adapters=((product.spec(product.manifest.default_scale),) if product else ())
             + tuple(a.spec(a.manifest.default_scale) for a in stacked),
             placement=placed,
-            scene_prompt=compose_scene_prompt(template, "") if placed is not None and region else "",
+            scene_prompt=compose_scene_prompt(template, "") if placed is not None and scene_only else "",
         )
         images = []
         for seed in seeds:

@@ -88,8 +88,8 @@ class RenderSettings:
     # Stacked style/background adapters act on the scene only (services/generator/regional.py); the service's
     # --scene-only-styles sets it per job.
     scene_only_styles: bool = True
-    # Placement mode: the prompt outside the product's mask (the scene without the product), where the product's
-    # adapter is off too (services/generator/product_region.py). Empty: the one prompt everywhere.
+    # Placement mode: the prompt around the product (the scene without the product's words), with the product's
+    # adapter off (placement.scene_adapters). Empty: the request's prompt and adapters.
     scene_prompt: str = ""
 
 

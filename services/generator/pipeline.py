@@ -20,7 +20,7 @@ from diffusers import AutoPipelineForInpainting, AutoPipelineForText2Image
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 
-from services.generator import placement, product_region, regional
+from services.generator import placement, regional
 from services.generator.adapter_cache import AdapterCache
 from services.generator.compiled import Accelerator
 from services.generator.interfaces import AdapterSet, InvalidJob, JobCancelled, StepHook
@@ -191,14 +191,20 @@ class ProductPipeline:
         # 1. Check inputs
         self.check_inputs(settings, len(seeds))
 
-        # 2. Activate exactly this job's adapters, from the cache when possible
-        self.adapters.activate(settings.adapters)
+        # 2. Activate exactly this job's adapters, from the cache when possible. Placement mode asks for the
+        # scene only: the product is already in the picture (placement.scene_adapters).
+        placed = settings.placement
+        scene_only = placed is not None and bool(settings.scene_prompt)
+        self.adapters.activate(placement.scene_adapters(settings.adapters) if scene_only else settings.adapters)
 
         # 3. Prompt embeddings, with each stacked adapter's words read by its own text-encoder LoRA
-        prompt = self.encode_prompt(settings) or {
-            "prompt": settings.prompt,
-            "negative_prompt": settings.negative_prompt or None,
-        }
+        if scene_only:
+            prompt = {"prompt": settings.scene_prompt, "negative_prompt": settings.negative_prompt or None}
+        else:
+            prompt = self.encode_prompt(settings) or {
+                "prompt": settings.prompt,
+                "negative_prompt": settings.negative_prompt or None,
+            }
 
         # 4. Fresh scheduler; one generator per image so results do not depend on batching
         scheduler = self.make_scheduler(settings.scheduler)
@@ -219,7 +225,6 @@ class ProductPipeline:
             return kwargs
 
         # 6. Denoise and decode; placement mode inpaints around the product, then composites it back
-        placed = settings.placement
         extra = {}
         if placed is not None:
             extra = {
@@ -230,18 +235,7 @@ class ProductPipeline:
         pipe = self.inpaint if placed is not None else self.pipe
         cfg = settings.guidance_scale > 1
         guard: AbstractContextManager[None] = nullcontext()
-        if placed is not None and settings.scene_prompt and getattr(self.pipe, "text_encoder_2", None) is None:
-            # The product's words and adapter inside its mask only (product_region.py); SDXL's two text
-            # encoders are left to the plain path for now.
-            pipe = self.views[id(pipe)]
-            guard = product_region.product_region(
-                pipe,
-                self.adapters.unet_switcher(settings.adapters),
-                settings.adapters,
-                self.scene_states(settings, len(seeds), cfg),
-                product_region.latent_mask(placed, self.pipe.vae_scale_factor, self.device, self.dtype),
-            )
-        elif settings.scene_only_styles and regional.applies(settings.adapters):
+        if not scene_only and settings.scene_only_styles and regional.applies(settings.adapters):
             # A second pipeline object over the same modules: its `unet` can be wrapped for this job while the
             # adapter cache keeps switching weights through the real one.
             pipe = self.views[id(pipe)]
@@ -291,18 +285,6 @@ class ProductPipeline:
         embeds = with_product.clone()
         embeds[:, start:] = without_product[:, start:]
         return {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds}
-
-    def scene_states(self, settings: RenderSettings, images: int, cfg: bool) -> torch.Tensor:
-        """The scene prompt's text states for placement mode, read with the product's text-encoder LoRA off."""
-        _, outside = product_region.adapter_sets(settings.adapters)
-        if outside != settings.adapters:
-            self.adapters.activate(outside)
-        try:
-            negative = settings.negative_prompt or None
-            return product_region.scene_states(self.pipe, settings.scene_prompt, negative, images, cfg, self.device)
-        finally:
-            if outside != settings.adapters:
-                self.adapters.activate(settings.adapters)
 
     def warmup(self, size: int = 64) -> float:
         if self.accel.options.enabled:  # compiles every configured shape before the worker reports Ready

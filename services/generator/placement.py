@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from PIL import Image
@@ -28,7 +28,7 @@ from scipy import ndimage
 
 from services.common.errors import InvalidArgument
 from services.common.images import decode, probe
-from services.generator.messages import PlacedProduct, Shadow
+from services.generator.messages import AdapterSpec, PlacedProduct, Shadow
 
 # Mask finding on a plain light background (catalogue shots).
 DEFAULT_TOLERANCE = 24  # max |channel - background colour| still counted as background, in 0..255
@@ -516,6 +516,20 @@ def init_image(placed: PlacedProduct) -> Image.Image:
     frame = np.full_like(rgb, 128)
     frame[mask] = rgb[mask]
     return Image.fromarray(frame)
+
+
+def scene_adapters(adapters: tuple[AdapterSpec, ...]) -> tuple[AdapterSpec, ...]:
+    """A placement job's adapters: the product adapter at weight 0, the stacked ones as requested.
+
+    The product is already in the picture (its exact pixels are kept and composited back), so nothing in
+    the denoising asks for it: the prompt is the scene prompt (`RenderSettings.scene_prompt`, the scene and
+    the user's words without the product's) and the product adapter is off. Measured (docs/FIDELITY.md,
+    "Composite"): with the product's prompt and adapter inside its mask and the scene's outside (two UNet
+    passes a step, blended by the mask at the latent's size), the edge latents, part product and part scene,
+    still grew product colours past its edge; the scene alone is ghost-free in more cells, in one pass."""
+    if not adapters or adapters[0].kind != "product":
+        return adapters
+    return (replace(adapters[0], weight=0.0), *adapters[1:])
 
 
 def repaint_mask(placed: PlacedProduct) -> Image.Image:

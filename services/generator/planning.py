@@ -237,7 +237,7 @@ class Planner:
         placed, record, scene_prompt = None, None, ""
         if request.HasField("product_image"):
             placed, record = await self.place(request.product_image, template, width, height)
-            # Outside the product's mask the scene prompt, without the product's words or adapter (product_region.py).
+            # The scene prompt: the denoising asks for the scene only (placement.scene_adapters).
             scene_prompt = compose_scene_prompt(template, request.prompt)
 
         render = RenderSettings(

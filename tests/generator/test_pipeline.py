@@ -158,3 +158,25 @@ def test_sdxl_pipeline_serves_with_a_product_lora(tmp_path):
     with_lora = render(pipe, dataclasses.replace(s, adapters=(product,)))[0]
     assert plain.shape == with_lora.shape == (64, 64, 3)
     assert not np.array_equal(plain, with_lora)
+
+
+def test_a_placement_job_asks_for_the_scene_only(tiny_world, specs):
+    """Placement mode: the scene prompt, the product adapter off (placement.scene_adapters). The same job with
+    or without the product adapter gives the same pixels; with the request's prompt and adapter it differs."""
+    from demo.placement_eval import png_bytes, product_photo
+    from services.generator import placement
+    from services.generator.pipeline import ProductPipeline
+
+    pipe = ProductPipeline(str(tiny_world / "tiny-sd"), "cpu")
+    photo, _ = product_photo("split-star", "white", size=64)
+    placed, _ = placement.place_upload(
+        png_bytes(photo), b"", None, placement.ProductBox(0.5, 0.5, 0.5), 64, 64, max_pixels=1 << 20
+    )
+    star = specs["tiny-star"]
+    job = dataclasses.replace(settings(star), placement=placed, scene_prompt="on the beach")
+    with_adapter = render(pipe, job)[0]
+    without = render(pipe, dataclasses.replace(job, adapters=()))[0]
+    assert np.array_equal(with_adapter, without)
+    product_everywhere = render(pipe, dataclasses.replace(job, scene_prompt=""))[0]
+    assert not np.array_equal(with_adapter, product_everywhere)
+    assert [a.weight for a in placement.scene_adapters((star, specs["tiny-sunset"]))] == [0.0, 1.0]
