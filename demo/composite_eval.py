@@ -169,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--seed0", type=int, default=300)
-    p.add_argument("--before", action="store_true", help="with the request's prompt and the product adapter, not the scene prompt")
+    p.add_argument(
+        "--before", action="store_true", help="with the request's prompt and the product adapter, not the scene prompt"
+    )
     p.add_argument("--json", help="write the result here too")
     args = p.parse_args(argv)
     started = time.time()
