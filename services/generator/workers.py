@@ -72,6 +72,10 @@ class Process(Protocol):
     def kill(self) -> None: ...
 
 
+# What multiprocessing reports for a forked worker whose forkserver died: its end can no longer be reported, and
+# the worker itself may still run (it would stop at its pipe's end, after its job).
+FORKSERVER_LOST = 255
+
 # Starts a worker process for a config: the process and the parent's end of its pipe.
 StartProcess = Callable[[WorkerConfig], tuple[Process, Connection | None]]
 
@@ -380,6 +384,8 @@ class WorkerPool:
         self._on_readable(w)  # whatever it sent before dying still counts
         self._detach(w)
         process.join(timeout=1.0)  # reap it, so its exit code is known
+        if process.exitcode == FORKSERVER_LOST:
+            _kill(process)  # counted as dead, so dead: its respawn must not share the device with it
         if self._stopping:
             self._stopped(w)
             return
@@ -474,6 +480,8 @@ def _describe_exit(code: int | None) -> str:
             return f"was killed by {signal.Signals(-code).name}"
         except ValueError:
             return f"was killed by signal {-code}"
+    if code == FORKSERVER_LOST:
+        return f"exited with code {code} or was lost with its forkserver"
     return f"exited with code {code}"
 
 
