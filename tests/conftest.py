@@ -43,10 +43,11 @@ def worker_forkserver() -> None:
     test forks with torch and diffusers already imported, whichever test runs first."""
     import multiprocessing.forkserver
 
+    from services.generator.options import DEFAULT_PIPELINE
+    from services.generator.workers import preload_modules
     from tests.helpers import STANDIN
 
-    modules = ["services.generator.worker", "services.generator.pipeline", STANDIN.partition(":")[0]]
-    multiprocessing.set_forkserver_preload(modules)
+    multiprocessing.set_forkserver_preload(preload_modules(DEFAULT_PIPELINE, STANDIN))
     multiprocessing.forkserver.ensure_running()
 
 

@@ -198,13 +198,10 @@ class ProductPipeline:
         self.adapters.activate(placement.scene_adapters(settings.adapters) if scene_only else settings.adapters)
 
         # 3. Prompt embeddings, with each stacked adapter's words read by its own text-encoder LoRA
-        if scene_only:
-            prompt = {"prompt": settings.scene_prompt, "negative_prompt": settings.negative_prompt or None}
-        else:
-            prompt = self.encode_prompt(settings) or {
-                "prompt": settings.prompt,
-                "negative_prompt": settings.negative_prompt or None,
-            }
+        prompt = ({} if scene_only else self.encode_prompt(settings)) or {
+            "prompt": settings.scene_prompt if scene_only else settings.prompt,
+            "negative_prompt": settings.negative_prompt or None,
+        }
 
         # 4. Fresh scheduler; one generator per image so results do not depend on batching
         scheduler = self.make_scheduler(settings.scheduler)

@@ -80,6 +80,11 @@ FORKSERVER_LOST = 255
 StartProcess = Callable[[WorkerConfig], tuple[Process, Connection | None]]
 
 
+def preload_modules(*pipelines: str) -> list[str]:
+    """What a forkserver imports for workers of these pipeline factories ("module:callable")."""
+    return ["services.generator.worker", *(p.partition(":")[0] for p in pipelines)]
+
+
 def spawn_process(config: WorkerConfig) -> tuple[Process, Connection | None]:
     """Forked from a forkserver, never from the server itself: the forkserver is a fresh process (exec'd like a
     spawn) that only imports modules, so no gRPC thread and no CUDA context is ever forked (importing torch
@@ -87,7 +92,7 @@ def spawn_process(config: WorkerConfig) -> tuple[Process, Connection | None]:
     of CPU) once; each worker, and each respawn after a crash, is a fork of it that starts in about a second.
     One forkserver per server process, started with the first worker: its imports are fixed then."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["services.generator.worker", config.pipeline.partition(":")[0]])
+    ctx.set_forkserver_preload(preload_modules(config.pipeline))
     parent_conn, child_conn = ctx.Pipe(duplex=True)
     process = ctx.Process(target=worker_main, args=(config, child_conn), name=f"worker-{config.device}", daemon=True)
     process.start()
