@@ -238,7 +238,17 @@ class WorkerPool:
         if self._stopping:
             return
         assert self._loop is not None
-        process, conn = self._start_process(w.config)
+        try:
+            process, conn = self._start_process(w.config)
+        except (OSError, EOFError) as exc:  # e.g. the forkserver died as it forked (the next start makes a new one)
+            w.start_failures += 1
+            log.error("worker %s did not start: %s: %s", w.device, type(exc).__name__, exc)
+            if w.start_failures >= self.policy.max_start_failures:
+                self._give_up(w, f"it failed to start {w.start_failures} times in a row")
+                self._health_changed()
+            else:
+                w.respawn_timer = self._loop.call_later(self._backoff(w.start_failures), self._spawn, w)
+            return
         self._started(w, process, conn)
         if conn is not None:
             self._loop.add_reader(conn.fileno(), self._on_readable, w)
