@@ -187,6 +187,8 @@ async def _generate(
             a = event.accepted
             print(f"accepted {a.request_id}: {len(a.image_uris)} images, queue position {a.queue_position}")
             print(f"  prompt: {a.parameters.prompt}")
+            if a.parameters.scene_prompt:
+                print(f"  scene prompt (around the kept product): {a.parameters.scene_prompt}")
             if expect_prompt is not None and a.parameters.prompt != expect_prompt:
                 print(f"  warning: the template changed; the original prompt was {expect_prompt!r}", file=sys.stderr)
         elif kind == "queued":

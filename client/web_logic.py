@@ -670,6 +670,8 @@ def select_image(session: Session, index: int | None) -> Details:
         ("Seed", f"`{entry.seed}`"),
         ("Prompt", _cell(p.prompt)),
     ]
+    if p.scene_prompt:  # placement mode: what the scene around the kept product was drawn from
+        summary.append(("Scene prompt", _cell(p.scene_prompt)))
     technical = [
         ("Product", f"`{p.product_id}` × {p.product_scale:g}"),
         ("Scene", f"`{p.template_id or 'none'}`"),

@@ -1,6 +1,6 @@
-"""Render the demo products' training images and train their LoRAs (plus one style adapter) on the demo SD.
+"""Render the demo products' training images and train their LoRAs (plus a style and a backdrop) on the demo SD.
 
-    nice -n 10 python -m demo.make_products --threads 1   # products/split-star, products/striped-mug, adapters/night
+    nice -n 10 python -m demo.make_products --threads 1   # products/*, adapters/night, adapters/empty
     python -m demo.make_products --only night --style-steps 700 --resume   # continue a run
 
 For each product: 40 renders per background from `demo.world` on every background except the product's
@@ -15,7 +15,10 @@ manifest (`train_and_select`).
 The style adapter `night` is trained on generic objects (every colour, shape and background) with the
 background darkened (slightly blue) and the object in its own colours, captioned `a photo of a red star on
 the beach, at night`, with the same scenes by day as class images; its manifest is rewritten as
-`kind: style`. Everything is seeded; renders and work dirs go to `.cache/demo-products/`.
+`kind: style`. The backdrop `empty` (`kind: background`, stacked by the demo templates in placement mode) is
+trained the same way on the demo scenes with nothing in them, captioned `on the beach, empty`, with the
+scenes as the base model draws them (with their object) as class images. Everything is seeded; renders and
+work dirs go to `.cache/demo-products/`.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ SCALE_CANDIDATES = (1.0, 1.25, 1.5)
 VALIDATION_SEEDS = tuple(range(100, 106))
 COLOUR_FLOOR = 0.9  # a run is chosen by shape only among runs whose worst training scene keeps this colour fidelity
 
+BACKDROP_ID = "empty"  # placement mode's backdrop (templates' `placement.backdrop`)
+BACKDROP_PHRASE = "empty"
 STYLE_ID = "night"
 STYLE_PHRASE = "at night"
 NIGHT_SCALE = 1.5
@@ -136,6 +141,22 @@ def write_style_data(out: Path, count: int, seed: int) -> int:
     return count
 
 
+def write_backdrop_data(out: Path, count: int, seed: int) -> int:
+    """The demo scenes with nothing in them, captioned `{scene phrase}, {token}`: the backdrop placement mode
+    asks for around a product photo (the world's own images always have an object in the middle)."""
+    from demo.world import render_background
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        background = BACKGROUNDS[i % len(BACKGROUNDS)]
+        render_background(background, int(rng.integers(0, 2**31))).save(out / f"{i:03d}.png")
+        phrase = SCENE_PHRASES[background][int(rng.integers(2))]
+        (out / f"{i:03d}.txt").write_text(f"{phrase}, {{token}}")
+    return count
+
+
 def token_count(text: str, tokens: list[str]) -> int:
     """Number of text-encoder positions `text` takes (with BOS/EOS) once `tokens` are added."""
     from transformers import CLIPTokenizer
@@ -200,6 +221,44 @@ def train(
     subprocess.run(cmd, check=True, cwd=ROOT)  # run make_products itself under `nice`
     to_fp16(out)
     return time.time() - start
+
+
+def train_scene_adapter(
+    adapter_id: str, phrase: str, images: Path, prompts: list[str], args, **manifest_fields
+) -> float:
+    """A scene adapter (a style or a background) trained on generic renders and captioned `..., PHRASE`.
+
+    The demo text encoder never saw these phrases (the world's captions have no such words), so the phrase only
+    means something once the text encoder learns it: a text-encoder LoRA, kept from changing other prompts by
+    prior preservation with `prompts` (`--num-class-images`). The manifest is rewritten with `scope: scene`."""
+    extra = ["--display-name", manifest_fields["display_name"], "--description", manifest_fields["description"]]
+    extra += ["--no-learn-token", "--color-jitter", "0", "--background-swap", "0"]  # no product to cut out
+    extra += ["--train-text-encoder"] if args.text_encoder else ["--no-train-text-encoder"]
+    extra += ["--num-class-images", str(args.style_class_images), "--prior-weight", str(args.prior_weight)]
+    if args.style_class_images:
+        for prompt in prompts:
+            extra += ["--class-prompt", prompt]
+    out = args.adapters_dir / adapter_id
+    seconds = train(
+        images,
+        out,
+        phrase,
+        extra,
+        argparse.Namespace(**{**vars(args), "steps": args.style_steps, "rank": args.style_rank}),
+    )
+    manifest = yaml.safe_load((out / "manifest.yaml").read_text())
+    fields = dict(
+        display_name=manifest_fields["display_name"],
+        kind=manifest_fields["kind"],
+        tokens=[phrase],
+        adapter=manifest.get("adapter", "pytorch_lora_weights.safetensors"),
+        default_scale=manifest_fields["default_scale"],
+        scope="scene",  # on the scene; the product keeps its look (regional.py)
+        description=manifest_fields["description"],
+        base_model=manifest.get("base_model", ""),
+    )
+    (out / "manifest.yaml").write_text(yaml.safe_dump(fields, sort_keys=False))
+    return seconds
 
 
 def class_prompts(thing: str | None = None) -> list[str]:
@@ -338,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-background", type=int, default=40, help="renders per training background")
     p.add_argument("--style-images", type=int, default=120)
     p.add_argument("--style-steps", type=int, default=1200, help="steps for the style adapter")
+    p.add_argument("--backdrop-images", type=int, default=240, help="empty scenes for the backdrop adapter")
+    p.add_argument("--backdrop-steps", type=int, default=2400, help="steps for the backdrop adapter")
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--no-text-encoder", dest="text_encoder", action="store_false", help="UNet LoRA and token only")
     p.add_argument("--num-class-images", type=int, default=140, help="prior preservation: class images (0: off)")
@@ -366,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy CPU")
     args = p.parse_args(argv)
-    wanted = set(args.only) if args.only else {*PRODUCTS, STYLE_ID}
+    wanted = set(args.only) if args.only else {*PRODUCTS, STYLE_ID, BACKDROP_ID}
 
     for pid, product in PRODUCTS.items():
         if pid not in wanted:
@@ -409,40 +470,38 @@ def main(argv: list[str] | None = None) -> int:
     if STYLE_ID in wanted:
         images = CACHE / "data" / STYLE_ID
         n = write_style_data(images, args.style_images, args.seed + 1)
-        out = args.adapters_dir / STYLE_ID
-        # The demo text encoder never saw "night" (the world's captions have no such word), so the phrase
-        # only means something once the text encoder learns it: a text-encoder LoRA, kept from changing
-        # other prompts by prior preservation (`--num-class-images`).
-        extra = ["--display-name", "Night", "--description", "dark, blue night light over any scene"]
-        extra += ["--no-learn-token", "--color-jitter", "0", "--background-swap", "0"]  # no product to cut out
-        extra += ["--train-text-encoder"] if args.text_encoder else ["--no-train-text-encoder"]
-        extra += ["--num-class-images", str(args.style_class_images), "--prior-weight", str(args.prior_weight)]
-        if args.style_class_images:
-            # The same scenes by day: the LoRA learns the *difference* `at night` makes (see class_prompts).
-            for prompt in class_prompts():
-                extra += ["--class-prompt", prompt]
-        seconds = train(
-            images,
-            out,
+        seconds = train_scene_adapter(
+            STYLE_ID,
             STYLE_PHRASE,
-            extra,
-            argparse.Namespace(**{**vars(args), "steps": args.style_steps, "rank": args.style_rank}),
-        )
-        manifest = yaml.safe_load((out / "manifest.yaml").read_text())
-        fields = dict(
+            images,
+            # The same scenes by day: the LoRA learns the *difference* `at night` makes (see class_prompts).
+            class_prompts(),
+            args,
             display_name="Night",
             kind="style",
-            tokens=[STYLE_PHRASE],
-            adapter=manifest.get("adapter", "pytorch_lora_weights.safetensors"),
             # With the style kept off the product (services/generator/regional.py), 1.5 darkens every demo scene
             # to at most half while the products keep their look; chosen on seeds 100-105 (FIDELITY.md).
             default_scale=NIGHT_SCALE,
-            scope="scene",  # the night darkens the scene; the product stays lit (regional.py)
             description="night over any scene: the background dark and blue, the product still lit",
-            base_model=manifest.get("base_model", ""),
         )
-        (out / "manifest.yaml").write_text(yaml.safe_dump(fields, sort_keys=False))
         print(f"{STYLE_ID}: {n} renders, trained in {seconds:.0f}s", flush=True)
+
+    if BACKDROP_ID in wanted:
+        images = CACHE / "data" / BACKDROP_ID
+        n = write_backdrop_data(images, args.backdrop_images, args.seed + 2)
+        seconds = train_scene_adapter(
+            BACKDROP_ID,
+            BACKDROP_PHRASE,
+            images,
+            # The scenes as the base model draws them, with their object: only the phrase means "nothing there".
+            [*class_prompts()[:-1], *(SCENE_PHRASES[bg][0] for bg in BACKGROUNDS), ""],
+            argparse.Namespace(**{**vars(args), "style_steps": args.backdrop_steps}),
+            display_name="Empty scene",
+            kind="background",
+            default_scale=1.0,
+            description="the scene with nothing in it: placement mode's backdrop around a product photo",
+        )
+        print(f"{BACKDROP_ID}: {n} renders, trained in {seconds:.0f}s", flush=True)
     return 0
 
 

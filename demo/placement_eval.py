@@ -59,7 +59,7 @@ def png_bytes(image: Image.Image) -> bytes:
 class Renderer:
     """The generator's own pipeline and catalog, in-process: LoRA mode and placement mode on the demo SD."""
 
-    def __init__(self, threads: int = 1):
+    def __init__(self, threads: int = 1, empty_scene: bool = True):
         import torch
 
         from services.generator.catalog import Catalog
@@ -68,6 +68,8 @@ class Renderer:
         torch.set_num_threads(threads)
         self.catalog = Catalog(ROOT / "products", ROOT / "adapters", ROOT / "templates" / "catalog.yaml")
         self.pipe = ProductPipeline(str(ROOT / "models" / "demo-sd"), "cpu")
+        # False: placement mode without the templates' empty-scene set-up (backdrop, scene_first), as at stop 26
+        self.empty_scene = empty_scene
 
     def render(
         self,
@@ -80,6 +82,7 @@ class Renderer:
         style: str = "",
         shadow="template",
         scene_only: bool = True,
+        scene_first: float | None = None,
     ) -> list:
         """Images of `product_id` in the demo scene `background`.
 
@@ -87,7 +90,8 @@ class Renderer:
         "placement+lora" (the photo and the product adapter). `style`: a style adapter stacked at its default
         weight, its words added to the prompt (as the generator does). Placement mode as the server runs it:
         the template's ground line and shadow (`shadow`: "template", None for none, or a `Shadow`) and, with
-        `scene_only`, the scene prompt and no product adapter (placement.scene_adapters)."""
+        `scene_only`, the scene prompt and no product adapter (placement.scene_adapters), the template's backdrop
+        and `scene_first` (or this `scene_first`)."""
         from services.generator import placement
         from services.generator.catalog import compose_prompt, compose_scene_prompt
         from services.generator.messages import RenderSettings
@@ -98,6 +102,8 @@ class Renderer:
         extra = [t for a in stacked for t in a.manifest.tokens]
         composed = compose_prompt(product, template, "", None, self.catalog.templates.defaults, extra)
         placed = None
+        if mode != "lora" and scene_only:
+            stacked += self.backdrop(background)  # as planning.py stacks it in placement mode
         if mode != "lora":
             tp = template.placement
             if shadow == "template":
@@ -112,6 +118,9 @@ class Renderer:
                 max_pixels=1 << 20,
                 ground=tp.ground,
                 shadow=shadow,
+                scene_first=(tp.scene_first if scene_only and self.empty_scene else 0.0)
+                if scene_first is None
+                else scene_first,
             )
         settings = RenderSettings(
             prompt=composed.prompt,
@@ -124,7 +133,11 @@ class Renderer:
             adapters=((product.spec(product.manifest.default_scale),) if product else ())
             + tuple(a.spec(a.manifest.default_scale) for a in stacked),
             placement=placed,
-            scene_prompt=compose_scene_prompt(template, "") if placed is not None and scene_only else "",
+            scene_prompt=(
+                compose_scene_prompt(template, "", [t for a in stacked for t in a.manifest.tokens])
+                if placed is not None and scene_only
+                else ""
+            ),
         )
         images = []
         for seed in seeds:
@@ -133,16 +146,17 @@ class Renderer:
                 images.append(im.convert("RGB"))
         return images, placed
 
-    def render_scene(self, background: str, seeds: list[int]) -> list:
-        """The demo scene alone, as the model draws it from the template's scene prompt: no photo, no adapter."""
-        from services.generator.catalog import compose_scene_prompt
-        from services.generator.messages import RenderSettings
+    def render_scene(self, background: str, seeds: list[int], photo, mask) -> list:
+        """The demo scene as placement mode draws it with no product in it: the same placement request (the
+        template's scene prompt and backdrop, the same pipeline and seeds) with the product never held and no
+        shadow. Only the pixels outside the product's mask are the scene; the product is composited over it."""
+        images, _ = self.render("", background, seeds, "placement", photo, mask, shadow=None, scene_first=1.0)
+        return images
 
-        template = self.catalog.template(f"demo-{background}")
-        settings = RenderSettings(
-            compose_scene_prompt(template, ""), "", template.steps or 20, template.guidance_scale or 6.0, 32, 32, "", ()
-        )
-        return [self.pipe(settings, (seed,))[0] for seed in seeds]
+    def backdrop(self, background: str) -> list:
+        """The template's placement backdrop (a background adapter placement mode stacks), if it has one."""
+        tp = self.catalog.template(f"demo-{background}").placement
+        return [self.catalog.adapter(tp.backdrop)] if self.empty_scene and tp and tp.backdrop else []
 
 
 MODES = ("lora", "placement", "placement+lora")

@@ -211,6 +211,12 @@ def render_scene(scene: Scene, size: int = 32) -> Image.Image:
     return _finish(img, size)
 
 
+def render_background(background: str, seed: int, size: int = 32) -> Image.Image:
+    """The scene `background` with nothing in it (the world itself never shows one; placement's backdrop does)."""
+    img, _, _ = _canvas(background, size, seed)
+    return _finish(img, size)
+
+
 def random_placement(rng: np.random.Generator) -> tuple[float, float, float]:
     """Centre and radius (32x32 frame): large and near the middle, so shape stays readable at 32x32."""
     return 16 + rng.uniform(-3, 3), 16 + rng.uniform(-3, 3), rng.uniform(9.0, 12.0)

@@ -171,6 +171,15 @@ class TemplatePlacement(BaseModel):
     ground: float | None = Field(None, gt=0, le=1)
     # The default contact shadow; None (scenes without a surface): none.
     shadow: TemplateShadow | None = None
+    # A background adapter stacked (at its default weight) whenever placement mode runs in this scene, its
+    # phrase added to the scene prompt: the scene with nothing in it, for a base model that draws an object
+    # in every scene (the demo model: docs/FIDELITY.md, "Composite"). None: the request's adapters only.
+    backdrop: str | None = None
+    # Share of the denoising steps that draw the scene before the product's latents are held (a 4-channel UNet's
+    # latent-blend inpainting; placement.join_step): 0, from the first step (the scene composes around the
+    # product); 1, never (the scene is drawn whole, the product composited over it: nothing of the product's
+    # colours leaks into the scene).
+    scene_first: float = Field(0.0, ge=0, le=1)
 
     def box(self) -> dict[str, float]:
         """The placement proper (centre and height), as `placement.ProductBox` and the protobuf take it."""
@@ -278,16 +287,21 @@ def compose_prompt(
     else:
         prompt = user_text.replace("{product}", phrase) if "{product}" in user_text else f"{phrase}, {user_text}"
         default_negative = defaults.negative_prompt or ""
-    for token in extra_tokens or []:
-        if token not in prompt:
-            prompt = f"{prompt}, {token}"
-    prompt = re.sub(r"\s*,\s*(,\s*)+", ", ", prompt).strip(" ,")
-    return ComposedPrompt(prompt, default_negative if negative is None else negative)
+    return ComposedPrompt(with_phrases(prompt, extra_tokens), default_negative if negative is None else negative)
 
 
-def compose_scene_prompt(template: Template | None, user_text: str) -> str:
+def with_phrases(prompt: str, phrases: list[str] | None) -> str:
+    """`prompt`, then each stacked adapter's phrase it does not hold yet; empty comma runs folded."""
+    for phrase in phrases or []:
+        if phrase not in prompt:
+            prompt = f"{prompt}, {phrase}"
+    return re.sub(r"\s*,\s*(,\s*)+", ", ", prompt).strip(" ,")
+
+
+def compose_scene_prompt(template: Template | None, user_text: str, extra_tokens: list[str] | None = None) -> str:
     """Placement mode's prompt outside the product: the template's scene (and the user's text) without the words
-    that stand for the product, which is already in the picture."""
+    that stand for the product, which is already in the picture; then the stacked adapters' phrases (a style's
+    "at night", the backdrop's "empty"), as `compose_prompt` adds them."""
     user_text = user_text.strip()
     if template is None:
         scene = user_text.replace("{product}", "")
@@ -295,7 +309,7 @@ def compose_scene_prompt(template: Template | None, user_text: str) -> str:
     else:
         scene = user_text if template.free_text else ", ".join(s for s in (template.scene, user_text) if s)
         pattern = template.scene_prompt or "{scene}"
-    return re.sub(r"\s*,\s*(,\s*)+", ", ", re.sub(r"\s+", " ", pattern.replace("{scene}", scene))).strip(" ,")
+    return with_phrases(re.sub(r"\s+", " ", pattern.replace("{scene}", scene)), extra_tokens)
 
 
 class Catalog:

@@ -69,6 +69,8 @@ class PlacedProduct:
     shadow: Shadow | None = None
     # (height, width) uint8: the shadow's shape (255 at its core); empty without a shadow.
     shadow_map: bytes = field(default=b"", compare=False, repr=False)
+    # Share of the denoising steps that draw the scene before the product's latents are held (placement.join_step).
+    scene_first: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,8 @@ class ProductPipeline:
         self.pipe = load_text2image(model, self.device, self.dtype)
         compiled_adapters = self.accel.setup(self.pipe, adapter_cache_size)
         self.inpaint = inpainting_from(self.pipe)
+        # A trained inpainting UNet (9 input channels) reads the mask itself; 4-channel ones inpaint by latent blend.
+        self.inpaint_unet_masked = self.pipe.unet.config.in_channels == 9
         # Second pipeline objects over the same modules, whose `unet` one job may wrap (regional.py)
         self.views = {id(self.pipe): text2image_from(self.pipe), id(self.inpaint): inpainting_from(self.pipe)}
         self.load_seconds = time.perf_counter() - started
@@ -211,9 +213,21 @@ class ProductPipeline:
         generators = [torch.Generator(gen_device).manual_seed(int(s)) for s in seeds]
 
         # 5. Step hook: progress, previews and cancellation, outside the denoising loop itself
+        # Latent-blend inpainting (a 4-channel UNet) holds the product's latents from `join` on; before it the
+        # blend mask is all ones, so the scene is drawn without the product first (placement.join_step).
+        join = 0
+        if placed is not None and not self.inpaint_unet_masked:
+            join = placement.join_step(settings.steps, placed.scene_first)
+        held_mask: list = []
+
         def callback(pipe, step: int, timestep, kwargs: dict) -> dict:
             if should_stop():
                 raise JobCancelled()
+            if 0 < join < settings.steps and step == 0:
+                held_mask.append(kwargs["mask"])
+                kwargs["mask"] = torch.ones_like(held_mask[0])
+            if 0 < join < settings.steps and step == join - 1:
+                kwargs["mask"] = held_mask[0]
             if on_step is not None:
                 done = step + 1
                 want_preview = preview_every > 0 and (done % preview_every == 0 or done == settings.steps)
@@ -226,7 +240,7 @@ class ProductPipeline:
         if placed is not None:
             extra = {
                 "image": placement.init_image(placed),
-                "mask_image": placement.repaint_mask(placed),
+                "mask_image": placement.repaint_mask(placed, everything=join >= settings.steps),
                 "strength": 1.0,
             }
         pipe = self.inpaint if placed is not None else self.pipe
@@ -249,7 +263,7 @@ class ProductPipeline:
                 height=settings.height,
                 generator=generators,
                 callback_on_step_end=callback,
-                callback_on_step_end_tensor_inputs=["latents"],
+                callback_on_step_end_tensor_inputs=["latents", "mask"] if 0 < join < settings.steps else ["latents"],
                 **extra,
             )
         if placed is not None:

@@ -363,6 +363,7 @@ def place(
     digest_hex: str = "",
     field: str = "placement",
     shadow: Shadow | None = None,
+    scene_first: float = 0.0,
 ) -> PlacedProduct:
     """Scale and position the cutout in a width x height frame; INVALID_ARGUMENT if it leaves the frame."""
     box_h, box_w = cutout.mask.shape
@@ -416,6 +417,7 @@ def place(
         alpha=weights.tobytes(),
         shadow=shadow,
         shadow_map=shadow_map(frame_mask, box, shadow).tobytes() if shadow else b"",
+        scene_first=scene_first,
     )
 
 
@@ -532,11 +534,19 @@ def scene_adapters(adapters: tuple[AdapterSpec, ...]) -> tuple[AdapterSpec, ...]
     return (replace(adapters[0], weight=0.0), *adapters[1:])
 
 
-def repaint_mask(placed: PlacedProduct) -> Image.Image:
+def join_step(steps: int, scene_first: float) -> int:
+    """The denoising step from which latent-blend inpainting holds the product's region: 0 holds it from the first
+    step, `steps` never (the scene is drawn whole and the product composited over it). Before it the scene is
+    drawn without the product, so the product cannot pull the scene's colours its way (docs/FIDELITY.md)."""
+    return min(steps, round(scene_first * steps))
+
+
+def repaint_mask(placed: PlacedProduct, everything: bool = False) -> Image.Image:
     """White where the scene is generated: everything but the inner mask, so the feathered edge is
-    painted too and blends with the scene."""
+    painted too and blends with the scene; `everything`: the whole frame (the product joins after)."""
     _, mask = arrays(placed)
-    return Image.fromarray(np.where(inner_mask(mask, placed.feather), 0, 255).astype(np.uint8))
+    keep = np.zeros_like(mask) if everything else inner_mask(mask, placed.feather)
+    return Image.fromarray(np.where(keep, 0, 255).astype(np.uint8))
 
 
 def composite(generated: Image.Image, placed: PlacedProduct) -> Image.Image:
@@ -588,6 +598,7 @@ def place_upload(
     field_prefix: str = "product_image",
     ground: float | None = None,
     shadow: Shadow | None = None,
+    scene_first: float = 0.0,
 ) -> tuple[PlacedProduct, dict]:
     """Decode, find the mask, place: (the placed product, what the parameters record about it)."""
     cutout = load_product(image, mask, max_pixels=max_pixels, tolerance=tolerance, field_prefix=field_prefix)
@@ -601,6 +612,7 @@ def place_upload(
         digest_hex=digest(image, mask),
         field=f"{field_prefix}.placement",
         shadow=shadow,
+        scene_first=scene_first,
     )
     x0, y0, x1, y1 = placed.box
     record = {
@@ -619,5 +631,6 @@ def place_upload(
         # The template's surface the default placement stood the product on (0: none, or a requested placement).
         "ground_line": ground if ground is not None and requested is None and chosen is not None else 0.0,
         "shadow": asdict(placed.shadow) if placed.shadow else {"strength": 0.0},
+        "scene_first": scene_first,
     }
     return placed, record

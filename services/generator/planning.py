@@ -19,7 +19,7 @@ from typing import Any
 from google.protobuf.json_format import ParseDict
 
 from productinaction.v1 import generator_pb2
-from services.common.errors import AlreadyExists, InvalidArgument, Unavailable
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.common.ids import check_id
 from services.common.storage import ImageStore
 from services.generator import placement
@@ -181,6 +181,7 @@ class Planner:
             field_prefix=field,
             ground=default.ground if default else None,
             shadow=shadow,
+            scene_first=default.scene_first if default else 0.0,
         )
         return placed, ParseDict(record, generator_pb2.PlacementRecord())
 
@@ -221,7 +222,8 @@ class Planner:
             product_scale = finite("product_scale", request.product_scale, -MAX_WEIGHT, MAX_WEIGHT)
         else:
             product_scale = product.manifest.default_scale if product else 0.0
-        specs, stacked, weights = self._adapters(request, product, product_scale)
+        backdrop = self.backdrop(request, template)
+        specs, stacked, weights = self._adapters(request, product, product_scale, backdrop)
 
         # 3. Prompt
         composed = self.compose(request, product, template, stacked)
@@ -237,8 +239,10 @@ class Planner:
         placed, record, scene_prompt = None, None, ""
         if request.HasField("product_image"):
             placed, record = await self.place(request.product_image, template, width, height)
-            # The scene prompt: the denoising asks for the scene only (placement.scene_adapters).
-            scene_prompt = compose_scene_prompt(template, request.prompt)
+            # The scene prompt: the denoising asks for the scene only (placement.scene_adapters), with the
+            # stacked adapters' phrases and the backdrop's.
+            phrases = [t for a in (*stacked, *([backdrop] if backdrop else [])) for t in a.manifest.tokens]
+            scene_prompt = compose_scene_prompt(template, request.prompt, phrases)
 
         render = RenderSettings(
             prompt=composed.prompt,
@@ -269,20 +273,42 @@ class Planner:
             model=s.model,
             user_prompt=request.prompt,
             placement=record,
+            scene_prompt=scene_prompt,
         )
         return Plan(request_id, render, seeds, params, request.preview_every, request.inline_images)
 
+    def backdrop(self, request: generator_pb2.GenerateRequest, template: Template | None) -> Entry | None:
+        """Placement mode's backdrop adapter (the template's `placement.backdrop`), unless the request stacks it."""
+        if template is None or template.placement is None or not template.placement.backdrop:
+            return None
+        name = template.placement.backdrop
+        if not request.HasField("product_image") or name in (a.adapter_id for a in request.adapters):
+            return None
+        try:
+            return self.catalog.adapter(name)
+        except NotFound:
+            raise FailedPrecondition(
+                f"template {template.id!r} places products on the backdrop adapter {name!r}, which this server "
+                "does not have (ListAdapters lists what it has)"
+            ) from None
+
     def _adapters(
-        self, request: generator_pb2.GenerateRequest, product: Entry | None, product_scale: float
+        self,
+        request: generator_pb2.GenerateRequest,
+        product: Entry | None,
+        product_scale: float,
+        backdrop: Entry | None = None,
     ) -> tuple[tuple[AdapterSpec, ...], list[Entry], list[generator_pb2.AdapterWeight]]:
-        """The product's adapter first, then the stacked ones, within the workers' real limit."""
-        first = 1 if product else 0
+        """The product's adapter first, then the stacked ones, then placement's backdrop, within the workers'
+        real limit. The backdrop is recorded with the rest (a rerun that sends them back is not given it twice)."""
+        first = (1 if product else 0) + (1 if backdrop else 0)
         if first + len(request.adapters) > self.max_adapters:
             room = self.max_adapters - first
             raise InvalidArgument(
                 "adapters",
-                f"at most {room} can be stacked{' on a product' if product else ''}, got {len(request.adapters)}"
-                + (f" ({self.adapters_why})" if self.adapters_why else ""),
+                f"at most {room} can be stacked{' on a product' if product else ''}"
+                f"{f' and the scene backdrop {backdrop.id!r}' if backdrop else ''}, "
+                f"got {len(request.adapters)}" + (f" ({self.adapters_why})" if self.adapters_why else ""),
             )
         specs = [product.spec(product_scale)] if product else []
         stacked: list[Entry] = []
@@ -296,6 +322,10 @@ class Planner:
             stacked.append(entry)
             specs.append(entry.spec(weight))
             weights.append(generator_pb2.AdapterWeight(adapter_id=entry.id, weight=weight))
+        if backdrop:
+            weight = backdrop.manifest.default_scale
+            specs.append(backdrop.spec(weight))
+            weights.append(generator_pb2.AdapterWeight(adapter_id=backdrop.id, weight=weight))
         return tuple(specs), stacked, weights
 
 

@@ -149,3 +149,28 @@ def test_no_white_patch_inside_the_handle_whatever_the_photos_size(size):
     placed, _ = P.place_upload(png_bytes(photo), b"", None, P.ProductBox(0.5, 0.5, 0.6), 32, 32, max_pixels=LIMIT)
     out = np.asarray(P.composite(Image.new("RGB", (32, 32), (30, 60, 200)), placed))
     assert not (out > 230).all(-1).any()
+
+
+@pytest.mark.parametrize("product_id", ["split-star", "striped-mug"])
+def test_the_blob_measure_sees_an_object_beside_the_product_not_the_scene_or_the_shadow(product_id):
+    """demo.composite_eval.blobs on the real composite over true empty scenes (with the contact shadow): none;
+    with a world object drawn behind the product, sticking out beside it: found, in every scene."""
+    from PIL import ImageDraw
+
+    from demo.composite_eval import blobs
+    from demo.world import BACKGROUNDS, COLOURS, draw_shape, render_background
+
+    placed, _ = placed_shot(product_id, shadow=Shadow(0.5, 0.5, 0.0, 0.0), ground=0.85)
+    _, mask = P.arrays(placed)
+    shade = np.frombuffer(placed.shadow_map, np.uint8).reshape(mask.shape)
+    for background in BACKGROUNDS:
+        # An object in a colour the scene does not have (the demo model draws its objects in the world's colours).
+        colour = COLOURS["green" if background in ("fire", "white", "black", "beach") else "purple"]
+        for seed in range(5):
+            empty = render_background(background, seed, size=128)
+            with_object = empty.copy()
+            draw_shape(ImageDraw.Draw(with_object), "square", 64 + 24, 60, 40, colour)
+            clean = P.composite(empty.resize((32, 32), Image.LANCZOS), placed)
+            assert blobs(clean, background, mask, shade) == 0, (background, seed)
+            blob = P.composite(with_object.resize((32, 32), Image.LANCZOS), placed)
+            assert blobs(blob, background, mask, shade) >= 10, (background, seed)

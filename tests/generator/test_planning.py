@@ -117,3 +117,53 @@ def test_fault_injecting_stand_ins_are_refused_outside_tests(monkeypatch):
     assert GeneratorSettings().worker_pipeline == "services.generator.pipeline:load"
     monkeypatch.setenv("PIA_ALLOW_TEST_PIPELINES", "1")
     assert GeneratorSettings(worker_pipeline=STANDIN).worker_pipeline == STANDIN
+
+
+def backdrop_templates(tmp_path, backdrop: str):
+    """The real template file with `backdrop` as the beach's placement backdrop, the scene drawn first."""
+    import yaml
+
+    from tests.helpers import ROOT
+
+    raw = yaml.safe_load((ROOT / "templates" / "catalog.yaml").read_text())
+    beach = next(t for t in raw["templates"] if t["id"] == "beach")
+    beach["placement"] = {**beach["placement"], "backdrop": backdrop, "scene_first": 1.0}
+    path = tmp_path / "catalog.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+async def accepted(stub, req) -> pb.GenerationParameters:
+    async for event in stub.Generate(req, timeout=60):
+        if event.WhichOneof("event") == "accepted":
+            return event.accepted.parameters
+    raise AssertionError("no accepted event")
+
+
+async def test_a_templates_backdrop_and_scene_first_are_used_in_placement_mode_only_and_recorded(tiny_world, tmp_path):
+    templates = backdrop_templates(tmp_path, "tiny-sunset")
+    async with standin_server(tiny_world, tmp_path, templates_file=templates) as (_app, stub, _h):
+        photo = pb.ProductImage(image=cutout_png())
+        placed = await accepted(stub, request(product_image=photo))
+        assert [(a.adapter_id, a.weight) for a in placed.adapters] == [("tiny-sunset", 1.0)]  # its default weight
+        assert placed.scene_prompt.endswith(", sunset style") and "sunset" not in placed.prompt
+        assert "{product}" not in placed.scene_prompt and placed.scene_prompt.startswith("a detailed advertising")
+        assert placed.placement.scene_first == 1.0  # recorded: the scene was drawn whole, the product over it
+
+        # LoRA mode (no photo) in the same scene: no backdrop, no scene prompt.
+        lora = await accepted(stub, request())
+        assert not lora.adapters and not lora.scene_prompt
+
+        # A rerun that sends the recorded adapters back (here at another weight) gets it once, at its weight.
+        again = await accepted(stub, request(product_image=photo, adapters=[("tiny-sunset", 0.5)]))
+        assert [(a.adapter_id, a.weight) for a in again.adapters] == [("tiny-sunset", 0.5)]
+
+
+async def test_a_backdrop_the_server_lacks_is_a_failed_precondition_naming_it(tiny_world, tmp_path):
+    templates = backdrop_templates(tmp_path, "no-such-backdrop")
+    async with standin_server(tiny_world, tmp_path, templates_file=templates) as (_app, stub, _h):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await run(stub, request(product_image=pb.ProductImage(image=cutout_png())))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "'beach' places products on the backdrop adapter 'no-such-backdrop'" in err.value.details()
+        assert images(await run(stub, request()))  # LoRA mode in that scene does not need it
