@@ -641,7 +641,11 @@ def components(args, catalog_dirs: tuple[str, str]) -> dict:
         report["batch_sweep"] = batch_sweep(args, pipe, specs[0], timed)
         if catalog.adapters:
             report["stacked_style"] = stacked_style(args, pipe, specs[0], next(iter(catalog.adapters.values())), timed)
-        report["placement"] = placement_cost(args, pipe, specs[0], timed)
+        # The demo templates' empty-scene set-up (a backdrop adapter, the scene drawn before the product joins).
+        beach = next((t for t in catalog.templates.templates if t.id == "demo-beach"), None)
+        backdrop = beach.placement if beach and beach.placement and beach.placement.backdrop else None
+        extra = (catalog.adapter(backdrop.backdrop), backdrop.scene_first) if backdrop else None
+        report["placement"] = placement_cost(args, pipe, specs[0], timed, extra)
         if args.probe_compile:  # last: it compiles the pipeline's UNet in place
             report["compile_probe"] = compile_probe(args, pipe, specs[0], timed)
     return report
@@ -712,10 +716,11 @@ def time_each(pipe, timed, **settings) -> dict[str, float]:
     return out
 
 
-def placement_cost(args, pipe, product, timed) -> dict:
+def placement_cost(args, pipe, product, timed, backdrop=None) -> dict:
     """Seconds per placement request (a catalogue shot with the product adapter): the scene prompt with the
-    product adapter off (placement.scene_adapters, as served) against the request's prompt and adapter,
-    beside plain text-to-image; the composite with a shadow is included in both."""
+    product adapter off (placement.scene_adapters) against the request's prompt and adapter, beside plain
+    text-to-image; with `backdrop` (an adapter entry and a scene_first), also as the demo templates serve it.
+    The composite with a shadow is included in all."""
     from dataclasses import replace
 
     from demo.placement_eval import png_bytes, product_photo
@@ -738,10 +743,16 @@ def placement_cost(args, pipe, product, timed) -> dict:
     text = RenderSettings("a photo on the beach", "", args.steps, 7.0, size, size, "", (product,))
     one_prompt = replace(text, placement=placed)
     scene = replace(one_prompt, scene_prompt="on the beach")
-    out: dict = {
-        "size": size,
-        **time_each(pipe, timed, text2image_s=text, placement_one_prompt_s=one_prompt, placement_scene_s=scene),
-    }
+    cases = dict(text2image_s=text, placement_one_prompt_s=one_prompt, placement_scene_s=scene)
+    if backdrop is not None:
+        entry, scene_first = backdrop
+        cases["placement_empty_scene_s"] = replace(
+            scene,
+            scene_prompt=f"on the beach, {', '.join(entry.manifest.tokens)}",
+            adapters=(product, entry.spec(entry.manifest.default_scale)),
+            placement=replace(placed, scene_first=scene_first),
+        )
+    out: dict = {"size": size, **time_each(pipe, timed, **cases)}
     out["scene_over_one_prompt"] = out["placement_scene_s"] / out["placement_one_prompt_s"]
     print(json.dumps(out), file=sys.stderr, flush=True)
     return out
