@@ -454,7 +454,8 @@ def build_request(
 
 async def preview_prompt(backends: Backends, form: Form) -> tuple[str, str]:
     """The prompt and negative prompt the generator would use (its ComposePrompt, given the very request
-    Generate would send: product, scene, text and the chosen adapters), or why there is none."""
+    Generate would send: product, scene, text and the chosen adapters), or why there is none. Keeping the exact
+    product, that is the scene prompt the scene around it is drawn from."""
     # Numbers do not change the prompt: one typed out of range is reported on Generate, not here.
     numbers: dict[str, Any] = dict(num_images=1, seed=None, steps=None, guidance=None, width=None, height=None)
     try:
@@ -465,6 +466,8 @@ async def preview_prompt(backends: Backends, form: Form) -> tuple[str, str]:
         composed = await backends.generator().compose(request)
     except grpc.aio.AioRpcError as exc:
         return friendly_error(exc, "generator", backends.generator_address), ""
+    if composed.scene_prompt:
+        return f"Around your exact product: {composed.scene_prompt}", composed.negative_prompt
     return composed.prompt, composed.negative_prompt
 
 

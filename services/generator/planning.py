@@ -239,10 +239,7 @@ class Planner:
         placed, record, scene_prompt = None, None, ""
         if request.HasField("product_image"):
             placed, record = await self.place(request.product_image, template, width, height)
-            # The scene prompt: the denoising asks for the scene only (placement.scene_adapters), with the
-            # stacked adapters' phrases and the backdrop's.
-            phrases = [t for a in (*stacked, *([backdrop] if backdrop else [])) for t in a.manifest.tokens]
-            scene_prompt = compose_scene_prompt(template, request.prompt, phrases)
+            scene_prompt = self.scene_prompt(request, template, stacked, backdrop)
 
         render = RenderSettings(
             prompt=composed.prompt,
@@ -276,6 +273,14 @@ class Planner:
             scene_prompt=scene_prompt,
         )
         return Plan(request_id, render, seeds, params, request.preview_every, request.inline_images)
+
+    def scene_prompt(
+        self, request: Any, template: Template | None, stacked: list[Entry], backdrop: Entry | None
+    ) -> str:
+        """Placement mode's prompt: the denoising asks for the scene only (placement.scene_adapters), with the
+        stacked adapters' phrases and the backdrop's."""
+        phrases = [t for a in (*stacked, *([backdrop] if backdrop else [])) for t in a.manifest.tokens]
+        return compose_scene_prompt(template, request.prompt, phrases)
 
     def backdrop(self, request: generator_pb2.GenerateRequest, template: Template | None) -> Entry | None:
         """Placement mode's backdrop adapter (the template's `placement.backdrop`), unless the request stacks it."""

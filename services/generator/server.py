@@ -113,7 +113,13 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
         template = self.planner.template(request, product)
         stacked = [self.catalog.adapter(a.adapter_id, f"adapters[{i}]") for i, a in enumerate(request.adapters)]
         composed = self.planner.compose(request, product, template, stacked)
-        return generator_pb2.ComposedPrompt(prompt=composed.prompt, negative_prompt=composed.negative_prompt)
+        scene_prompt = ""
+        if request.HasField("product_image"):
+            backdrop = self.planner.backdrop(request, template)
+            scene_prompt = self.planner.scene_prompt(request, template, stacked, backdrop)
+        return generator_pb2.ComposedPrompt(
+            prompt=composed.prompt, negative_prompt=composed.negative_prompt, scene_prompt=scene_prompt
+        )
 
     async def PreviewPlacement(self, request: Any, context: Any) -> generator_pb2.PlacementPreview:
         if not request.HasField("product_image"):

@@ -102,7 +102,7 @@ async def test_catalog_loads_products_templates_and_adapters(backends):
     assert (await logic.check_health(backends, session)).reload is True
 
 
-async def test_prompt_preview_is_the_generators_compose_prompt(backends, generator_stub):
+async def test_prompt_preview_is_the_generators_compose_prompt(backends, generator_stub, tmp_path):
     session = Session()
     for fields in (
         dict(template_id="beach"),
@@ -124,6 +124,18 @@ async def test_prompt_preview_is_the_generators_compose_prompt(backends, generat
     form.num_images = 1
     await run(logic.generate(backends, session, form))
     assert session.images[0].parameters.prompt == prompt
+
+    # Keeping the exact product, the preview is what the scene around it is drawn from (no product token),
+    # as the stored image's parameters record it.
+    from demo.placement_eval import product_photo
+
+    photo = tmp_path / "star.png"
+    product_photo("split-star", "white", size=64)[0].save(photo)
+    form = await form_for(backends, session, template_id="beach", keep_product=True, product_photo=str(photo))
+    prompt, _ = await logic.preview_prompt(backends, form)
+    assert prompt.startswith("Around your exact product: ") and "<tiny-" not in prompt, prompt
+    await run(logic.generate(backends, session, form))
+    assert prompt.endswith(session.images[-1].parameters.scene_prompt)
 
     # The free-text scene without text: the generator's reason, for people, not a status code or an id.
     form = await form_for(backends, session, template_id="custom", text="")
