@@ -218,15 +218,16 @@ class ProductPipeline:
         join = 0
         if placed is not None and not self.inpaint_unet_masked:
             join = placement.join_step(settings.steps, placed.scene_first)
+        joins_part_way = 0 < join < settings.steps  # else from the first step, or never (an all-white mask)
         held_mask: list = []
 
         def callback(pipe, step: int, timestep, kwargs: dict) -> dict:
             if should_stop():
                 raise JobCancelled()
-            if 0 < join < settings.steps and step == 0:
+            if joins_part_way and step == 0:
                 held_mask.append(kwargs["mask"])
                 kwargs["mask"] = torch.ones_like(held_mask[0])
-            if 0 < join < settings.steps and step == join - 1:
+            if joins_part_way and step == join - 1:
                 kwargs["mask"] = held_mask[0]
             if on_step is not None:
                 done = step + 1
@@ -263,7 +264,7 @@ class ProductPipeline:
                 height=settings.height,
                 generator=generators,
                 callback_on_step_end=callback,
-                callback_on_step_end_tensor_inputs=["latents", "mask"] if 0 < join < settings.steps else ["latents"],
+                callback_on_step_end_tensor_inputs=["latents", "mask"] if joins_part_way else ["latents"],
                 **extra,
             )
         if placed is not None:
