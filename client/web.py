@@ -587,6 +587,9 @@ def build(settings: WebSettings, backends: Backends | None = None, registry: Job
 
         for trigger in (product_photo.change, template.change, shadow.change, shadow_strength.release):
             trigger(on_photo, inputs_kwargs=form, outputs=[mask_view, mask_note], show_progress="hidden")
+        # Keeping the exact product changes what the scene is drawn from (the scene prompt): say so.
+        for trigger in (keep_product.change, product_photo.change):
+            trigger(on_preview, inputs_kwargs=form, outputs=[prompt_preview, negative_preview], show_progress="hidden")
 
         # Generate / Generate more / Stop.
 

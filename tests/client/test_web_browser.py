@@ -245,6 +245,24 @@ async def test_numbers_out_of_range_are_said_on_the_page(stack, browser_page):
     assert problems(stack.text()[len(before) :]) == []
 
 
+async def test_keeping_the_exact_product_previews_the_scene_prompt(stack, browser_page, tmp_path):
+    from demo.placement_eval import product_photo
+
+    page, _ = browser_page
+    await open_page(page, stack)
+    photo = tmp_path / "star.png"
+    product_photo("split-star", "white", size=64)[0].save(photo)
+    await page.get_by_text("Keep my exact product (use a photo)").click()
+    await page.locator("#keep-product input").check()
+    await page.locator("#product-photo input[type=file]").set_input_files(str(photo))
+    preview = page.locator("#prompt-preview textarea")
+    expected = "Around your exact product: on the beach, empty"  # the demo beach's scene prompt and backdrop
+    handle = await preview.element_handle()
+    await page.wait_for_function("([el, want]) => el.value === want", arg=[handle, expected])
+    await page.locator("#keep-product input").uncheck()
+    await page.wait_for_function("el => el.value.startsWith('a photo of <split-star>')", arg=handle)
+
+
 async def test_stop_says_how_many_images_were_kept(stack, browser_page):
     page, _ = browser_page
     await open_page(page, stack)
