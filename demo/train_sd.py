@@ -391,7 +391,7 @@ def train_unet(data: Dataset, work: Path, out: Path, args, judge) -> None:
             score = acc["colour"] + acc["background"] + acc["shape"]
             history.append({"step": step, "minutes": round(elapsed / 60, 1), **acc})
             log.info("step %d sampled accuracy on held-out prompts %s", step, acc)
-            if score > best:
+            if score >= best:  # on a tie the later, longer-trained checkpoint (30 prompts saturate early)
                 best = score
                 meta = {
                     "step": step,
