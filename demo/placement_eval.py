@@ -8,7 +8,7 @@ product drawn alone, alpha >= 128 after the same 4x LANCZOS downscale). The shot
 through placement mode exactly as the generator runs it (`ProductPipeline`, the demo SD, the template's
 prompt, with and without the product adapter), and each result is PNG-encoded and decoded, then:
 
-- `mismatched`: pixels inside the mask eroded by the feather width that differ from the shot (goal 0);
+- `mismatched`: pixels inside the mask eroded by the feather width that differ from the placed shot (goal 0);
 - `scene`: the judge's background accuracy on the result, against the scene asked for (goal >= 95%);
 - `fidelity`: `demo.fidelity.score` of the result, beside the score of the shot itself.
 """
@@ -189,8 +189,10 @@ def measure(n: int = 8, backgrounds: tuple[str, ...] | None = None) -> list[dict
                     "photo_fidelity": score(product_id, photo),
                 }
                 if placed is not None:
-                    inner = placement.inner_mask(placement.arrays(placed)[1], placed.feather)
-                    shot = np.asarray(photo)
+                    # Against the placed product (in scenes with a surface the shot is moved onto the ground
+                    # line, not resampled: the same bytes, elsewhere in the frame).
+                    shot, frame_mask = placement.arrays(placed)
+                    inner = placement.inner_mask(frame_mask, placed.feather)
                     row["inner_pixels"] = int(inner.sum())
                     row["mismatched_pixels"] = int(
                         sum((np.asarray(im)[inner] != shot[inner]).any(-1).sum() for im in images)
