@@ -291,16 +291,17 @@ class Validation:
         return min(self.worst, self.shape)
 
 
-def validate(product_id: str, folder: Path, threads: int) -> list[Validation]:
+def validate(product_id: str, folder: Path, threads: int, base: Path = ROOT / "models" / "demo-sd") -> list[Validation]:
     """The adapter at every candidate scale on the product's *training* scenes (held-out scenes stay unseen),
-    seeds apart from the evaluation's: the worst scene's mean fidelity and the judge's scene accuracy."""
+    seeds apart from the evaluation's, on the base model it was trained on: the worst scene's mean fidelity
+    and the judge's scene accuracy."""
     from demo.fidelity import load_pipeline, score
     from demo.judge import load_judge
     from demo.shape import shape_rate
     from services.generator.catalog import TemplateCatalog, compose_prompt, scan_folder
     from services.generator.messages import RenderSettings
 
-    pipe = load_pipeline(ROOT / "models" / "demo-sd", max(threads, 1))
+    pipe = load_pipeline(base, max(threads, 1))
     judge = load_judge()
     templates = TemplateCatalog.load(ROOT / "templates" / "catalog.yaml")
     entry = scan_folder(folder.parent, ("product",))[folder.name]
@@ -371,7 +372,7 @@ def train_and_select(
     for seed in seeds:
         candidate = args.work_root / "candidates" / f"seed{seed}" / pid
         seconds += train(images, candidate, token, extra, args, seed, args.work_root / f"{pid}-seed{seed}")
-        results = validate(pid, candidate, args.threads)
+        results = validate(pid, candidate, args.threads, args.base)
         runs.append((seed, candidate, results, pick_scale(results)))
     # Colour first (a run whose worst training scene loses the colours is out whatever its shape), then shape.
     seed, candidate, results, chosen = max(
@@ -456,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(seeds) == 1:
             seconds = train(images, out, token, extra, args, seeds[0])
             if args.select_scale:
-                results = validate(pid, out, args.threads)
+                results = validate(pid, out, args.threads, args.base)
                 chosen = pick_scale(results)
                 write_validation(pid, out, results, chosen)
         else:
