@@ -6,6 +6,7 @@ swap (the product cut out by its mask and put on a random background).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,6 +186,10 @@ def extract_video_frames(
     """Frames of `video` at `fps` (imageio + imageio-ffmpeg), near-duplicates dropped; saved to `out_dir` if given."""
     import imageio.v2 as imageio
 
+    # imageio-ffmpeg starts ffmpeg with preexec_fn=os.setpgrp, which forces a full fork() that can hang in
+    # gRPC's fork handlers when a channel or server lives in this process (imageio-ffmpeg #58, seen in CI as
+    # "Could not load meta information"); without preexec_fn Python spawns it with vfork.
+    os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
     video = Path(video)
     if not video.is_file():
         raise TrainingError(f"--video: {video} is missing")

@@ -4,6 +4,7 @@ resuming, video frames, the generator picking the product up, and every bad inpu
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,7 @@ def write_video(path: Path, frames: list[Image.Image], fps: int = 8) -> Path:
     """An H.264 clip through imageio-ffmpeg's bundled ffmpeg."""
     import imageio.v2 as imageio
 
+    os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")  # vfork beside gRPC, as training.data does
     # One retry: on this shared machine the pipe into ffmpeg broke in 2 of about 10 full runs, with no
     # ffmpeg error output and never when run alone; reading, the code under test, is not retried.
     for attempt in (1, 2):
