@@ -142,6 +142,8 @@ class Cell:
     shape_scale0: float = 0.0
     shape_renders: float = 0.0
     both: float = 0.0  # share of adapter images with colour score >= 0.5 and the shape passed
+    hole: float | None = None  # the mug: share of adapter images with a handle's hole (demo.shape.handle_hole)
+    hole_renders: float | None = None
     per_seed: list[float] = field(default_factory=list)
     night: dict | None = None  # brightness with/without the night style, fidelity with it
 
@@ -175,7 +177,7 @@ def measure(
     default scale beside scale 0 (learned token only), the judge's scene accuracy, and (with `night`) the
     night style stacked on top. `scales` adds a fidelity sweep over other product scales."""
     from demo.judge import load_judge
-    from demo.shape import shape_ok, shape_rate
+    from demo.shape import hole_rate, shape_ok, shape_rate
     from demo.world import BACKGROUNDS, render_product
     from services.generator.catalog import TemplateCatalog, compose_prompt, scan_folder
     from services.generator.messages import RenderSettings
@@ -228,6 +230,8 @@ def measure(
                 both=float(np.mean([c >= 0.5 and s for c, s in zip(scores, shapes, strict=True)])),
                 per_seed=[round(s, 3) for s in scores],
             )
+            if pid == "striped-mug":
+                cell.hole, cell.hole_renders = hole_rate(with_adapter), hole_rate(true_renders)
             if night and "night" in styles:
                 style = styles["night"]
                 dark = render(
@@ -267,6 +271,9 @@ def format_table(result: dict) -> str:
         lines.append(f"{pid} (default scale {row['default_scale']:g}; * = held out of training)")
         head = f"  {'scene':9} {'adapter':>8} {'scale 0':>8} {'renders':>8} {'judge':>6} {'judge@0':>8}"
         head += f" {'shape':>6} {'shape@0':>7} {'shape renders':>13}"
+        has_hole = any(c["hole"] is not None for c in row["scenes"].values())
+        if has_hole:
+            head += f" {'hole':>5} {'hole renders':>12}"
         has_night = any(c["night"] for c in row["scenes"].values())
         if has_night:
             head += f" {'bg':>6} {'bg+night':>8} {'ratio':>6} {'fid+night':>9} {'night ok':>8}"
@@ -278,6 +285,8 @@ def format_table(result: dict) -> str:
                 f"{c['judge_scene']:6.0%} {c['judge_scene_scale0']:8.0%}"
                 f" {c['shape']:6.2f} {c['shape_scale0']:7.2f} {c['shape_renders']:13.2f}"
             )
+            if has_hole:
+                line += f" {c['hole']:5.2f} {c['hole_renders']:12.2f}"
             if c["night"]:
                 nt = c["night"]
                 line += f" {nt['brightness']:6.0f} {nt['brightness_night']:8.0f} {nt['ratio']:6.2f}"
