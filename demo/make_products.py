@@ -58,8 +58,8 @@ FLIP = {"split-star": False, "striped-mug": True}
 # What the base model draws for the product's class, in every demo scene (prior preservation).
 CLASS_PHRASES = {"split-star": "a star", "striped-mug": "a yellow square"}
 # Product scales the default is chosen from, on the product's training scenes with validation seeds.
-SCALE_CANDIDATES = (1.0, 1.25, 1.5)
-VALIDATION_SEEDS = tuple(range(100, 106))
+SCALE_CANDIDATES = (1.0, 1.25, 1.5)  # under 1 the held-out scenes lost the product (TRAINING.md, stop 28)
+VALIDATION_SEEDS = tuple(range(100, 112))  # 12: at 6, one image moved a scene's shape rate by 0.17
 COLOUR_FLOOR = 0.9  # a run is chosen by shape only among runs whose worst training scene keeps this colour fidelity
 
 BACKDROP_ID = "empty"  # placement mode's backdrop (templates' `placement.backdrop`)
@@ -232,7 +232,7 @@ def train_scene_adapter(
     means something once the text encoder learns it: a text-encoder LoRA, kept from changing other prompts by
     prior preservation with `prompts` (`--num-class-images`). The manifest is rewritten with `scope: scene`."""
     extra = ["--display-name", manifest_fields["display_name"], "--description", manifest_fields["description"]]
-    extra += ["--no-learn-token", "--color-jitter", "0", "--background-swap", "0"]  # no product to cut out
+    extra += ["--no-learn-token", "--color-jitter", "0", "--background-swap", "0", "--no-keep-product"]  # no product
     extra += ["--train-text-encoder"] if args.text_encoder else ["--no-train-text-encoder"]
     extra += ["--num-class-images", str(args.style_class_images), "--prior-weight", str(args.prior_weight)]
     if args.style_class_images:
@@ -297,7 +297,7 @@ def validate(product_id: str, folder: Path, threads: int, base: Path = ROOT / "m
     and the judge's scene accuracy."""
     from demo.fidelity import load_pipeline, score
     from demo.judge import load_judge
-    from demo.shape import shape_rate
+    from demo.shape import TRUSTED_ON_GENERATED, shape_rate
     from services.generator.catalog import TemplateCatalog, compose_prompt, scan_folder
     from services.generator.messages import RenderSettings
 
@@ -314,7 +314,8 @@ def validate(product_id: str, folder: Path, threads: int, base: Path = ROOT / "m
             settings = RenderSettings(c.prompt, "", t.steps, t.guidance_scale, 32, 32, "", (entry.spec(scale),))
             images = pipe(settings, VALIDATION_SEEDS)
             worst = min(worst, float(np.mean([score(product_id, im) for im in images])))
-            shape = min(shape, shape_rate(product_id, bg, images))
+            if TRUSTED_ON_GENERATED[product_id]:  # an untrusted criterion would choose by noise
+                shape = min(shape, shape_rate(product_id, bg, images))
             hits += sum(p == bg for p in judge.predict(images)["background"])
             total += len(images)
         results.append(Validation(scale, worst, hits / total, shape))
