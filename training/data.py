@@ -6,6 +6,7 @@ swap (the product cut out by its mask and put on a random background).
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,20 +271,50 @@ class Augment:
 NO_AUGMENT = Augment(max_scale=1.0, flip=False, brightness=0.0, contrast=0.0)
 
 
+def mask_box(mask: Image.Image | None) -> tuple[int, int, int, int] | None:
+    """The product's bounding box (left, top, right, bottom; exclusive) in its mask, or None without one."""
+    if mask is None:
+        return None
+    return mask.point(lambda v: 255 if v >= 128 else 0).getbbox()
+
+
+def _offset(u: float, size: int, resolution: int, lo_edge: float | None, hi_edge: float | None) -> int:
+    """A random crop start along one axis; with a product span [lo_edge, hi_edge) the crop holds all of it."""
+    lo, hi = 0, size - resolution
+    if lo_edge is not None and hi_edge is not None:
+        lo, hi = max(lo, math.ceil(hi_edge) - resolution), min(hi, math.floor(lo_edge))
+        if lo > hi:  # larger than the crop along this axis: centre on it
+            return min(max(round((lo_edge + hi_edge - resolution) / 2), 0), size - resolution)
+    return lo + int(u * (hi - lo + 1))
+
+
 def augment(
-    image: Image.Image, resolution: int, generator: torch.Generator, flip: bool = True, aug: Augment | None = None
+    image: Image.Image,
+    resolution: int,
+    generator: torch.Generator,
+    flip: bool = True,
+    aug: Augment | None = None,
+    keep: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """Random scale (1 to `max_scale` x the crop), random crop, random flip (unless off), then colour-safe
-    brightness/contrast jitter. `flip` is kept for callers that pass only that."""
+    brightness/contrast jitter. `flip` is kept for callers that pass only that. With `keep`, the product's box
+    (`mask_box`), the zoom and the crop never cut the product: a crop that cut the demo star's points and the
+    mug's handle taught the adapter products larger than life, points and handle missing (TRAINING.md)."""
     aug = aug or Augment(flip=flip)
     u = torch.rand(6, generator=generator).tolist()
     w, h = image.size
-    short = resolution * (1.0 + (aug.max_scale - 1.0) * u[0])
-    scale = short / min(w, h)
+    base = resolution / min(w, h)
+    zoom = 1.0 + (aug.max_scale - 1.0) * u[0]
+    if keep is not None:
+        bw, bh = max(keep[2] - keep[0], 1), max(keep[3] - keep[1], 1)
+        zoom = max(1.0, min(zoom, resolution / (bw * base), resolution / (bh * base)))
+    scale = base * zoom
     size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
     image = image.resize(size, Image.Resampling.BICUBIC)
-    left = int(u[1] * (size[0] - resolution + 1))
-    top = int(u[2] * (size[1] - resolution + 1))
+    sx, sy = size[0] / w, size[1] / h
+    box = (keep[0] * sx, keep[1] * sy, keep[2] * sx, keep[3] * sy) if keep is not None else (None,) * 4
+    left = _offset(u[1], size[0], resolution, box[0], box[2])
+    top = _offset(u[2], size[1], resolution, box[1], box[3])
     image = image.crop((left, top, left + resolution, top + resolution))
     if aug.flip and u[3] < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

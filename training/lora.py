@@ -43,6 +43,7 @@ from training.data import (
     center_crop,
     extract_video_frames,
     make_caption,
+    mask_box,
     product_mask,
     read_image_folder,
     swap_background,
@@ -89,6 +90,7 @@ class TrainConfig:
     resolution: int | None = None
     flip: bool = True
     max_crop_scale: float = MAX_SCALE
+    keep_product: bool = True  # crops (and their zoom) never cut the product, where a photo has a mask
     color_jitter: float = 0.08
     # Share of product views put on a random background (photos with a mask); None: auto (`auto_background_swap`).
     background_swap: float | None = None
@@ -197,7 +199,7 @@ def load_examples(cfg: TrainConfig, phrase: str, work: Path) -> list[Example]:
         items = read_image_folder(cfg.images)
         examples = [Example(im, make_caption(phrase, cfg.caption_template, sc), p.name) for im, sc, p in items]
         paths = [p for _, _, p in items]
-    if cfg.background_swap != 0:
+    if cfg.background_swap != 0 or cfg.keep_product:
         sources: dict[str, int] = {}
         for example, path in zip(examples, paths, strict=True):
             example.mask, source = product_mask(path, example.image)
@@ -207,9 +209,10 @@ def load_examples(cfg: TrainConfig, phrase: str, work: Path) -> list[Example]:
         if cfg.background_swap is None:
             cfg.background_swap, why = auto_background_swap(examples)
         log.info(
-            "background swap %.0f%% of views (%s): %d of %d images have a product mask (%s)",
+            "background swap %.0f%% of views (%s), crops %s the product: %d of %d images have a product mask (%s)",
             100 * cfg.background_swap,
             why,
+            "keep" if cfg.keep_product else "may cut",
             len(examples) - sources.get("none", 0),
             len(examples),
             ", ".join(f"{k}: {v}" for k, v in sorted(sources.items())),
@@ -770,6 +773,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     smooth = None
     aug = Augment(max_scale=cfg.max_crop_scale, flip=cfg.flip, brightness=cfg.color_jitter, contrast=cfg.color_jitter)
     prior_aug = Augment(max_scale=cfg.max_crop_scale, flip=True, brightness=0.0, contrast=0.0)
+    # The product's box per photo (a swapped background keeps the photo's geometry).
+    boxes = [mask_box(e.mask) if cfg.keep_product else None for e in examples]
     for step in range(start + 1, cfg.steps + 1):
         idx = torch.randint(0, len(examples), (cfg.batch_size,), generator=generator).tolist()
         batch = [examples[i] for i in idx]
@@ -786,7 +791,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                 else e
                 for e, s in zip(batch, swap, strict=True)
             ]
-        views = [augment(e.image, resolution, generator, aug=aug) for e in batch]
+        views = [
+            augment(e.image, resolution, generator, aug=aug, keep=boxes[i]) for i, e in zip(idx, batch, strict=True)
+        ]
         if prior:
             # Prior preservation: as many class images as product images, in the same forward pass.
             pidx = torch.randint(0, len(prior), (cfg.batch_size,), generator=generator).tolist()
@@ -893,6 +900,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     src.add_argument(
         "--no-flip", dest="flip", action="store_false", help="no horizontal flips (text or a left/right design)"
+    )
+    src.add_argument(
+        "--no-keep-product",
+        dest="keep_product",
+        action="store_false",
+        help="let random crops cut the product (by default a photo with a mask is never cropped through it)",
     )
     src.add_argument(
         "--max-crop-scale",

@@ -269,6 +269,32 @@ def test_augmentation_never_shifts_hues():
     assert len(seen) > 5  # the views do differ
 
 
+def test_crops_never_cut_a_product_with_a_box():
+    from training.data import Augment, augment, mask_box
+
+    # A product near the right edge (a mug's handle): zoomed crops cut it often unless its box is kept. Yellow
+    # inside a blue frame: where the yellow reaches the crop's border, the frame on that side was cut off.
+    image = Image.new("RGB", (48, 48), (240, 240, 240))
+    ImageDraw.Draw(image).rectangle([29, 14, 46, 33], fill=(250, 220, 20), outline=(20, 40, 200), width=3)
+    mask = Image.new("L", (48, 48), 0)
+    ImageDraw.Draw(mask).rectangle([29, 14, 46, 33], fill=255)
+    box = mask_box(mask)
+    assert box == (29, 14, 47, 34) and mask_box(None) is None
+    aug = Augment(max_scale=1.5, flip=True, brightness=0.0, contrast=0.0)
+
+    def cut(keep) -> int:
+        g = torch.Generator().manual_seed(1)
+        n = 0
+        for _ in range(100):
+            x = ((augment(image, 32, g, aug=aug, keep=keep) + 1) * 127.5).permute(1, 2, 0).numpy()
+            yellow = (x[..., 2] < 120) & (x[..., 0] > 150)
+            n += bool(yellow[0].any() or yellow[-1].any() or yellow[:, 0].any() or yellow[:, -1].any())
+        return n
+
+    assert cut(box) == 0
+    assert cut(None) > 20  # the same draws without the box: the product runs off the crop
+
+
 def test_product_masks_come_from_a_mask_file_the_alpha_or_a_plain_background(tmp_path):
     from training.data import product_mask, read_image_folder
 
