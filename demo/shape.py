@@ -324,10 +324,9 @@ def check(n: int = 100, seed: int = 9) -> dict:
             rng = np.random.default_rng(seed)
             true = [render_product(pid, bg, rng) for _ in range(n)]
             row = {"true": shape_rate(pid, bg, true), "true decoded": shape_rate(pid, bg, decoded(true))}
-            if pid == "striped-mug":
+            if pid == "striped-mug":  # a mirrored mug is still the mug (handle on the left)
                 row["hole"] = hole_rate(true)
                 row["hole decoded"] = hole_rate(decoded(true))
-            if pid == "striped-mug":  # a mirrored mug is still the mug (handle on the left)
                 mirrored = [render_with(get_product_draw(pid), bg, rng, mirror=True) for _ in range(n)]
                 row["mirrored"] = shape_rate(pid, bg, mirrored)
             for name, fn in BROKEN[pid].items():
