@@ -215,6 +215,7 @@ def train(
         *(["--resume"] if args.resume else []),
         "--quiet",
         *extra,
+        *args.train_arg,
     ]
     start = time.time()
     print("+", " ".join(cmd), flush=True)
@@ -428,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
         "one seed: no selection)",
     )
     p.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy CPU")
+    p.add_argument(
+        "--train-arg", action="append", default=[], help="passed on to training.lora, e.g. --train-arg=--device=cuda"
+    )
     args = p.parse_args(argv)
     wanted = set(args.only) if args.only else {*PRODUCTS, STYLE_ID, BACKDROP_ID}
 

@@ -17,6 +17,7 @@ import copy
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -110,7 +111,7 @@ def load_data(work: Path, n: int, seed: int) -> Dataset:
     if cache.exists():
         return pickle.loads(cache.read_bytes())
     t0 = time.time()
-    data = make_dataset(n, seed=seed, triples=train_triples(), workers=2)
+    data = make_dataset(n, seed=seed, triples=train_triples(), workers=min(os.cpu_count() or 1, 16))
     cache.write_bytes(pickle.dumps(data))
     log.info("rendered %d training images in %.0fs", n, time.time() - t0)
     return data
@@ -127,9 +128,9 @@ def expected_labels(triples: list[tuple[str, str, str]]) -> dict[str, list[str]]
 def vae_check(vae, judge, check: Dataset) -> tuple[dict[str, float], float]:
     """Judge accuracy and PSNR of reconstructions (posterior mode) of `check`."""
     with torch.no_grad():
-        x = to_tensor(check.images)
+        x = to_tensor(check.images).to(vae.device)
         rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
-    rec_u8 = ((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    rec_u8 = ((rec + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     expected = expected_labels([(s.colour, s.shape, s.background) for s in check.scenes])
     return judge.accuracy(rec_u8, expected), 10 * math.log10(4 / F.mse_loss(rec, x).item())
 
@@ -138,9 +139,9 @@ def train_vae(data: Dataset, work: Path, args, judge) -> None:
     """Train until reconstructions keep colour and background (>= 99.5% by the judge) or the step/time cap."""
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
-    vae = build_vae()
+    vae = build_vae().to(args.device)
     log.info("VAE: %.2fM params", n_params(vae) / 1e6)
-    x_all = to_tensor(data.images)
+    x_all = to_tensor(data.images).to(args.device)
     check = make_dataset(300, seed=args.seed + 7, triples=held_out_triples() + train_triples())
     steps = args.vae_steps
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
@@ -149,7 +150,7 @@ def train_vae(data: Dataset, work: Path, args, judge) -> None:
     for step in range(1, steps + 1):
         vae.train()
         idx = torch.randint(0, len(x_all), (args.vae_batch,), generator=g)
-        x = x_all[idx]
+        x = x_all[idx.to(args.device)]
         posterior = vae.encode(x).latent_dist
         rec = vae.decode(posterior.sample(generator=g)).sample
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-7 * posterior.kl().mean()
@@ -191,19 +192,20 @@ def train_sharp_vae(data: Dataset, work: Path, args, judge) -> None:
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    vae = build_vae()
+    vae = build_vae().to(args.device)
     n = min(len(data.images), args.vae_images // 2)
     x_all = to_tensor(np.concatenate([data.images[:n], np.stack([clutter(rng) for _ in range(n)])]))
+    x_all = x_all.to(args.device)
     check = make_dataset(300, seed=args.seed + 7, triples=held_out_triples() + train_triples())
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     t0, step = time.time(), 0
     while time.time() - t0 < args.vae_minutes * 60 and step < args.vae_steps:
         step += 1
         vae.train()
-        x = x_all[torch.randint(0, len(x_all), (32,), generator=g)]
+        x = x_all[torch.randint(0, len(x_all), (args.sharp_batch,), generator=g).to(args.device)]
         posterior = vae.encode(x).latent_dist
         mean = posterior.mean
-        z = mean + 0.05 * mean.detach().std() * torch.randn(mean.shape, generator=g)
+        z = mean + 0.05 * mean.detach().std() * torch.randn(mean.shape, generator=g).to(args.device)
         rec = vae.decode(z).sample
         (gy, gx), (ty, tx) = edges(rec), edges(x)
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 0.5 * (F.l1_loss(gy, ty) + F.l1_loss(gx, tx))
@@ -226,22 +228,23 @@ def train_sharp_vae(data: Dataset, work: Path, args, judge) -> None:
         for product_id in ("split-star", "striped-mug"):
             for background in BACKGROUNDS:
                 renders = [render_product(product_id, background, np.random.default_rng(9 + i)) for i in range(60)]
-                x = to_tensor(np.stack([np.asarray(im) for im in renders]))
+                x = to_tensor(np.stack([np.asarray(im) for im in renders])).to(args.device)
                 out = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-                decoded = ((out + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+                decoded = ((out + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
                 ceiling[f"{product_id} {background}"] = shape_rate(product_id, background, list(decoded))
     log.info("VAE final (%d steps), held-out triples: judge %s, PSNR %.1f dB", step, acc, psnr)
     log.info("shape ceiling (true renders through the VAE): %s", ceiling)
     vae.save_pretrained(work / "vae")
-    meta = {"steps": step, "psnr": round(psnr, 2), "judge": acc, "ceiling": ceiling}
+    meta = {"steps": step, "batch": args.sharp_batch, "psnr": round(psnr, 2), "judge": acc, "ceiling": ceiling}
     (work / "vae" / "ceiling.json").write_text(json.dumps(meta, indent=1))
 
 
 @torch.no_grad()
 def encode_latents(vae, images: np.ndarray) -> torch.Tensor:
     # The posterior mean: sampling would add noise the UNet then has to model.
-    out = [vae.encode(to_tensor(images[i : i + 256])).latent_dist.mean for i in range(0, len(images), 256)]
-    return torch.cat(out)
+    chunks = (to_tensor(images[i : i + 256]).to(vae.device) for i in range(0, len(images), 256))
+    out = [vae.encode(x).latent_dist.mean for x in chunks]
+    return torch.cat(out).cpu()
 
 
 def make_pipeline(unet, vae, text_encoder, tokenizer):
@@ -298,12 +301,11 @@ def save_pipeline(pipe, out: Path, meta: dict) -> None:
 
 def train_unet(data: Dataset, work: Path, out: Path, args, judge) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler
-    from diffusers.optimization import get_cosine_schedule_with_warmup
 
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed + 1)
     rng = np.random.default_rng(args.seed + 2)
-    vae = AutoencoderKL.from_pretrained(work / "vae").eval()
+    vae = AutoencoderKL.from_pretrained(work / "vae").eval().to(args.device)
     t0 = time.time()
     cache = work / f"latents-{len(data.images)}-{args.data_seed}.pt"
     if cache.exists() and cache.stat().st_mtime > (work / "vae").stat().st_mtime:
@@ -313,7 +315,7 @@ def train_unet(data: Dataset, work: Path, out: Path, args, judge) -> None:
         torch.save(latents, cache)
     std = latents.std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
-    latents = latents / std
+    latents = (latents / std).to(args.device)
     log.info(
         "encoded %d latents %s in %.0fs; scaling_factor %.4f",
         len(latents),
@@ -332,6 +334,7 @@ def train_unet(data: Dataset, work: Path, out: Path, args, judge) -> None:
         unet = UNet2DConditionModel.from_pretrained(args.init_from, subfolder="unet", dtype=torch.float32)
         text_encoder = CLIPTextModel.from_pretrained(args.init_from, subfolder="text_encoder", dtype=torch.float32)
         log.info("initialised UNet and text encoder from %s", args.init_from)
+    unet, text_encoder = unet.to(args.device), text_encoder.to(args.device)
     log.info("UNet %.2fM params, text encoder %.2fM params", n_params(unet) / 1e6, n_params(text_encoder) / 1e6)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     for p in [*ema_unet.parameters(), *ema_text.parameters()]:
@@ -341,23 +344,34 @@ def train_unet(data: Dataset, work: Path, out: Path, args, judge) -> None:
 
     noise_sched = DDPMScheduler(**BETAS, prediction_type="v_prediction")
     alphas_cumprod = noise_sched.alphas_cumprod
-    snr = alphas_cumprod / (1 - alphas_cumprod)
+    snr = (alphas_cumprod / (1 - alphas_cumprod)).to(args.device)
     params = [*unet.parameters(), *text_encoder.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
-    lr_sched = get_cosine_schedule_with_warmup(opt, args.warmup, args.steps)
+    # The cosine ends at `total` steps: --steps, or with --fit-to-time what the measured speed allows in
+    # --max-minutes, so a run on a machine of unknown speed still ends its schedule instead of being cut mid-way.
+    total = args.steps
+
+    def lr_factor(step: int) -> float:
+        if step < args.warmup:
+            return step / max(1, args.warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - args.warmup) / max(1, total - args.warmup))))
+
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
 
     best, history = -1.0, []
     t_train = time.time()
-    for step in range(1, args.steps + 1):
+    step = 0
+    while step < total:
+        step += 1
         idx = torch.randint(0, len(latents), (args.batch,), generator=g)
-        x0 = latents[idx]
+        x0 = latents[idx.to(args.device)]
         prompts = [caption(data.scenes[i], rng) for i in idx.tolist()]
         ids = tokenizer(
             prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
         ).input_ids
-        cond = text_encoder(ids)[0]
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (args.batch,), generator=g)
+        cond = text_encoder(ids.to(args.device))[0]
+        noise = torch.randn(x0.shape, generator=g).to(args.device)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (args.batch,), generator=g).to(args.device)
         xt = noise_sched.add_noise(x0, noise, t)
         target = noise_sched.get_velocity(x0, noise, t)
         pred = unet(xt, t, encoder_hidden_states=cond).sample
@@ -375,18 +389,22 @@ def train_unet(data: Dataset, work: Path, out: Path, args, judge) -> None:
         ema_update(ema_text, text_encoder, decay)
 
         elapsed = time.time() - t_train
+        if args.fit_to_time and step == 200:
+            # 10% kept for the evaluations (each samples 30 prompts) and saving.
+            total = min(args.steps, max(step + 1, int(0.9 * args.max_minutes * 60 * step / elapsed)))
+            log.info("fit to time: %.1f steps/s, the schedule ends at step %d", step / elapsed, total)
         if step % 50 == 0:
             log.info(
                 "unet step %d/%d loss %.4f lr %.2e (%.1f steps/s, %.0fs)",
                 step,
-                args.steps,
+                total,
                 loss.item(),
                 lr_sched.get_last_lr()[0],
                 step / elapsed,
                 elapsed,
             )
         out_of_time = elapsed > args.max_minutes * 60
-        if step % args.eval_every == 0 or step == args.steps or out_of_time:
+        if step % args.eval_every == 0 or step == total or out_of_time:
             acc = sampled_accuracy(eval_pipe, judge, guidance=args.guidance)
             score = acc["colour"] + acc["background"] + acc["shape"]
             history.append({"step": step, "minutes": round(elapsed / 60, 1), **acc})
@@ -426,6 +444,7 @@ def main() -> None:
         "trained for --vae-minutes on world and clutter scenes (docs/DEMO_MODEL.md)",
     )
     parser.add_argument("--vae-images", type=int, default=12000, help="sharp: world + clutter training images")
+    parser.add_argument("--sharp-batch", type=int, default=32, help="sharp: batch size")
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1.5e-3)
@@ -435,8 +454,12 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=6.0)
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--max-minutes", type=float, default=30.0)
+    parser.add_argument(
+        "--fit-to-time", action="store_true", help="end the cosine schedule within --max-minutes (measured speed)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--init-from", type=Path, default=None, help="pipeline folder to warm-start from")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (the same seed gives other weights)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
