@@ -195,7 +195,7 @@ def measure(
             composed.prompt,
             composed.negative_prompt,
             template.steps or 20,
-            template.guidance_scale or 6.0,
+            product.manifest.guidance_scale or template.guidance_scale or 6.0,  # as the server plans LoRA mode
             32,
             32,
             "",

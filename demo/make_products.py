@@ -59,6 +59,9 @@ FLIP = {"split-star": False, "striped-mug": True}
 CLASS_PHRASES = {"split-star": "a star", "striped-mug": "a yellow square"}
 # Product scales the default is chosen from, on the product's training scenes with validation seeds.
 SCALE_CANDIDATES = (1.0, 1.25, 1.5)  # under 1 the held-out scenes lost the product (TRAINING.md, stop 28)
+# Guidance the default is chosen from with the scale: None is the template's (6 for the demo scenes). At 6 a
+# product adapter on the GPU-trained base drew the product too large, cut by the frame (FIDELITY.md, stop 29).
+GUIDANCE_CANDIDATES = (None, 4.5, 3.0)
 VALIDATION_SEEDS = tuple(range(100, 112))  # 12: at 6, one image moved a scene's shape rate by 0.17
 COLOUR_FLOOR = 0.9  # a run is chosen by shape only among runs whose worst training scene keeps this colour fidelity
 
@@ -285,6 +288,7 @@ class Validation:
     worst: float
     judge: float
     shape: float = 1.0
+    guidance: float | None = None  # None: the template's
 
     @property
     def both(self) -> float:
@@ -307,21 +311,23 @@ def validate(product_id: str, folder: Path, threads: int, base: Path = ROOT / "m
     templates = TemplateCatalog.load(ROOT / "templates" / "catalog.yaml")
     entry = scan_folder(folder.parent, ("product",))[folder.name]
     results = []
-    for scale in SCALE_CANDIDATES:
+    for guidance, scale in ((g, s) for g in GUIDANCE_CANDIDATES for s in SCALE_CANDIDATES):
         worst, shape, hits, total = 1.0, 1.0, 0, 0
         for bg in training_scenes(product_id):
             t = templates.get(f"demo-{bg}")
             c = compose_prompt(entry, t, "", None, templates.defaults, [])
-            settings = RenderSettings(c.prompt, "", t.steps, t.guidance_scale, 32, 32, "", (entry.spec(scale),))
+            g = guidance or t.guidance_scale
+            settings = RenderSettings(c.prompt, "", t.steps, g, 32, 32, "", (entry.spec(scale),))
             images = pipe(settings, VALIDATION_SEEDS)
             worst = min(worst, float(np.mean([score(product_id, im) for im in images])))
             if TRUSTED_ON_GENERATED[product_id]:  # an untrusted criterion would choose by noise
                 shape = min(shape, shape_rate(product_id, bg, images))
             hits += sum(p == bg for p in judge.predict(images)["background"])
             total += len(images)
-        results.append(Validation(scale, worst, hits / total, shape))
+        results.append(Validation(scale, worst, hits / total, shape, guidance))
         print(
-            f"  {folder.name} validation: scale {scale:g}: worst training-scene fidelity {worst:.2f}, "
+            f"  {folder.name} validation: scale {scale:g}, guidance {guidance or 'template'}: worst training-scene "
+            f"fidelity {worst:.2f}, "
             f"shape {shape:.2f}, judge scene accuracy {hits / total:.0%}",
             flush=True,
         )
@@ -329,11 +335,15 @@ def validate(product_id: str, folder: Path, threads: int, base: Path = ROOT / "m
 
 
 def pick_scale(results: list[Validation]) -> Validation:
-    """The best worst-scene colour fidelity and shape (`Validation.both`) among the scales that keep the judge's
-    scene accuracy >= 95% (a product that erases its scene is no win); ties within 0.02 go to the smaller scale."""
+    """The best worst-scene colour fidelity and shape (`Validation.both`) among the scales and guidances that keep
+    the judge's scene accuracy >= 95% (a product that erases its scene is no win); ties within 0.02 go to the
+    template's guidance, then the higher guidance, then the smaller scale."""
     ok = [r for r in results if r.judge >= 0.95] or results
     best = max(r.both for r in ok)
-    return min((r for r in ok if r.both >= best - 0.02), key=lambda r: r.scale)
+    return min(
+        (r for r in ok if r.both >= best - 0.02),
+        key=lambda r: (r.guidance is not None, -(r.guidance or 0.0), r.scale),
+    )
 
 
 def training_scenes(product_id: str) -> list[str]:
@@ -344,6 +354,9 @@ def write_validation(product_id: str, folder: Path, results: list[Validation], c
     """The chosen default scale into the manifest, the validation behind it into training.json."""
     manifest = yaml.safe_load((folder / "manifest.yaml").read_text())
     manifest["default_scale"] = float(chosen.scale)
+    manifest.pop("guidance_scale", None)
+    if chosen.guidance is not None:
+        manifest["guidance_scale"] = float(chosen.guidance)
     (folder / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True))
     training = json.loads((folder / "training.json").read_text())
     training["scale_validation"] = {
@@ -352,6 +365,7 @@ def write_validation(product_id: str, folder: Path, results: list[Validation], c
         "results": [
             {
                 "scale": r.scale,
+                "guidance": r.guidance,
                 "worst_fidelity": round(r.worst, 3),
                 "worst_shape": round(r.shape, 3),
                 "judge_scene": round(r.judge, 3),
@@ -359,6 +373,7 @@ def write_validation(product_id: str, folder: Path, results: list[Validation], c
             for r in results
         ],
         "chosen": chosen.scale,
+        "chosen_guidance": chosen.guidance,
         **extra,
     }
     (folder / "training.json").write_text(json.dumps(training, indent=2))
@@ -373,7 +388,8 @@ def train_and_select(
     seconds, runs = 0.0, []
     for seed in seeds:
         candidate = args.work_root / "candidates" / f"seed{seed}" / pid
-        seconds += train(images, candidate, token, extra, args, seed, args.work_root / f"{pid}-seed{seed}")
+        if not args.select_only:
+            seconds += train(images, candidate, token, extra, args, seed, args.work_root / f"{pid}-seed{seed}")
         results = validate(pid, candidate, args.threads, args.base)
         runs.append((seed, candidate, results, pick_scale(results)))
     # Colour first (a run whose worst training scene loses the colours is out whatever its shape), then shape.
@@ -383,11 +399,18 @@ def train_and_select(
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(candidate, out)
     selection = [
-        {"seed": s, "scale": v.scale, "worst_fidelity": round(v.worst, 3), "judge_scene": round(v.judge, 3)}
+        {
+            "seed": s,
+            "scale": v.scale,
+            "guidance": v.guidance,
+            "worst_fidelity": round(v.worst, 3),
+            "worst_shape": round(v.shape, 3),
+            "judge_scene": round(v.judge, 3),
+        }
         for s, _, _, v in runs
     ]
     write_validation(pid, out, results, chosen, training_seeds=selection, chosen_seed=seed)
-    print(f"  {pid}: kept the run with seed {seed} ({', '.join(f'seed {r[0]}: {r[3].worst:.2f}' for r in runs)})")
+    print(f"  {pid}: kept the run with seed {seed} ({', '.join(f'seed {r[0]}: {r[3].both:.2f}' for r in runs)})")
     return seconds, chosen
 
 
@@ -414,6 +437,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--swap-colour", type=float, default=0.0, help="saturation of the swapped backgrounds")
     p.add_argument("--no-select-scale", dest="select_scale", action="store_false", help="keep default scale 1")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the work dir")
+    p.add_argument(
+        "--select-only",
+        action="store_true",
+        help="no training: validate the runs already in --work-root/candidates and keep the best (after a change "
+        "to the validation or the pipeline)",
+    )
     p.add_argument("--work-root", type=Path, default=CACHE / "work", help="training work dirs go here")
     p.add_argument("--rank", type=int, default=8, help="product adapters (16: sharper stars, TRAINING.md)")
     p.add_argument("--style-rank", type=int, default=8, help="the style adapter (the shipped night recipe)")
@@ -469,7 +498,12 @@ def main(argv: list[str] | None = None) -> int:
             seconds, chosen = train_and_select(pid, images, out, token, extra, args, seeds)
         print(
             f"{pid}: {n} renders (held out: {', '.join(HELD_OUT[pid])}), {longest!r} = {n_tok} positions, "
-            f"trained in {seconds:.0f}s" + (f", default scale {chosen.scale:g}" if args.select_scale else ""),
+            f"trained in {seconds:.0f}s"
+            + (
+                f", default scale {chosen.scale:g}, guidance {chosen.guidance or 'template'}"
+                if args.select_scale
+                else ""
+            ),
             flush=True,
         )
 

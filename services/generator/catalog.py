@@ -42,6 +42,11 @@ class Manifest(BaseModel):
     # Learned token embeddings (textual inversion / pivotal tuning), if any.
     embeddings: str | None = None
     default_scale: float = 1.0
+    # Products: the classifier-free guidance the adapter was validated at (demo.make_products chooses it with the
+    # scale), used in LoRA mode when a request gives none, over the template's. An adapter trained on a few photos
+    # can be over-driven at a scene template's guidance (the product drawn too large, its colours cast; FIDELITY.md).
+    # None: the template's.
+    guidance_scale: float | None = Field(None, gt=0, le=50)
     # Style/background adapters: "scene" keeps them off a stacked product (services/generator/regional.py),
     # "image" lets them repaint the product too (a painting style that should restyle everything).
     scope: Literal["scene", "image"] = "scene"

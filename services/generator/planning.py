@@ -204,6 +204,8 @@ class Planner:
             raise InvalidArgument("steps", f"must be between 1 and {s.max_steps}, got {steps}")
         if request.HasField("guidance_scale"):
             guidance = finite("guidance_scale", request.guidance_scale, 0.0, 50.0)
+        elif product and product.manifest.guidance_scale and not request.HasField("product_image"):
+            guidance = product.manifest.guidance_scale  # what the adapter was validated at (LoRA mode only)
         else:
             guidance = template.guidance_scale if template and template.guidance_scale else s.default_guidance
         width, height = self.frame(request, template, info)

@@ -58,6 +58,7 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
                     prompt_phrase=p.phrase,
                     default_scale=p.manifest.default_scale,
                     description=p.manifest.description,
+                    guidance_scale=p.manifest.guidance_scale,
                 )
                 for p in self.catalog.products.values()
             ]

@@ -167,3 +167,22 @@ async def test_a_backdrop_the_server_lacks_is_a_failed_precondition_naming_it(ti
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "'beach' places products on the backdrop adapter 'no-such-backdrop'" in err.value.details()
         assert images(await run(stub, request()))  # LoRA mode in that scene does not need it
+
+
+async def test_a_products_validated_guidance_is_used_in_lora_mode_unless_the_request_sets_one(tiny_world, tmp_path):
+    # demo.make_products chooses a product's guidance with its scale (docs/FIDELITY.md): the manifest's value
+    # replaces the template's in LoRA mode only, a request's own value wins, and ListProducts shows it.
+    products = tmp_path / "products"
+    shutil.copytree(tiny_world / "products", products)
+    manifest = products / "tiny-star" / "manifest.yaml"
+    manifest.write_text(manifest.read_text() + "guidance_scale: 3.5\n")
+    async with standin_server(tiny_world, tmp_path, products_dir=str(products)) as (_app, stub, _h):
+        listed = {p.id: p for p in (await stub.ListProducts(pb.ListProductsRequest())).products}
+        assert listed["tiny-star"].guidance_scale == 3.5 and not listed["tiny-mug"].HasField("guidance_scale")
+        mug = generate_request(product_id="tiny-mug", template_id="beach", num_images=1, steps=5)
+        default = (await accepted(stub, mug)).guidance_scale
+        assert default != 3.5  # the template's (or the server's) guidance
+        assert (await accepted(stub, request())).guidance_scale == 3.5
+        assert (await accepted(stub, request(guidance_scale=5.0))).guidance_scale == 5.0
+        placed = await accepted(stub, request(product_image=pb.ProductImage(image=cutout_png())))
+        assert placed.guidance_scale == default  # placement mode keeps the scene's guidance
