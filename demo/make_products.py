@@ -390,6 +390,8 @@ def train_and_select(
         candidate = args.work_root / "candidates" / f"seed{seed}" / pid
         if not args.select_only:
             seconds += train(images, candidate, token, extra, args, seed, args.work_root / f"{pid}-seed{seed}")
+        elif not (candidate / "manifest.yaml").is_file():
+            raise SystemExit(f"--select-only: no trained run at {candidate}")
         results = validate(pid, candidate, args.threads, args.base)
         runs.append((seed, candidate, results, pick_scale(results)))
     # Colour first (a run whose worst training scene loses the colours is out whatever its shape), then shape.
@@ -488,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
                 extra += ["--class-prompt", prompt]
         out = args.products_dir / pid
         seeds = args.train_seeds
-        if len(seeds) == 1:
+        if len(seeds) == 1 and not args.select_only:
             seconds = train(images, out, token, extra, args, seeds[0])
             if args.select_scale:
                 results = validate(pid, out, args.threads, args.base)
