@@ -3,10 +3,15 @@
 # (`--vae-recipe sharp`), the UNet and text encoder on its latents, then the product adapters (two training seeds
 # each), the night style and the backdrop on it. Results come back as tarballs in $OUT (docs/DEMO_MODEL.md).
 #
-# From a session with a device machine:
+# From a session with a device machine (Python 3.12 there, no diffusers, no pydantic, no open-clip-torch):
 #   python -c "from demo.tokenizer import write_clip_tokenizer_files as w; w('.cache/gpu/work/tokenizer', 16)"
-#   (wheels the device image lacks into .whl/: diffusers, peft, pydantic; docs/DEMO_MODEL.md)
-#   run(command="bash demo/gpu_retrain.sh", carry=[".whl", ".cache/gpu/work/tokenizer"], timeout_s=580)
+#   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 peft==0.21.2 \
+#     pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+#     googleapis-common-protos==1.76.0 grpcio-status==1.85.3 importlib_metadata
+#   run(command="bash demo/gpu_retrain.sh", carry=[".whl", ".cache/gpu/work/tokenizer"], timeout_s=585)
+# At stop 29 (one H200) the VAE and UNet took 440 s and the adapters did not finish in the 100 s left: they were
+# trained on the CPU afterwards (docs/DEMO_MODEL.md); lower VAE_MIN/UNET_MIN to give them time.
 # Each stage has its own time limit and the base model is packed before the adapters start, so a slow stage
 # cannot cost the earlier ones. On a machine without CUDA it runs the same stages on the CPU (a smoke test with
 # SMOKE=1: minutes, meaningless weights).
