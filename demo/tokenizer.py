@@ -41,7 +41,7 @@ def _bytes_to_unicode() -> list[str]:
 def write_clip_tokenizer_files(out_dir: str | Path, model_max_length: int = 77) -> Path:
     """Write vocab.json, merges.txt and tokenizer_config.json the way CLIP's SimpleTokenizer builds them."""
     out = Path(out_dir)
-    if (out / "vocab.json").is_file() and (out / "merges.txt").is_file():
+    if all((out / name).is_file() for name in ("vocab.json", "merges.txt", "tokenizer_config.json")):
         return out  # written before from the same data file (a machine without open-clip-torch can reuse them)
     out.mkdir(parents=True, exist_ok=True)
     lines = gzip.open(bpe_path(), "rt", encoding="utf-8").read().split("\n")

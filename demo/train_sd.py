@@ -138,7 +138,7 @@ def vae_check(vae, judge, check: Dataset) -> tuple[dict[str, float], float]:
 def train_vae(data: Dataset, work: Path, args, judge) -> None:
     """Train until reconstructions keep colour and background (>= 99.5% by the judge) or the step/time cap."""
     torch.manual_seed(args.seed)
-    g = torch.Generator().manual_seed(args.seed)
+    g = torch.Generator(args.device).manual_seed(args.seed)  # draws where they are used: no copy per step
     vae = build_vae().to(args.device)
     log.info("VAE: %.2fM params", n_params(vae) / 1e6)
     x_all = to_tensor(data.images).to(args.device)
@@ -149,8 +149,7 @@ def train_vae(data: Dataset, work: Path, args, judge) -> None:
     t0 = time.time()
     for step in range(1, steps + 1):
         vae.train()
-        idx = torch.randint(0, len(x_all), (args.vae_batch,), generator=g)
-        x = x_all[idx.to(args.device)]
+        x = x_all[torch.randint(0, len(x_all), (args.vae_batch,), generator=g, device=args.device)]
         posterior = vae.encode(x).latent_dist
         rec = vae.decode(posterior.sample(generator=g)).sample
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-7 * posterior.kl().mean()
@@ -190,7 +189,7 @@ def train_sharp_vae(data: Dataset, work: Path, args, judge) -> None:
     from demo.world import BACKGROUNDS, render_product
 
     torch.manual_seed(args.seed)
-    g = torch.Generator().manual_seed(args.seed)
+    g = torch.Generator(args.device).manual_seed(args.seed)  # draws where they are used: no copy per step
     rng = np.random.default_rng(args.seed)
     vae = build_vae().to(args.device)
     n = min(len(data.images), args.vae_images // 2)
@@ -202,10 +201,10 @@ def train_sharp_vae(data: Dataset, work: Path, args, judge) -> None:
     while time.time() - t0 < args.vae_minutes * 60 and step < args.vae_steps:
         step += 1
         vae.train()
-        x = x_all[torch.randint(0, len(x_all), (args.sharp_batch,), generator=g).to(args.device)]
+        x = x_all[torch.randint(0, len(x_all), (args.sharp_batch,), generator=g, device=args.device)]
         posterior = vae.encode(x).latent_dist
         mean = posterior.mean
-        z = mean + 0.05 * mean.detach().std() * torch.randn(mean.shape, generator=g).to(args.device)
+        z = mean + 0.05 * mean.detach().std() * torch.randn(mean.shape, generator=g, device=args.device)
         rec = vae.decode(z).sample
         (gy, gx), (ty, tx) = edges(rec), edges(x)
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 0.5 * (F.l1_loss(gy, ty) + F.l1_loss(gx, tx))
@@ -303,7 +302,7 @@ def train_unet(data: Dataset, work: Path, out: Path, args, judge) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler
 
     torch.manual_seed(args.seed)
-    g = torch.Generator().manual_seed(args.seed + 1)
+    g = torch.Generator(args.device).manual_seed(args.seed + 1)  # draws where they are used: no copy per step
     rng = np.random.default_rng(args.seed + 2)
     vae = AutoencoderKL.from_pretrained(work / "vae").eval().to(args.device)
     t0 = time.time()
@@ -363,15 +362,15 @@ def train_unet(data: Dataset, work: Path, out: Path, args, judge) -> None:
     step = 0
     while step < total:
         step += 1
-        idx = torch.randint(0, len(latents), (args.batch,), generator=g)
-        x0 = latents[idx.to(args.device)]
+        idx = torch.randint(0, len(latents), (args.batch,), generator=g, device=args.device)
+        x0 = latents[idx]
         prompts = [caption(data.scenes[i], rng) for i in idx.tolist()]
         ids = tokenizer(
             prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
         ).input_ids
         cond = text_encoder(ids.to(args.device))[0]
-        noise = torch.randn(x0.shape, generator=g).to(args.device)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (args.batch,), generator=g).to(args.device)
+        noise = torch.randn(x0.shape, generator=g, device=args.device)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (args.batch,), generator=g, device=args.device)
         xt = noise_sched.add_noise(x0, noise, t)
         target = noise_sched.get_velocity(x0, noise, t)
         pred = unet(xt, t, encoder_hidden_states=cond).sample
