@@ -6,12 +6,12 @@
 For each product: 40 renders per background from `demo.world` on every background except the product's
 held-out ones (`HELD_OUT`, used by `demo.fidelity`), with captions in the world's style carrying the
 product token (`a photo of <split-star> on the beach`), then `python -m training.lora` with a learned
-token, a text-encoder LoRA and a UNet LoRA on the attention and ResNet conv layers, hue-safe jitter, flips
-only where a mirror image is still the product (`FLIP`), prior preservation: class images of the
-product's class in all six scenes plus the empty prompt (`class_prompts`), and the background swap left
-to `auto` (the renders come with their masks). One run per `--train-seeds` seed; each is validated on the
-product's training scenes (`validate`, `pick_scale`), the best run is kept and its scale written into the
-manifest (`train_and_select`).
+token, a text-encoder LoRA and a UNet LoRA on the attention and ResNet conv layers (rank and steps per product,
+`PRODUCT_RECIPE`), hue-safe jitter, no flips (a mirrored mug has its handle on the other side: a coin toss the
+adapter averages away), prior preservation: class images of the product's class in all six scenes plus the
+empty prompt (`class_prompts`), and the background swap left to `auto` (the renders come with their masks).
+One run per `--train-seeds` seed; each is validated on the product's training scenes (`validate`,
+`pick_scale`), the best run is kept and its scale written into the manifest (`train_and_select`).
 The style adapter `night` is trained on generic objects (every colour, shape and background) with the
 background darkened (slightly blue) and the object in its own colours, captioned `a photo of a red star on
 the beach, at night`, with the same scenes by day as class images; its manifest is rewritten as
@@ -52,9 +52,10 @@ CACHE = ROOT / ".cache" / "demo-products"
 
 TOKENS = {"split-star": "<split-star>", "striped-mug": "<striped-mug>"}
 INIT_WORDS = {"split-star": "star", "striped-mug": "square"}
-# Horizontal flips only where a mirror image is still the product: a mug seen from the other side is the
-# same mug; a split star mirrored is red on the right, which is wrong.
-FLIP = {"split-star": False, "striped-mug": True}
+# Per product (`--rank` / `--steps` override both): the mug's handle is a 1-px ring around a 3-px hole, and rank 8
+# for 1,200 steps never drew one; rank 32 for 4,800 steps draws it in most images (docs/FIDELITY.md, stop 30).
+# The star keeps the smaller recipe: on its held-out scenes the larger one was no better (0.53 / 0.66, one run).
+PRODUCT_RECIPE = {"split-star": {"rank": 8, "steps": 1200}, "striped-mug": {"rank": 32, "steps": 4800}}
 # What the base model draws for the product's class, in every demo scene (prior preservation).
 CLASS_PHRASES = {"split-star": "a star", "striped-mug": "a yellow square"}
 # Product scales the default is chosen from, on the product's training scenes with validation seeds.
@@ -236,7 +237,8 @@ def train_scene_adapter(
     means something once the text encoder learns it: a text-encoder LoRA, kept from changing other prompts by
     prior preservation with `prompts` (`--num-class-images`). The manifest is rewritten with `scope: scene`."""
     extra = ["--display-name", manifest_fields["display_name"], "--description", manifest_fields["description"]]
-    extra += ["--no-learn-token", "--color-jitter", "0", "--background-swap", "0", "--no-keep-product"]  # no product
+    # No product: a scene's mirror image is the same scene, so flips are free views.
+    extra += ["--no-learn-token", "--color-jitter", "0", "--background-swap", "0", "--no-keep-product", "--flip"]
     extra += ["--train-text-encoder"] if args.text_encoder else ["--no-train-text-encoder"]
     extra += ["--num-class-images", str(args.style_class_images), "--prior-weight", str(args.prior_weight)]
     if args.style_class_images:
@@ -427,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--style-steps", type=int, default=1200, help="steps for the style adapter")
     p.add_argument("--backdrop-images", type=int, default=240, help="empty scenes for the backdrop adapter")
     p.add_argument("--backdrop-steps", type=int, default=2400, help="steps for the backdrop adapter")
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=None, help="product adapters (default: PRODUCT_RECIPE)")
     p.add_argument("--no-text-encoder", dest="text_encoder", action="store_false", help="UNet LoRA and token only")
     p.add_argument("--num-class-images", type=int, default=140, help="prior preservation: class images (0: off)")
     p.add_argument("--style-class-images", type=int, default=130, help="class images for the style adapter")
@@ -446,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         "to the validation or the pipeline)",
     )
     p.add_argument("--work-root", type=Path, default=CACHE / "work", help="training work dirs go here")
-    p.add_argument("--rank", type=int, default=8, help="product adapters (16: sharper stars, TRAINING.md)")
+    p.add_argument("--rank", type=int, default=None, help="product adapters (default: PRODUCT_RECIPE)")
     p.add_argument("--style-rank", type=int, default=8, help="the style adapter (the shipped night recipe)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--token-lr", type=float, default=5e-3)
@@ -481,7 +483,6 @@ def main(argv: list[str] | None = None) -> int:
         extra += ["--color-jitter", str(args.color_jitter), "--max-crop-scale", str(args.max_crop_scale)]
         extra += ["--background-swap", args.background_swap]
         extra += ["--swap-light", args.swap_light, "--swap-colour", str(args.swap_colour)]
-        extra += [] if FLIP[pid] else ["--no-flip"]
         extra += ["--train-text-encoder"] if args.text_encoder else ["--no-train-text-encoder"]
         extra += ["--num-class-images", str(args.num_class_images), "--prior-weight", str(args.prior_weight)]
         if args.num_class_images:
@@ -489,15 +490,17 @@ def main(argv: list[str] | None = None) -> int:
             for prompt in class_prompts(CLASS_PHRASES[pid]):
                 extra += ["--class-prompt", prompt]
         out = args.products_dir / pid
+        own = {k: getattr(args, k) or v for k, v in PRODUCT_RECIPE[pid].items()}  # unless --rank / --steps
+        recipe = argparse.Namespace(**{**vars(args), **own})
         seeds = args.train_seeds
         if len(seeds) == 1 and not args.select_only:
-            seconds = train(images, out, token, extra, args, seeds[0])
+            seconds = train(images, out, token, extra, recipe, seeds[0])
             if args.select_scale:
                 results = validate(pid, out, args.threads, args.base)
                 chosen = pick_scale(results)
                 write_validation(pid, out, results, chosen)
         else:
-            seconds, chosen = train_and_select(pid, images, out, token, extra, args, seeds)
+            seconds, chosen = train_and_select(pid, images, out, token, extra, recipe, seeds)
         print(
             f"{pid}: {n} renders (held out: {', '.join(HELD_OUT[pid])}), {longest!r} = {n_tok} positions, "
             f"trained in {seconds:.0f}s"

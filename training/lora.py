@@ -88,7 +88,9 @@ class TrainConfig:
     lr: float = 1e-4
     batch_size: int = 4
     resolution: int | None = None
-    flip: bool = True
+    # Off by default: a mirrored product is another product (a handle on the other side, text reversed), and
+    # flipped views make its asymmetric parts a coin toss that a small adapter averages away (docs/TRAINING.md).
+    flip: bool = False
     max_crop_scale: float = MAX_SCALE
     keep_product: bool = True  # crops (and their zoom) never cut the product, where a photo has a mask
     color_jitter: float = 0.08
@@ -899,7 +901,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="caption for images without a .txt, with {token}, e.g. 'a photo of {token} on a table'",
     )
     src.add_argument(
-        "--no-flip", dest="flip", action="store_false", help="no horizontal flips (text or a left/right design)"
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="horizontal flips of the photos (default off: only for products whose mirror image is the same product)",
     )
     src.add_argument(
         "--no-keep-product",
