@@ -524,8 +524,8 @@ def main(argv: list[str] | None = None) -> int:
             args,
             display_name="Night",
             kind="style",
-            # With the style kept off the product (services/generator/regional.py), 1.5 darkens every demo scene
-            # to at most half while the products keep their look; chosen on seeds 100-105 (FIDELITY.md).
+            # With the style kept off the product (services/generator/regional.py), NIGHT_SCALE darkens the demo
+            # scenes while the products keep their look; chosen on seeds 100-105 (FIDELITY.md).
             default_scale=NIGHT_SCALE,
             description="night over any scene: the background dark and blue, the product still lit",
         )
