@@ -50,7 +50,8 @@ print('cuda' if torch.cuda.is_available() else 'cpu')") || exit 1
 if [ "${SMOKE:-0}" = 1 ]; then
   N=600 VAE_MIN=0.05 UNET_MIN=0.3 STEPS=30 STYLE=20 BATCH=8 LIMIT_VAE=200 LIMIT_UNET=200 END=900
 else
-  N=40000 VAE_MIN=2.6 UNET_MIN=3.3 STEPS=1200 STYLE=1200 BATCH=256 LIMIT_VAE=230 LIMIT_UNET=250 END=540
+  # STEPS empty: each product its own steps (demo.make_products.PRODUCT_RECIPE)
+  N=40000 VAE_MIN=2.6 UNET_MIN=3.3 STEPS= STYLE=1200 BATCH=256 LIMIT_VAE=230 LIMIT_UNET=250 END=540
 fi
 
 # 1. The shape-keeping VAE: 20,000 world scenes and as many clutter scenes, batch 64 (32 on the CPU recipe).
@@ -71,7 +72,7 @@ run_products() {  # NAME ARGS...
   local name=$1
   shift
   timeout "$left" "$PY" -m demo.make_products --base "$W/base" --work-root "$W/$name/work" --threads 2 \
-    --steps "$STEPS" --style-steps "$STYLE" --backdrop-steps $((2 * STYLE)) \
+    ${STEPS:+--steps "$STEPS"} --style-steps "$STYLE" --backdrop-steps $((2 * STYLE)) \
     --train-arg=--device="$DEV" --train-arg=--gradient-checkpointing=off "$@" >"$W/logs/$name.log" 2>&1
   echo "== $name: exit $? after $(elapsed)s"
 }
