@@ -303,6 +303,7 @@ def train_unet(data: Dataset, work: Path, out: Path, args, judge) -> None:
 
     torch.manual_seed(args.seed)
     g = torch.Generator(args.device).manual_seed(args.seed + 1)  # draws where they are used: no copy per step
+    host_g = g if g.device.type == "cpu" else torch.Generator().manual_seed(args.seed + 3)
     rng = np.random.default_rng(args.seed + 2)
     vae = AutoencoderKL.from_pretrained(work / "vae").eval().to(args.device)
     t0 = time.time()
@@ -362,8 +363,10 @@ def train_unet(data: Dataset, work: Path, out: Path, args, judge) -> None:
     step = 0
     while step < total:
         step += 1
-        idx = torch.randint(0, len(latents), (args.batch,), generator=g, device=args.device)
-        x0 = latents[idx]
+        # Indices on the host: the captions need them there, and reading them back from a GPU each step would wait
+        # for the step before it to finish (on the CPU `host_g` is `g`, so the draws are the same as ever).
+        idx = torch.randint(0, len(latents), (args.batch,), generator=host_g)
+        x0 = latents[idx.to(args.device)]
         prompts = [caption(data.scenes[i], rng) for i in idx.tolist()]
         ids = tokenizer(
             prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
