@@ -283,15 +283,20 @@ class Dispatcher:
 
     def on_job_message(self, worker: WorkerHandle, msg: Progress | ImageResult | JobError) -> None:
         ticket = self.tickets.get(msg.ticket_key)
-        if ticket is None or ticket.closed:
+        if ticket is None:
             return
-        if isinstance(msg, Progress):
-            ticket.events.put_nowait(msg)
-        elif isinstance(msg, ImageResult):
+        if isinstance(msg, ImageResult):
+            # Stored even when the request was cancelled as its last step ran (a client gone, a server
+            # stopping): the render is done, and a retry under the same id then finds it (ALREADY_EXISTS)
+            # instead of rendering it again.
             if msg.index not in ticket.delivered:
                 ticket.delivered.add(msg.index)
                 ticket.on_image(msg)
                 metrics.IMAGES.labels(worker.device).inc()
+        elif ticket.closed:
+            return
+        elif isinstance(msg, Progress):
+            ticket.events.put_nowait(msg)
         else:
             self._fail(ticket, _ERRORS[msg.kind](msg))
 

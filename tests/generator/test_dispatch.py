@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import urllib.parse
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -22,7 +23,7 @@ from grpc_status import rpc_status
 from services.generator.app import start_generator
 from services.generator.dispatch import Unit, may_run
 from services.generator.workers import WorkerState
-from tests.helpers import STANDIN, free_port, generator_settings, images, request, run, standin_server
+from tests.helpers import STANDIN, free_port, generator_settings, images, request, run, standin_server, until
 
 
 async def test_request_is_spread_over_all_devices(tiny_world, tmp_path):
@@ -78,6 +79,26 @@ async def test_cancel_drops_queued_and_stops_running_job(tiny_world, tmp_path):
     assert any(line.startswith("cancelled (1000,)") for line in lines), lines[-5:]
     assert len(cancelled_steps) < 20  # image 0 stopped mid-way; images 1..7 never started
     assert not any(f"({1000 + i}," in line for line in lines for i in range(1, 8))
+
+
+async def test_a_render_cancelled_in_its_last_step_is_stored_and_not_rendered_again(tiny_world, tmp_path):
+    """A cancel that reaches the worker after its last step began cannot stop the render: the image is
+    stored anyway, so the client's retry under the same id finds it instead of rendering it again."""
+    async with standin_server(tiny_world, tmp_path, step=0.5) as (app, stub, _h):
+        call = stub.Generate(request(n=1, steps=2, seed=31, request_id="late-cancel"))
+        uri = ""
+        async for event in call:
+            if event.WhichOneof("event") == "accepted":
+                uri = event.accepted.image_uris[0]
+            elif event.WhichOneof("event") == "progress" and event.progress.step == 1:
+                break
+        call.cancel()  # step 2 (the last) is running: it finishes
+        path = Path(urllib.parse.unquote(urllib.parse.urlparse(uri).path))
+        await until(lambda: path.exists(), 10, "the cancelled request's finished image stored")
+        with pytest.raises(grpc.aio.AioRpcError) as again:
+            await run(stub, request(n=1, steps=2, seed=31, request_id="late-cancel"))
+    assert again.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert [line for line in app.record.read_text().splitlines() if line.endswith(" 2")] == ["step cpu:0 (31,) 2"]
 
 
 async def test_deadline_is_honoured_and_cleans_up(tiny_world, tmp_path):
