@@ -436,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prior-weight", type=float, default=1.0)
     p.add_argument("--color-jitter", type=float, default=0.08)
     p.add_argument("--max-crop-scale", type=float, default=1.25)
+    p.add_argument("--crop-margin", type=float, default=0.0)
     p.add_argument("--background-swap", default="auto", help="share of views on a random background, or auto")
     p.add_argument("--swap-light", default="0.15,0.4", help="LO,HI brightness of the swapped backgrounds")
     p.add_argument("--swap-colour", type=float, default=0.0, help="saturation of the swapped backgrounds")
@@ -481,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         extra += ["--display-name", product.display_name, "--category", product.category]
         extra += ["--description", product.description, "--prompt-phrase", token]
         extra += ["--color-jitter", str(args.color_jitter), "--max-crop-scale", str(args.max_crop_scale)]
+        extra += ["--crop-margin", str(args.crop_margin)]
         extra += ["--background-swap", args.background_swap]
         extra += ["--swap-light", args.swap_light, "--swap-colour", str(args.swap_colour)]
         extra += ["--train-text-encoder"] if args.text_encoder else ["--no-train-text-encoder"]

@@ -57,6 +57,7 @@ CALIBRATION = 200  # true renders per scene the thresholds are taken from
 MIN_HANDLE = 1  # row: at least one row must cross body, hole and ring
 SOLIDITY_MARGIN = 0.03  # over the least convex of 200 true renders: their tail (a pixel or two of a 130-px star);
 # blobs and stubby stars read 0.8 and above
+FRAME_MARGIN = 2  # px on the frame's edge over true renders' 99th percentile: a blurred edge that grazes it
 MIN_AREA_SHARE = 0.5  # of the smallest true renders' area (1st percentile): less is no product at all
 HANDLE_PERCENTILE = 1  # a mug passes when its handle rows reach this percentile of true renders
 
@@ -87,19 +88,46 @@ class StarShape:
     area: int = 0  # of the largest object, in pixels
 
 
-def star_shape(image) -> StarShape:
-    arr = to_array(image)
+def _star_parts(arr: np.ndarray) -> list[np.ndarray]:
+    """Red-and-blue objects, largest first."""
     m = colour_classes(arr)
     # The fire's darkest reds pass the colour metric's red class; the star's red (R 220) is brighter.
     red, blue = m["red"] & (arr[..., 0] > 170), m["blue"]
     # The anti-aliased seam between the halves reads neither red nor blue: pixels next to both join them.
     seam = ndimage.binary_dilation(red, EIGHT) & ndimage.binary_dilation(blue, EIGHT)
     # Only objects with both colours are candidates, so a scene's own red (fire) or blue (sea) is not one.
-    parts = [p for p in _components(red | blue | seam) if (p & red).any() and (p & blue).any()]
+    return [p for p in _components(red | blue | seam) if (p & red).any() and (p & blue).any()]
+
+
+def star_shape(image) -> StarShape:
+    parts = _star_parts(to_array(image))
     if not parts:
         return StarShape(1.0, 0.0)
     twin = float(parts[1].sum() / parts[0].sum()) if len(parts) > 1 else 0.0
     return StarShape(solidity(parts[0]), twin, int(parts[0].sum()))
+
+
+def on_frame(product_id: str, image) -> dict[str, int]:
+    """Pixels of the product's object on the frame's outermost ring, per colour of its own: a product drawn too
+    large or off-centre is cut by the frame, which no solidity or handle sees (a cut star's remaining points
+    are as far from convex as a whole star's). Own colours only, so a generated sky that drifts into the blue
+    class and touches the star does not count; per colour, so the fire's reds touching the star's red half (its
+    threshold allows them) leave the blue half's test as strict as anywhere."""
+    arr = to_array(image)
+
+    def ring(region: np.ndarray) -> int:
+        edge = region.copy()
+        edge[1:-1, 1:-1] = False
+        return int(edge.sum())
+
+    if product_id != "split-star":
+        return {"yellow": ring(mug_body(image))}
+    parts = _star_parts(arr)
+    star = parts[0] if parts else np.zeros(arr.shape[:2], bool)
+    r, g, b = (arr[..., k].astype(np.int32) for k in range(3))
+    red = (r > 170) & (g < 80) & (b < 80)
+    blue = (b > 150) & (g < 90) & (r < 90)
+    return {"red": ring(star & red), "blue": ring(star & blue)}
 
 
 def mug_body(image) -> np.ndarray:
@@ -217,7 +245,13 @@ def thresholds(product_id: str, background: str, n: int = CALIBRATION, seed: int
     rng = np.random.default_rng(seed)
     renders = [render_product(product_id, background, rng) for _ in range(n)]
     # The product must be there at all: at least half the area of the smallest true renders.
-    presence = {"min_area": MIN_AREA_SHARE * float(np.percentile([product_area(product_id, im) for im in renders], 1))}
+    frames = [on_frame(product_id, im) for im in renders]
+    presence = {
+        "min_area": MIN_AREA_SHARE * float(np.percentile([product_area(product_id, im) for im in renders], 1)),
+        "max_on_frame": {
+            colour: float(np.percentile([f[colour] for f in frames], 99)) + FRAME_MARGIN for colour in frames[0]
+        },
+    }
     if product_id == "split-star":
         return {"max_solidity": max(star_shape(im).solidity for im in renders) + SOLIDITY_MARGIN, **presence}
     if product_id == "striped-mug":
@@ -231,6 +265,8 @@ def shape_ok(product_id: str, background: str, image) -> bool:
     limits = thresholds(product_id, background)
     if product_area(product_id, image) < limits["min_area"]:
         return False  # no product, so no shape
+    if any(n > limits["max_on_frame"][colour] for colour, n in on_frame(product_id, image).items()):
+        return False  # cut by the frame: not the whole product
     if product_id == "split-star":
         s = star_shape(image)
         return s.solidity <= limits["max_solidity"] and s.twin < TWIN_SHARE
@@ -292,9 +328,28 @@ def _draw_twin_star(draw, cx: float, cy: float, r: float) -> None:
     _draw_split_star(draw, cx + r * 0.6, cy, r * 0.45)
 
 
+def _cut_by_frame(product_id: str):
+    """The product itself, drawn 1.6x as large and a third of its radius off-centre: cut by the frame, as the
+    star was when trained with crops zoomed up to 1.5x (docs/FIDELITY.md)."""
+
+    def draw_fn(draw, cx: float, cy: float, r: float) -> None:
+        get_product_draw(product_id)(draw, cx + r / 3, cy - r / 3, r * 1.6)
+
+    return draw_fn
+
+
 BROKEN = {
-    "split-star": {"blob": _draw_blob_star, "stubby": _draw_stubby_star, "twice": _draw_twin_star},
-    "striped-mug": {"no handle": _draw_handleless_mug, "two blocks": _draw_two_blocks},
+    "split-star": {
+        "blob": _draw_blob_star,
+        "stubby": _draw_stubby_star,
+        "twice": _draw_twin_star,
+        "cut by the frame": _cut_by_frame("split-star"),
+    },
+    "striped-mug": {
+        "no handle": _draw_handleless_mug,
+        "two blocks": _draw_two_blocks,
+        "cut by the frame": _cut_by_frame("striped-mug"),
+    },
 }
 
 

@@ -266,6 +266,9 @@ class Augment:
     flip: bool = True  # horizontal flips; off for products with text or a left/right design
     brightness: float = 0.08  # factor drawn from 1 +- this
     contrast: float = 0.08
+    # With a product box (`keep`): the share of the crop's side kept clear between the product and each edge.
+    # Zoomed views otherwise teach a product that grazes the frame, and the model then draws it cut (TRAINING.md).
+    margin: float = 0.0
 
 
 NO_AUGMENT = Augment(max_scale=1.0, flip=False, brightness=0.0, contrast=0.0)
@@ -305,14 +308,18 @@ def augment(
     w, h = image.size
     base = resolution / min(w, h)
     zoom = 1.0 + (aug.max_scale - 1.0) * u[0]
+    m = aug.margin * resolution  # crop pixels
     if keep is not None:
         bw, bh = max(keep[2] - keep[0], 1), max(keep[3] - keep[1], 1)
-        zoom = max(1.0, min(zoom, resolution / (bw * base), resolution / (bh * base)))
+        room = resolution - 2 * m
+        zoom = max(1.0, min(zoom, room / (bw * base), room / (bh * base)))
     scale = base * zoom
     size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
     image = image.resize(size, Image.Resampling.BICUBIC)
     sx, sy = size[0] / w, size[1] / h
-    box = (keep[0] * sx, keep[1] * sy, keep[2] * sx, keep[3] * sy) if keep is not None else (None,) * 4
+    box = (
+        (keep[0] * sx - m, keep[1] * sy - m, keep[2] * sx + m, keep[3] * sy + m) if keep is not None else (None,) * 4
+    )
     left = _offset(u[1], size[0], resolution, box[0], box[2])
     top = _offset(u[2], size[1], resolution, box[1], box[3])
     image = image.crop((left, top, left + resolution, top + resolution))

@@ -93,6 +93,7 @@ class TrainConfig:
     flip: bool = False
     max_crop_scale: float = MAX_SCALE
     keep_product: bool = True  # crops (and their zoom) never cut the product, where a photo has a mask
+    crop_margin: float = 0.0  # with keep_product: share of the side kept clear around the product (data.Augment)
     color_jitter: float = 0.08
     # Share of product views put on a random background (photos with a mask); None: auto (`auto_background_swap`).
     background_swap: float | None = None
@@ -773,7 +774,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     trainable = list(params.values())
     bar = tqdm(total=cfg.steps, initial=start, desc=f"training {product_id}", disable=not cfg.progress, unit="step")
     smooth = None
-    aug = Augment(max_scale=cfg.max_crop_scale, flip=cfg.flip, brightness=cfg.color_jitter, contrast=cfg.color_jitter)
+    aug = Augment(
+        max_scale=cfg.max_crop_scale,
+        flip=cfg.flip,
+        brightness=cfg.color_jitter,
+        contrast=cfg.color_jitter,
+        margin=cfg.crop_margin,
+    )
     prior_aug = Augment(max_scale=cfg.max_crop_scale, flip=True, brightness=0.0, contrast=0.0)
     # The product's box per photo (a swapped background keeps the photo's geometry).
     boxes = [mask_box(e.mask) if cfg.keep_product else None for e in examples]
@@ -917,6 +924,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=MAX_SCALE,
         help=f"random crops take 1/this to all of the shorter side (default {MAX_SCALE}; 1 = no zoom)",
+    )
+    src.add_argument(
+        "--crop-margin",
+        type=float,
+        default=TrainConfig.crop_margin,
+        help="with a product mask: share of the crop's side kept clear around the product, so zoomed views never "
+        "show it grazing the frame (0: may touch; 0.0625 = 2 px at 32, 32 px at 512)",
     )
     src.add_argument(
         "--color-jitter",

@@ -2,7 +2,7 @@
 
 Thresholds come from true renders, never from generated images; the variants are what LoRA mode drew before
 issue 20 (a blob in the star's colours, two yellow blocks with no handle) and one thing wrong at a time
-(stubby points, the product drawn twice, no handle).
+(stubby points, the product drawn twice, no handle, the whole product drawn too large and cut by the frame).
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def test_a_handle_encloses_a_hole_and_a_ragged_edge_does_not(background):
     draw = shape.get_product_draw("striped-mug")
     mirrored = [shape.render_with(draw, background, rng, mirror=True) for _ in range(N)]
     assert shape.hole_rate(mirrored) >= 0.975
-    for name, broken in shape.BROKEN["striped-mug"].items():
+    for name in ("no handle", "two blocks"):  # a mug cut by the frame may keep its handle: the frame test's job
+        broken = shape.BROKEN["striped-mug"][name]
         assert shape.hole_rate([shape.render_with(broken, background, rng) for _ in range(N)]) == 0.0, name
 
 

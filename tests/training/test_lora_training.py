@@ -295,6 +295,31 @@ def test_crops_never_cut_a_product_with_a_box():
     assert cut(None) > 20  # the same draws without the box: the product runs off the crop
 
 
+def test_a_crop_margin_keeps_the_product_clear_of_the_frame():
+    from training.data import Augment, augment, mask_box
+
+    # Zoomed up to 1.75x, a centred product grazes the crop's edge often; with a margin (2 px of 32) never.
+    image = Image.new("RGB", (48, 48), (240, 240, 240))
+    ImageDraw.Draw(image).rectangle([10, 12, 37, 35], fill=(250, 220, 20))
+    mask = Image.new("L", (48, 48), 0)
+    ImageDraw.Draw(mask).rectangle([10, 12, 37, 35], fill=255)
+
+    def closest(margin: float) -> list[int]:
+        aug = Augment(max_scale=1.75, flip=False, brightness=0.0, contrast=0.0, margin=margin)
+        g = torch.Generator().manual_seed(2)
+        gaps = []
+        for _ in range(100):
+            x = ((augment(image, 32, g, aug=aug, keep=mask_box(mask)) + 1) * 127.5).permute(1, 2, 0).numpy()
+            ys, xs = np.nonzero((x[..., 2] < 120) & (x[..., 0] > 150))
+            gaps.append(int(min(ys.min(), xs.min(), 31 - ys.max(), 31 - xs.max())))
+        return gaps
+
+    assert min(closest(0.0)) == 0  # without: zoomed views put the product against the frame
+    with_margin = closest(2 / 32)
+    assert min(with_margin) == 2
+    assert max(with_margin) > 2  # still zoomed and moved, not pinned to one view
+
+
 def test_product_masks_come_from_a_mask_file_the_alpha_or_a_plain_background(tmp_path):
     from training.data import product_mask, read_image_folder
 
