@@ -317,9 +317,7 @@ def augment(
     size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
     image = image.resize(size, Image.Resampling.BICUBIC)
     sx, sy = size[0] / w, size[1] / h
-    box = (
-        (keep[0] * sx - m, keep[1] * sy - m, keep[2] * sx + m, keep[3] * sy + m) if keep is not None else (None,) * 4
-    )
+    box = (keep[0] * sx - m, keep[1] * sy - m, keep[2] * sx + m, keep[3] * sy + m) if keep is not None else (None,) * 4
     left = _offset(u[1], size[0], resolution, box[0], box[2])
     top = _offset(u[2], size[1], resolution, box[1], box[3])
     image = image.crop((left, top, left + resolution, top + resolution))
