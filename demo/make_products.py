@@ -52,10 +52,15 @@ CACHE = ROOT / ".cache" / "demo-products"
 
 TOKENS = {"split-star": "<split-star>", "striped-mug": "<striped-mug>"}
 INIT_WORDS = {"split-star": "star", "striped-mug": "square"}
-# Per product (`--rank` / `--steps` override both): the mug's handle is a 1-px ring around a 3-px hole, and rank 8
+# Per product (`--rank`, `--steps`, `--max-crop-scale`, `--crop-margin` override it): the mug's handle is a 1-px ring around a 3-px hole, and rank 8
 # for 1,200 steps never drew one; rank 32 for 4,800 steps draws it in most images (docs/FIDELITY.md, stop 30).
 # The star keeps the smaller recipe: on its held-out scenes the larger one was no better (0.53 / 0.66, one run).
-PRODUCT_RECIPE = {"split-star": {"rank": 8, "steps": 1200}, "striped-mug": {"rank": 32, "steps": 4800}}
+# Zoomed crops up to 1.75x with 2 px (1/16) kept clear around the product: the star drawn large enough for its
+# points at 32x32 and never cut by the frame (TRAINING.md, stop 31).
+PRODUCT_RECIPE = {
+    "split-star": {"rank": 8, "steps": 1200, "max_crop_scale": 1.75, "crop_margin": 0.0625},
+    "striped-mug": {"rank": 32, "steps": 4800, "max_crop_scale": 1.25, "crop_margin": 0.0},
+}
 # What the base model draws for the product's class, in every demo scene (prior preservation).
 CLASS_PHRASES = {"split-star": "a star", "striped-mug": "a yellow square"}
 # Product scales the default is chosen from, on the product's training scenes with validation seeds.
@@ -435,8 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--style-class-images", type=int, default=130, help="class images for the style adapter")
     p.add_argument("--prior-weight", type=float, default=1.0)
     p.add_argument("--color-jitter", type=float, default=0.08)
-    p.add_argument("--max-crop-scale", type=float, default=1.25)
-    p.add_argument("--crop-margin", type=float, default=0.0)
+    p.add_argument("--max-crop-scale", type=float, default=None, help="product adapters (default: PRODUCT_RECIPE)")
+    p.add_argument("--crop-margin", type=float, default=None, help="product adapters (default: PRODUCT_RECIPE)")
     p.add_argument("--background-swap", default="auto", help="share of views on a random background, or auto")
     p.add_argument("--swap-light", default="0.15,0.4", help="LO,HI brightness of the swapped backgrounds")
     p.add_argument("--swap-colour", type=float, default=0.0, help="saturation of the swapped backgrounds")
@@ -481,8 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = ["--learn-token", "--init-word", INIT_WORDS[pid], "--token-lr", str(args.token_lr)]
         extra += ["--display-name", product.display_name, "--category", product.category]
         extra += ["--description", product.description, "--prompt-phrase", token]
-        extra += ["--color-jitter", str(args.color_jitter), "--max-crop-scale", str(args.max_crop_scale)]
-        extra += ["--crop-margin", str(args.crop_margin)]
+        extra += ["--color-jitter", str(args.color_jitter)]
         extra += ["--background-swap", args.background_swap]
         extra += ["--swap-light", args.swap_light, "--swap-colour", str(args.swap_colour)]
         extra += ["--train-text-encoder"] if args.text_encoder else ["--no-train-text-encoder"]
@@ -492,8 +496,10 @@ def main(argv: list[str] | None = None) -> int:
             for prompt in class_prompts(CLASS_PHRASES[pid]):
                 extra += ["--class-prompt", prompt]
         out = args.products_dir / pid
-        own = {k: getattr(args, k) or v for k, v in PRODUCT_RECIPE[pid].items()}  # unless --rank / --steps
+        # The product's own recipe, unless given on the command line.
+        own = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in PRODUCT_RECIPE[pid].items()}
         recipe = argparse.Namespace(**{**vars(args), **own})
+        extra += ["--max-crop-scale", str(recipe.max_crop_scale), "--crop-margin", str(recipe.crop_margin)]
         seeds = args.train_seeds
         if len(seeds) == 1 and not args.select_only:
             seconds = train(images, out, token, extra, recipe, seeds[0])
