@@ -55,11 +55,11 @@ INIT_WORDS = {"split-star": "star", "striped-mug": "square"}
 # Per product (`--rank`, `--steps`, `--max-crop-scale`, `--crop-margin` override it): the mug's handle is a 1-px ring around a 3-px hole, and rank 8
 # for 1,200 steps never drew one; rank 32 for 4,800 steps draws it in most images (docs/FIDELITY.md, stop 30).
 # The star keeps the smaller recipe: on its held-out scenes the larger one was no better (0.53 / 0.66, one run).
-# Zoomed crops up to 1.75x with 2 px (1/16) kept clear around the product: the star drawn large enough for its
-# points at 32x32 and never cut by the frame (TRAINING.md, stop 31).
+# Zoomed crops (star up to 1.75x, mug 1.5x) with 2 px (1/16) kept clear around the product: drawn large enough
+# for the star's points and the mug's handle at 32x32, and never cut by the frame (TRAINING.md, stop 31).
 PRODUCT_RECIPE = {
     "split-star": {"rank": 8, "steps": 1200, "max_crop_scale": 1.75, "crop_margin": 0.0625},
-    "striped-mug": {"rank": 32, "steps": 4800, "max_crop_scale": 1.25, "crop_margin": 0.0},
+    "striped-mug": {"rank": 32, "steps": 4800, "max_crop_scale": 1.5, "crop_margin": 0.0625},
 }
 # What the base model draws for the product's class, in every demo scene (prior preservation).
 CLASS_PHRASES = {"split-star": "a star", "striped-mug": "a yellow square"}

@@ -93,7 +93,7 @@ class TrainConfig:
     flip: bool = False
     max_crop_scale: float = MAX_SCALE
     keep_product: bool = True  # crops (and their zoom) never cut the product, where a photo has a mask
-    crop_margin: float = 0.0  # with keep_product: share of the side kept clear around the product (data.Augment)
+    crop_margin: float = 0.0625  # with keep_product: share of the side kept clear around the product (data.Augment)
     color_jitter: float = 0.08
     # Share of product views put on a random background (photos with a mask); None: auto (`auto_background_swap`).
     background_swap: float | None = None
@@ -930,7 +930,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=TrainConfig.crop_margin,
         help="with a product mask: share of the crop's side kept clear around the product, so zoomed views never "
-        "show it grazing the frame (0: may touch; 0.0625 = 2 px at 32, 32 px at 512)",
+        "show it grazing the frame (default 0.0625: 2 px at 32, 32 px at 512; 0: may touch)",
     )
     src.add_argument(
         "--color-jitter",
