@@ -52,7 +52,8 @@ CACHE = ROOT / ".cache" / "demo-products"
 
 TOKENS = {"split-star": "<split-star>", "striped-mug": "<striped-mug>"}
 INIT_WORDS = {"split-star": "star", "striped-mug": "square"}
-# Per product (`--rank`, `--steps`, `--max-crop-scale`, `--crop-margin` override it): the mug's handle is a 1-px ring around a 3-px hole, and rank 8
+# Per product (`--rank`, `--steps`, `--max-crop-scale`, `--crop-margin` override it): the mug's handle is a
+# 1-px ring around a 3-px hole, and rank 8
 # for 1,200 steps never drew one; rank 32 for 4,800 steps draws it in most images (docs/FIDELITY.md, stop 30).
 # The star keeps the smaller recipe: on its held-out scenes the larger one was no better (0.53 / 0.66, one run).
 # Zoomed crops (star up to 1.75x, mug 1.5x) with 2 px (1/16) kept clear around the product: drawn large enough

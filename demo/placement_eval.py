@@ -122,11 +122,14 @@ class Renderer:
                 if scene_first is None
                 else scene_first,
             )
+        # As planning.py chooses it: the product's validated guidance in LoRA mode only, else the template's.
+        own = product.manifest.guidance_scale if product is not None and mode == "lora" else None
+        guidance = own or template.guidance_scale or 6.0
         settings = RenderSettings(
             prompt=composed.prompt,
             negative_prompt=composed.negative_prompt,
             steps=template.steps or 20,
-            guidance_scale=template.guidance_scale or 6.0,
+            guidance_scale=guidance,
             width=32,
             height=32,
             scheduler="",
