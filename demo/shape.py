@@ -17,7 +17,9 @@ true renders of the product (`demo.world`), per scene, never from generated imag
   rows (at least one). A ragged or wider body has no gap: the hole is what makes a handle.
 - **striped-mug, stricter** (`handle_hole`, reported beside, not the bar): a hole shut in by the mug's
   yellow beside the body. Ragged edges do not open one; over the fire a true ring often does not close one.
-- Both need the product to be there at all (half the area of the smallest true renders).
+- Both need the product to be there at all (half the area of the smallest true renders), and whole: its own
+  colours on the frame's outermost ring no more than in 99% of true renders + 2 px, per colour (`on_frame`; a
+  star cut by the frame keeps its far-from-convex points, so solidity alone passed it).
 
 `check` also reports the *decoder ceiling*: the pass rate of true renders after a round trip through a
 model's VAE (`decoded`), the sharpest that model can draw the product at all.
