@@ -733,6 +733,10 @@ def build(settings: WebSettings, backends: Backends | None = None, registry: Job
             state = open_tabs.pop(request.session_hash or "", None)
             if state is not None and logic.stop(state) == "Stopping…":
                 log.info("a tab closed during a run: cancelling its requests")
+            else:
+                # Gradio may have cancelled the tab's running handler itself when the page went (its calls
+                # with it) before the heartbeat ended: nothing left to stop.
+                log.info("a tab closed: nothing running")
 
         demo.unload(on_unload)
     return demo

@@ -313,7 +313,13 @@ async def test_closing_the_tab_cancels_its_run(stack, browser_page):
             break
         await asyncio.sleep(0.2)
     assert stack.metric("pia_requests_total", 'outcome="cancelled"') == cancelled + 1
-    assert "a tab closed during a run: cancelling its requests" in stack.text()
+    # The page's unload ran; it cancels the run, unless Gradio already cancelled the handler when the page
+    # went (then "nothing running"): either way the request above was cancelled, once.
+    for _ in range(100):
+        if "a tab closed" in stack.text():
+            break
+        await asyncio.sleep(0.2)
+    assert re.search(r"a tab closed(: nothing running| during a run: cancelling its requests)", stack.text())
     await asyncio.sleep(3)
     assert stack.metric("pia_images_generated_total") - images < 8
 
