@@ -179,7 +179,7 @@ def measure(
     from demo.judge import load_judge
     from demo.shape import hole_rate, shape_ok, shape_rate
     from demo.world import BACKGROUNDS, render_product
-    from services.generator.catalog import TemplateCatalog, compose_prompt, scan_folder
+    from services.generator.catalog import TemplateCatalog, compose_prompt, default_guidance, scan_folder
     from services.generator.messages import RenderSettings
 
     pipe = pipeline or load_pipeline(model, threads)
@@ -195,7 +195,7 @@ def measure(
             composed.prompt,
             composed.negative_prompt,
             template.steps or 20,
-            product.manifest.guidance_scale or template.guidance_scale or 6.0,  # as the server plans LoRA mode
+            default_guidance(product, template, placement=False, fallback=6.0),  # as the server plans LoRA mode
             32,
             32,
             "",

@@ -93,7 +93,7 @@ class Renderer:
         `scene_only`, the scene prompt and no product adapter (placement.scene_adapters), the template's backdrop
         and `scene_first` (or this `scene_first`)."""
         from services.generator import placement
-        from services.generator.catalog import compose_prompt, compose_scene_prompt
+        from services.generator.catalog import compose_prompt, compose_scene_prompt, default_guidance
         from services.generator.messages import RenderSettings
 
         template = self.catalog.template(f"demo-{background}")
@@ -122,14 +122,11 @@ class Renderer:
                 if scene_first is None
                 else scene_first,
             )
-        # As planning.py chooses it: the product's validated guidance in LoRA mode only, else the template's.
-        own = product.manifest.guidance_scale if product is not None and mode == "lora" else None
-        guidance = own or template.guidance_scale or 6.0
         settings = RenderSettings(
             prompt=composed.prompt,
             negative_prompt=composed.negative_prompt,
             steps=template.steps or 20,
-            guidance_scale=guidance,
+            guidance_scale=default_guidance(product, template, placement=mode != "lora", fallback=6.0),
             width=32,
             height=32,
             scheduler="",

@@ -115,7 +115,6 @@ def on_frame(product_id: str, image) -> dict[str, int]:
     are as far from convex as a whole star's). Own colours only, so a generated sky that drifts into the blue
     class and touches the star does not count; per colour, so the fire's reds touching the star's red half (its
     threshold allows them) leave the blue half's test as strict as anywhere."""
-    arr = to_array(image)
 
     def ring(region: np.ndarray) -> int:
         edge = region.copy()
@@ -124,6 +123,7 @@ def on_frame(product_id: str, image) -> dict[str, int]:
 
     if product_id != "split-star":
         return {"yellow": ring(mug_body(image))}
+    arr = to_array(image)
     parts = _star_parts(arr)
     star = parts[0] if parts else np.zeros(arr.shape[:2], bool)
     r, g, b = (arr[..., k].astype(np.int32) for k in range(3))

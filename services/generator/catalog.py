@@ -295,6 +295,14 @@ def compose_prompt(
     return ComposedPrompt(with_phrases(prompt, extra_tokens), default_negative if negative is None else negative)
 
 
+def default_guidance(product: Entry | None, template: Template | None, placement: bool, fallback: float) -> float:
+    """The guidance a request that names none runs at: the product's own, what its adapter was validated at
+    (LoRA mode only: a placement request draws the scene, not the product), else the template's, else `fallback`."""
+    if product is not None and product.manifest.guidance_scale and not placement:
+        return product.manifest.guidance_scale
+    return template.guidance_scale if template is not None and template.guidance_scale else fallback
+
+
 def with_phrases(prompt: str, phrases: list[str] | None) -> str:
     """`prompt`, then each stacked adapter's phrase it does not hold yet; empty comma runs folded."""
     for phrase in phrases or []:

@@ -23,7 +23,15 @@ from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArg
 from services.common.ids import check_id
 from services.common.storage import ImageStore
 from services.generator import placement
-from services.generator.catalog import Catalog, ComposedPrompt, Entry, Template, compose_prompt, compose_scene_prompt
+from services.generator.catalog import (
+    Catalog,
+    ComposedPrompt,
+    Entry,
+    Template,
+    compose_prompt,
+    compose_scene_prompt,
+    default_guidance,
+)
 from services.generator.messages import SCHEDULERS, AdapterSpec, PlacedProduct, Ready, RenderSettings
 from services.generator.options import WorkerConfig
 from services.generator.settings import GeneratorSettings
@@ -204,10 +212,8 @@ class Planner:
             raise InvalidArgument("steps", f"must be between 1 and {s.max_steps}, got {steps}")
         if request.HasField("guidance_scale"):
             guidance = finite("guidance_scale", request.guidance_scale, 0.0, 50.0)
-        elif product and product.manifest.guidance_scale and not request.HasField("product_image"):
-            guidance = product.manifest.guidance_scale  # what the adapter was validated at (LoRA mode only)
         else:
-            guidance = template.guidance_scale if template and template.guidance_scale else s.default_guidance
+            guidance = default_guidance(product, template, request.HasField("product_image"), s.default_guidance)
         width, height = self.frame(request, template, info)
         if request.scheduler and request.scheduler not in SCHEDULERS:
             raise InvalidArgument("scheduler", f"unknown {request.scheduler!r}; known: {', '.join(SCHEDULERS)}")

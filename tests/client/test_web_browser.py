@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from playwright.async_api import TimeoutError as PlaywrightTimeout
 
-from tests.helpers import ROOT, free_port, web_process
+from tests.helpers import ROOT, free_port, until, web_process
 from tools.browser import CHROMIUM, choose, local_page
 
 pytestmark = pytest.mark.browser
@@ -315,10 +315,7 @@ async def test_closing_the_tab_cancels_its_run(stack, browser_page):
     assert stack.metric("pia_requests_total", 'outcome="cancelled"') == cancelled + 1
     # The page's unload ran; it cancels the run, unless Gradio already cancelled the handler when the page
     # went (then "nothing running"): either way the request above was cancelled, once.
-    for _ in range(100):
-        if "a tab closed" in stack.text():
-            break
-        await asyncio.sleep(0.2)
+    await until(lambda: "a tab closed" in stack.text(), 20, "the page's unload logged")
     assert re.search(r"a tab closed(: nothing running| during a run: cancelling its requests)", stack.text())
     await asyncio.sleep(3)
     assert stack.metric("pia_images_generated_total") - images < 8
