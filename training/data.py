@@ -291,19 +291,27 @@ def _offset(u: float, size: int, resolution: int, lo_edge: float | None, hi_edge
     return lo + int(u * (hi - lo + 1))
 
 
-def augment(
+@dataclass
+class View:
+    """One augmented view: pixels CHW in [-1, 1], and the product's mask (1HW in [0, 1]) where the photo has one,
+    moved by the same zoom, crop and flip."""
+
+    pixels: torch.Tensor
+    mask: torch.Tensor | None = None
+
+
+def augment_view(
     image: Image.Image,
     resolution: int,
     generator: torch.Generator,
-    flip: bool = True,
-    aug: Augment | None = None,
+    aug: Augment,
     keep: tuple[int, int, int, int] | None = None,
-) -> torch.Tensor:
+    mask: Image.Image | None = None,
+) -> View:
     """Random scale (1 to `max_scale` x the crop), random crop, random flip (unless off), then colour-safe
-    brightness/contrast jitter. `flip` is kept for callers that pass only that. With `keep`, the product's box
-    (`mask_box`), the zoom and the crop never cut the product (without it 13-15% of the demo products' views
-    cut theirs by a pixel or more, TRAINING.md). The same six random draws either way."""
-    aug = aug or Augment(flip=flip)
+    brightness/contrast jitter. With `keep`, the product's box (`mask_box`), the zoom and the crop never cut the
+    product (without it 13-15% of the demo products' views cut theirs by a pixel or more, TRAINING.md). The same
+    six random draws either way, with or without `mask`."""
     u = torch.rand(6, generator=generator).tolist()
     w, h = image.size
     base = resolution / min(w, h)
@@ -315,19 +323,36 @@ def augment(
         zoom = max(1.0, min(zoom, room / (bw * base), room / (bh * base)))
     scale = base * zoom
     size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-    image = image.resize(size, Image.Resampling.BICUBIC)
     sx, sy = size[0] / w, size[1] / h
     box = (keep[0] * sx - m, keep[1] * sy - m, keep[2] * sx + m, keep[3] * sy + m) if keep is not None else (None,) * 4
     left = _offset(u[1], size[0], resolution, box[0], box[2])
     top = _offset(u[2], size[1], resolution, box[1], box[3])
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if aug.flip and u[3] < 0.5:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    x = to_tensor(image)
+    flip = aug.flip and u[3] < 0.5
+
+    def place(im: Image.Image, resample: Image.Resampling) -> Image.Image:
+        im = im.resize(size, resample).crop((left, top, left + resolution, top + resolution))
+        return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im
+
+    x = to_tensor(place(image, Image.Resampling.BICUBIC))
     if aug.brightness or aug.contrast:
         # On [-1, 1]: contrast about the image mean, brightness as a gain on (x + 1); same for all channels.
         c = 1.0 + aug.contrast * (2 * u[4] - 1)
         b = 1.0 + aug.brightness * (2 * u[5] - 1)
         mean = x.mean()
         x = ((((x - mean) * c + mean) + 1.0) * b - 1.0).clamp(-1.0, 1.0)
-    return x
+    if mask is None:
+        return View(x)
+    moved = np.asarray(place(mask.convert("L"), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+    return View(x, torch.from_numpy(moved)[None])
+
+
+def augment(
+    image: Image.Image,
+    resolution: int,
+    generator: torch.Generator,
+    flip: bool = True,
+    aug: Augment | None = None,
+    keep: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """The pixels of `augment_view` (`flip` is kept for callers that pass only that)."""
+    return augment_view(image, resolution, generator, aug or Augment(flip=flip), keep).pixels

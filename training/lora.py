@@ -39,6 +39,7 @@ from training.data import (
     Augment,
     Example,
     augment,
+    augment_view,
     auto_background_swap,
     center_crop,
     extract_video_frames,
@@ -94,6 +95,9 @@ class TrainConfig:
     max_crop_scale: float = MAX_SCALE
     keep_product: bool = True  # crops (and their zoom) never cut the product, where a photo has a mask
     crop_margin: float = 0.0625  # with keep_product: share of the side kept clear around the product (data.Augment)
+    # The loss on the product's own latent pixels (photos with a mask) counts this many times the background's:
+    # the product is a small part of each view, and its thin parts (a handle) a smaller one still. 1: plain loss.
+    mask_weight: float = 1.0
     color_jitter: float = 0.08
     # Share of product views put on a random background (photos with a mask); None: auto (`auto_background_swap`).
     background_swap: float | None = None
@@ -406,16 +410,36 @@ def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor
     raise TrainingError(f"prediction_type {kind!r} is not supported")
 
 
+def latent_weights(masks: torch.Tensor, size, weight: float) -> torch.Tensor:
+    """Per-latent-pixel loss weights (N1hw) from pixel masks (N1HW in [0, 1]): 1 on the background, `weight` on
+    the product, in between where a latent pixel is partly product (area average)."""
+    cover = F.interpolate(masks.float(), size=tuple(size), mode="area")
+    return 1.0 + (weight - 1.0) * cover
+
+
 def denoise_loss(
-    base: Base, latents, noise, t, cond, amp: torch.dtype | None, per_example: bool = False
+    base: Base,
+    latents,
+    noise,
+    t,
+    cond,
+    amp: torch.dtype | None,
+    per_example: bool = False,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """The denoising MSE; with `weights` (N1hw, `latent_weights`) a weighted mean per example, so a view's loss
+    keeps its scale whatever share of it the product takes."""
     noisy = base.noise_scheduler.add_noise(latents, noise, t)
     with torch.autocast(latents.device.type, dtype=amp or torch.float32, enabled=amp is not None):
         pred = base.unet(noisy, t, encoder_hidden_states=cond).sample
     target = diffusion_target(base.noise_scheduler, latents, noise, t).float()
-    if per_example:
-        return F.mse_loss(pred.float(), target, reduction="none").flatten(1).mean(1)
-    return F.mse_loss(pred.float(), target)
+    err = F.mse_loss(pred.float(), target, reduction="none")
+    if weights is not None:
+        w = weights.expand_as(err)
+        per = (err * w).flatten(1).sum(1) / w.flatten(1).sum(1)
+    else:
+        per = err.flatten(1).mean(1)
+    return per if per_example else per.mean()
 
 
 @dataclass
@@ -709,6 +733,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise TrainingError(f"--background-swap: a share between 0 and 1, got {cfg.background_swap}")
     if not 0.0 <= cfg.swap_colour <= 1.0:
         raise TrainingError(f"--swap-colour: between 0 and 1, got {cfg.swap_colour}")
+    if not cfg.mask_weight > 0:
+        raise TrainingError(f"--mask-weight: must be above 0, got {cfg.mask_weight}")
     work = Path(cfg.work_dir) if cfg.work_dir else Path(".cache") / "training" / product_id
     work.mkdir(parents=True, exist_ok=True)
     examples = load_examples(cfg, phrase, work)
@@ -784,6 +810,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     prior_aug = Augment(max_scale=cfg.max_crop_scale, flip=True, brightness=0.0, contrast=0.0)
     # The product's box per photo (a swapped background keeps the photo's geometry).
     boxes = [mask_box(e.mask) if cfg.keep_product else None for e in examples]
+    weighted = cfg.mask_weight != 1.0 and any(e.mask is not None for e in examples)
     for step in range(start + 1, cfg.steps + 1):
         idx = torch.randint(0, len(examples), (cfg.batch_size,), generator=generator).tolist()
         batch = [examples[i] for i in idx]
@@ -800,9 +827,12 @@ def train(cfg: TrainConfig) -> TrainResult:
                 else e
                 for e, s in zip(batch, swap, strict=True)
             ]
-        views = [
-            augment(e.image, resolution, generator, aug=aug, keep=boxes[i]) for i, e in zip(idx, batch, strict=True)
+        # Masks from the photos, not the swapped copies: a swap keeps the geometry.
+        moved = [
+            augment_view(e.image, resolution, generator, aug, boxes[i], examples[i].mask if weighted else None)
+            for i, e in zip(idx, batch, strict=True)
         ]
+        views = [v.pixels for v in moved]
         if prior:
             # Prior preservation: as many class images as product images, in the same forward pass.
             pidx = torch.randint(0, len(prior), (cfg.batch_size,), generator=generator).tolist()
@@ -814,7 +844,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         with torch.set_grad_enabled(text_trains):
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 cond = encode_text(base, [e.caption for e in batch], device)
-        per = denoise_loss(base, latents, noise, t, cond, amp, per_example=True)
+        weights = None
+        if weighted:
+            masks = [v.mask if v.mask is not None else torch.zeros_like(v.pixels[:1]) for v in moved]
+            masks += [torch.zeros_like(views[0][:1])] * (len(batch) - len(idx))  # class images: plain loss
+            weights = latent_weights(torch.stack(masks), latents.shape[-2:], cfg.mask_weight).to(device)
+        per = denoise_loss(base, latents, noise, t, cond, amp, per_example=True, weights=weights)
         loss = per[: len(idx)].mean()
         if prior:
             loss = loss + cfg.prior_weight * per[len(idx) :].mean()
@@ -931,6 +966,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=TrainConfig.crop_margin,
         help="with a product mask: share of the crop's side kept clear around the product, so zoomed views never "
         "show it grazing the frame (default 0.0625: 2 px at 32, 32 px at 512; 0: may touch)",
+    )
+    src.add_argument(
+        "--mask-weight",
+        type=float,
+        default=TrainConfig.mask_weight,
+        help="with a product mask: the loss on the product's pixels counts this many times the background's "
+        "(default 1: plain loss; docs/TRAINING.md)",
     )
     src.add_argument(
         "--color-jitter",

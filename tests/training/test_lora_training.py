@@ -320,6 +320,58 @@ def test_a_crop_margin_keeps_the_product_clear_of_the_frame():
     assert max(with_margin) > 2  # still zoomed and moved, not pinned to one view
 
 
+def test_a_views_mask_moves_with_its_product():
+    from training.data import Augment, augment, augment_view, mask_box
+
+    # Zoomed, cropped and flipped, the mask must still lie on the product: the loss weights follow it.
+    image = Image.new("RGB", (48, 40), (240, 240, 240))
+    ImageDraw.Draw(image).polygon([(8, 30), (30, 6), (36, 34)], fill=(250, 220, 20))
+    mask = Image.new("L", (48, 40), 0)
+    ImageDraw.Draw(mask).polygon([(8, 30), (30, 6), (36, 34)], fill=255)
+    aug = Augment(max_scale=1.75, flip=True, brightness=0.0, contrast=0.0)
+    g, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    ious = []
+    for _ in range(60):
+        view = augment_view(image, 32, g, aug, mask_box(mask), mask)
+        assert torch.equal(view.pixels, augment(image, 32, g2, aug=aug, keep=mask_box(mask)))  # same draws
+        x = ((view.pixels + 1) * 127.5).permute(1, 2, 0).numpy()
+        yellow, inside = (x[..., 2] < 120) & (x[..., 0] > 150), view.mask[0].numpy() > 0.5
+        ious.append((yellow & inside).sum() / (yellow | inside).sum())
+    assert min(ious) > 0.8, min(ious)  # blur on the edges only; a mask left behind by a flip would be ~0.3
+
+
+def test_the_mask_weight_counts_the_products_latent_pixels():
+    from diffusers import DDPMScheduler
+
+    from training.lora import denoise_loss, latent_weights
+
+    # A mask covering the left half at 32 px; latents 4 x 16 x 16. The "UNet" predicts zeros, so the error is
+    # the noise itself: 1 on the product's latent pixels, 0 on the background's.
+    masks = torch.zeros(2, 1, 32, 32)
+    masks[:, :, :, :16] = 1.0
+    masks[:, :, :, 15] = 0.5  # an edge pixel, half product
+    w = latent_weights(masks, (16, 16), 4.0)
+    assert w[0, 0, 0, :7].eq(4.0).all() and w[0, 0, 0, 8:].eq(1.0).all() and w[0, 0, 0, 7].item() == 3.25
+    noise = torch.zeros(2, 4, 16, 16)
+    noise[..., :8] = 1.0
+    base = SimpleNamespace(
+        noise_scheduler=DDPMScheduler(),
+        unet=lambda x, t, encoder_hidden_states: SimpleNamespace(sample=torch.zeros_like(x)),
+    )
+    t = torch.tensor([10, 500])
+    plain = denoise_loss(base, torch.zeros_like(noise), noise, t, None, None)
+    assert plain.item() == pytest.approx(0.5)
+    weighted = denoise_loss(
+        base, torch.zeros_like(noise), noise, t, None, None, weights=latent_weights(masks, (16, 16), 4.0)
+    )
+    wsum = w[0, 0].sum().item()
+    assert weighted.item() == pytest.approx(w[0, 0, :, :8].sum().item() / wsum)  # about 0.8: the product counts 4x
+    ones = denoise_loss(
+        base, torch.zeros_like(noise), noise, t, None, None, weights=latent_weights(masks, (16, 16), 1.0)
+    )
+    assert ones.item() == pytest.approx(plain.item())
+
+
 def test_product_masks_come_from_a_mask_file_the_alpha_or_a_plain_background(tmp_path):
     from training.data import product_mask, read_image_folder
 
@@ -388,20 +440,40 @@ def test_auto_background_swap_fills_in_dark_scenes_the_photos_lack():
 
 
 def test_swapped_views_are_captioned_without_the_scene(tiny_world, photos, tmp_path, monkeypatch, caplog):
-    """Every view swapped (share 1): the captions the text encoder sees are the scene-free template."""
+    """Every view swapped (share 1): the captions the text encoder sees are the scene-free template; with a
+    mask weight the loss weights the product's latent pixels (the swapped copies keep the photos' masks)."""
     import training.lora
 
     calls: list[list[str]] = []
-    real = training.lora.encode_text
+    seen: list[torch.Tensor | None] = []
+    real, real_loss = training.lora.encode_text, training.lora.denoise_loss
 
     def spy(base, captions, device):
         calls.append(list(captions))
         return real(base, captions, device)
 
+    def loss_spy(*args, weights=None, **kwargs):
+        seen.append(weights)
+        return real_loss(*args, weights=weights, **kwargs)
+
     monkeypatch.setattr(training.lora, "encode_text", spy)
+    monkeypatch.setattr(training.lora, "denoise_loss", loss_spy)
     caplog.set_level("INFO", logger="training.lora")
-    cfg = config(tmp_path / "p" / "swapped", tiny_world / "tiny-sd", photos, tmp_path / "w", steps=3, background_swap=1)
+    cfg = config(
+        tmp_path / "p" / "swapped",
+        tiny_world / "tiny-sd",
+        photos,
+        tmp_path / "w",
+        steps=3,
+        background_swap=1,
+        mask_weight=3,
+    )
     train(cfg)
+    weighted = [w for w in seen if w is not None]  # the evaluation passes before and after: plain loss
+    assert len(weighted) == 3
+    for w in weighted:  # the red square: about a sixth of each view; the background counts once
+        product = (w > 1).float().mean().item()
+        assert w.max().item() == pytest.approx(3.0) and w.min().item() == 1.0 and 0.05 < product < 0.5, product
     assert "4 of 4 images have a product mask (found: 4)" in caplog.text
     steps = [c for c in calls if len(c) == 1]  # batch size 1; the evaluation passes encode 8 at a time
     assert steps == [["a photo of <red-square>"]] * 3
@@ -552,6 +624,7 @@ def test_bad_inputs_fail_clearly(tiny_world, photos, products, trained, tmp_path
         (["--video", str(tmp_path / "missing.mp4"), "--token", "<n>"], "--video:", "missing"),
         (["--images", str(photos), "--token", "<n>", "--out", str(products / "bad id!")], "not a valid product id", ""),
         (["--images", str(photos), "--token", "<n>", "--background-swap", "1.5"], "--background-swap: a share", "1.5"),
+        (["--images", str(photos), "--token", "<n>", "--mask-weight", "0"], "--mask-weight: must be above 0", ""),
     ]
     for args, message, detail in cases:
         # No class images: two of these checks come after prior preservation draws them (100 by default,
