@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    manifest = {"adapter": ADAPTER_FILE}
+    manifest: dict[str, Any] = {"adapter": ADAPTER_FILE}
     if result.embeddings:
         manifest |= {"tokens": result.tokens, "embeddings": EMBEDDINGS_FILE}
     print(f"{args.src} ({result.format}) -> {args.out}; manifest fields: {json.dumps(manifest)}")

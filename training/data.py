@@ -10,6 +10,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -94,7 +95,7 @@ def product_mask(path: Path, image: Image.Image) -> tuple[Image.Image | None, st
     with Image.open(path) as im:
         if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
             alpha = ImageOps.exif_transpose(im).convert("RGBA").getchannel("A")
-            if alpha.getextrema()[0] < 128:  # some of it transparent: a real cutout
+            if int(np.asarray(alpha).min()) < 128:  # some of it transparent: a real cutout
                 return alpha, "alpha"
     from services.common.errors import InvalidArgument
     from services.generator.placement import find_mask
@@ -148,10 +149,10 @@ def auto_background_swap(examples: list[Example]) -> tuple[float, str]:
     (those with a mask) show no dark scene, so the adapter also knows the product in the dark; catalogue
     shots on white are the usual case. Photos that already cover dark scenes are left as they are: there
     the swap measured no better (TRAINING.md)."""
-    masked = [e for e in examples if e.mask is not None]
+    masked = [(e.image, e.mask) for e in examples if e.mask is not None]
     if not masked:
         return 0.0, "no photo has a product mask"
-    dark = sum(background_luma(e.image, e.mask) < DARK_LUMA for e in masked)
+    dark = sum(background_luma(image, mask) < DARK_LUMA for image, mask in masked)
     why = f"{dark} of {len(masked)} photos with a mask are on a dark background (luma < {DARK_LUMA:g})"
     return (0.0 if dark >= AUTO_DARK_SHARE * len(masked) else AUTO_SWAP), why
 
@@ -199,7 +200,8 @@ def extract_video_frames(
     sampled: list[Image.Image] = []
     read = 0
     try:
-        with imageio.get_reader(str(video), format="FFMPEG") as reader:
+        # imageio types its readers loosely: the FFMPEG reader has get_meta_data and yields frames.
+        with cast(Any, imageio.get_reader(str(video), format="FFMPEG")) as reader:
             native = float(reader.get_meta_data().get("fps") or fps)
             next_t = 0.0
             for i, frame in enumerate(reader):

@@ -202,7 +202,7 @@ def load_examples(cfg: TrainConfig, phrase: str, work: Path) -> list[Example]:
         caption = make_caption(phrase, cfg.caption_template)
         examples = [Example(f, caption, f"{Path(cfg.video).name}#{i}") for i, f in enumerate(video.frames)]
         paths = [work / "frames" / f"frame-{i:04d}.png" for i in range(len(examples))]
-    else:
+    elif cfg.images is not None:
         items = read_image_folder(cfg.images)
         examples = [Example(im, make_caption(phrase, cfg.caption_template, sc), p.name) for im, sc, p in items]
         paths = [p for _, _, p in items]
@@ -811,12 +811,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     # The product's box per photo (a swapped background keeps the photo's geometry).
     boxes = [mask_box(e.mask) if cfg.keep_product else None for e in examples]
     weighted = cfg.mask_weight != 1.0 and any(e.mask is not None for e in examples)
+    swap_share = cfg.background_swap or 0.0  # load_examples resolved "auto"
     for step in range(start + 1, cfg.steps + 1):
         idx = torch.randint(0, len(examples), (cfg.batch_size,), generator=generator).tolist()
         batch = [examples[i] for i in idx]
-        if cfg.background_swap > 0 and any(e.mask is not None for e in batch):
+        if swap_share > 0 and any(e.mask is not None for e in batch):
             # Cut out and put on a random background; the scene words go with the old background.
-            swap = (torch.rand(len(batch), generator=generator) < cfg.background_swap).tolist()
+            swap = (torch.rand(len(batch), generator=generator) < swap_share).tolist()
             batch = [
                 Example(
                     swap_background(e.image, e.mask, generator, cfg.swap_light, cfg.swap_colour),
