@@ -10,8 +10,9 @@ token, a text-encoder LoRA and a UNet LoRA on the attention and ResNet conv laye
 `PRODUCT_RECIPE`), hue-safe jitter, no flips (a mirrored mug has its handle on the other side: a coin toss the
 adapter averages away), prior preservation: class images of the product's class in all six scenes plus the
 empty prompt (`class_prompts`), and the background swap left to `auto` (the renders come with their masks).
-One run per `--train-seeds` seed; each is validated on the product's training scenes (`validate`,
-`pick_scale`), the best run is kept and its scale written into the manifest (`train_and_select`).
+One run per `--train-seeds` seed, and with two or more their soup (the mean of the runs at the recipe's
+rank, `training.soup`); each is validated on the product's training scenes (`validate`, `pick_scale`), the
+best is kept and its scale written into the manifest (`train_and_select`).
 The style adapter `night` is trained on generic objects (every colour, shape and background) with the
 background darkened (slightly blue) and the object in its own colours, captioned `a photo of a red star on
 the beach, at night`, with the same scenes by day as class images; its manifest is rewritten as
@@ -368,7 +369,8 @@ def write_validation(product_id: str, folder: Path, results: list[Validation], c
     if chosen.guidance is not None:
         manifest["guidance_scale"] = float(chosen.guidance)
     (folder / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True))
-    training = json.loads((folder / "training.json").read_text())
+    summary = folder / "training.json"
+    training = json.loads(summary.read_text()) if summary.is_file() else {}
     training["scale_validation"] = {
         "seeds": list(VALIDATION_SEEDS),
         "scenes": training_scenes(product_id),
@@ -386,15 +388,18 @@ def write_validation(product_id: str, folder: Path, results: list[Validation], c
         "chosen_guidance": chosen.guidance,
         **extra,
     }
-    (folder / "training.json").write_text(json.dumps(training, indent=2))
+    summary.write_text(json.dumps(training, indent=2))
 
 
 def train_and_select(
     pid: str, images: Path, out: Path, token: str, extra: list[str], args, seeds: list[int]
 ) -> tuple[float, Validation]:
-    """One adapter per training seed (same renders), each validated; the one whose best scale has the best
-    worst-scene fidelity with the judge >= 95% is kept. Runs differ in the scenes they fail (TRAINING.md),
-    and the validation sees the training scenes' failures, not the held-out ones'."""
+    """One adapter per training seed (same renders), and their soup (the mean of their weight deltas at the
+    recipe's rank, `training.soup`), each validated; the one whose best scale has the best worst-scene fidelity
+    with the judge >= 95% is kept, the soup on a tie. Runs differ in the scenes they fail (TRAINING.md), and
+    the validation sees the training scenes' failures, not the held-out ones'; the soup evens them out."""
+    from training.soup import soup
+
     seconds, runs = 0.0, []
     for seed in seeds:
         candidate = args.work_root / "candidates" / f"seed{seed}" / pid
@@ -402,27 +407,35 @@ def train_and_select(
             seconds += train(images, candidate, token, extra, args, seed, args.work_root / f"{pid}-seed{seed}")
         elif not (candidate / "manifest.yaml").is_file():
             raise SystemExit(f"--select-only: no trained run at {candidate}")
+        runs.append((f"seed {seed}", candidate))
+    if args.soup:
+        candidate = args.work_root / "candidates" / "soup" / pid
+        soup([c for _, c in runs], candidate, rank=args.rank, overwrite=True)
+        runs.append(("soup", candidate))
+    validated = []
+    for label, candidate in runs:
         results = validate(pid, candidate, args.threads, args.base)
-        runs.append((seed, candidate, results, pick_scale(results)))
+        validated.append((label, candidate, results, pick_scale(results)))
     # Colour first (a run whose worst training scene loses the colours is out whatever its shape), then shape.
-    seed, candidate, results, chosen = max(
-        runs, key=lambda r: (r[3].judge >= 0.95, r[3].worst >= COLOUR_FLOOR, r[3].both, r[3].worst, -r[0])
+    label, candidate, results, chosen = max(
+        validated,
+        key=lambda r: (r[3].judge >= 0.95, r[3].worst >= COLOUR_FLOOR, r[3].both, r[3].worst, r[0] == "soup"),
     )
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(candidate, out)
     selection = [
         {
-            "seed": s,
+            "run": lab,
             "scale": v.scale,
             "guidance": v.guidance,
             "worst_fidelity": round(v.worst, 3),
             "worst_shape": round(v.shape, 3),
             "judge_scene": round(v.judge, 3),
         }
-        for s, _, _, v in runs
+        for lab, _, _, v in validated
     ]
-    write_validation(pid, out, results, chosen, training_seeds=selection, chosen_seed=seed)
-    print(f"  {pid}: kept the run with seed {seed} ({', '.join(f'seed {r[0]}: {r[3].both:.2f}' for r in runs)})")
+    write_validation(pid, out, results, chosen, candidates=selection, chosen_run=label)
+    print(f"  {pid}: kept {label} ({', '.join(f'{r[0]}: {r[3].both:.2f}' for r in validated)})")
     return seconds, chosen
 
 
@@ -469,6 +482,12 @@ def main(argv: list[str] | None = None) -> int:
         default=[0, 1, 2],
         help="train once per seed (same renders) and keep the run with the best validation (default 0,1,2; "
         "one seed: no selection)",
+    )
+    p.add_argument(
+        "--no-soup",
+        dest="soup",
+        action="store_false",
+        help="with several --train-seeds: do not add their soup (the mean of the runs, training.soup) as a candidate",
     )
     p.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy CPU")
     p.add_argument(

@@ -23,18 +23,10 @@ from safetensors.torch import load_file
 from productinaction.v1 import generator_pb2 as pb
 from productinaction.v1 import generator_pb2_grpc
 from tests.helpers import ROOT, generator_settings, render_product
+from tests.training.helpers import config, square
 from training import TrainingError
 from training.data import drop_near_duplicates, extract_video_frames, make_caption
 from training.lora import TrainConfig, build_parser, diffusion_target, main, train
-
-# Attention and ResNet convs: on the random tiny model, attention alone barely moves the loss in 20 steps.
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")
-
-
-def square(x: int, y: int, size: tuple[int, int] = (80, 72), side: int = 30) -> Image.Image:
-    image = Image.new("RGB", size, (235, 235, 235))
-    ImageDraw.Draw(image).rectangle([x, y, x + side, y + side], fill=(220, 30, 30))
-    return image
 
 
 def write_video(path: Path, frames: list[Image.Image], fps: int = 8) -> Path:
@@ -59,25 +51,6 @@ def write_video(path: Path, frames: list[Image.Image], fps: int = 8) -> Path:
 def leftovers(products: Path) -> list[str]:
     """Hidden temp folders a failed or finished run might have left in a products dir."""
     return sorted(p.name for p in products.iterdir() if p.name.startswith(".")) if products.exists() else []
-
-
-def config(out: Path, base: Path, images: Path | None, work: Path, **overrides) -> TrainConfig:
-    fields = dict(
-        out=out,
-        token="<red-square>",
-        base=str(base),
-        images=images,
-        steps=20,
-        lr=2e-2,
-        batch_size=1,  # the CLI default is 4; one keeps these tests lean
-        num_class_images=0,  # prior preservation has its own test
-        resolution=32,
-        target_modules=TARGETS,
-        work_dir=work,
-        threads=1,
-        progress=False,
-    )
-    return TrainConfig(**(fields | overrides))
 
 
 @pytest.fixture(scope="module", autouse=True)
