@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,11 @@ def _pairs(weights: dict[str, torch.Tensor], folder: Path) -> dict[str, tuple[to
             raise TrainingError(f"{folder}: {key} has no up-projection beside it")
         pairs[key.replace(down, ".@" + down)] = (weights[key].float(), weights[key.replace(down, up)].float())
     return pairs
+
+
+def _config(run: Path) -> Any:
+    summary = run / "training.json"
+    return json.loads(summary.read_text()).get("config") if summary.is_file() else None
 
 
 def _compress(down: torch.Tensor, up: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,15 +152,22 @@ def soup(
         manifest["default_scale"] = float(default_scale)
     manifest["soup"] = {"runs": [str(r) for r in runs], "rank": rank or "exact"}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    save_file(merged, tmp / str(first.get("adapter", ADAPTER_FILE)))
-    if embeddings:
-        save_file(embeddings, tmp / str(first["embeddings"]))
-    (tmp / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True))
-    # What each run was trained with, for the record (training.lora's training.json "config").
-    configs = {str(r): json.loads((r / "training.json").read_text()).get("config") for r in runs}
-    (tmp / "training.json").write_text(json.dumps({"soup": manifest["soup"], "runs": configs}, indent=2))
-    publish(tmp, out, overwrite)
+    # Assembled beside the target under a dot name (the catalog skips those) and renamed at the end, as
+    # training.lora publishes: nothing half-written is ever a product.
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(merged, tmp / str(first.get("adapter", ADAPTER_FILE)))
+        if embeddings:
+            save_file(embeddings, tmp / str(first["embeddings"]))
+        (tmp / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True))
+        # What each run was trained with, for the record (training.lora's training.json "config").
+        configs = {str(r): _config(r) for r in runs}
+        (tmp / "training.json").write_text(json.dumps({"soup": manifest["soup"], "runs": configs}, indent=2))
+        publish(tmp, out, overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     top = max(v.shape[0] for key, v in merged.items() if any(d in key for d, _ in NAMINGS))
     size = sum(v.numel() * v.element_size() for v in merged.values()) / 1e6
     return SoupResult(out, k, len(pairs[0]), top, size)
