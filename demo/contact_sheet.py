@@ -83,7 +83,7 @@ def sheet(renderer: Renderer, product_id: str, seed: int) -> Image.Image:
                 if TRUSTED_ON_GENERATED[product_id]:
                     ok = shape_ok(product_id, background, image)
                     verdict, fill = f"shape {'ok' if ok else 'X'} · {colour}", (20, 120, 40) if ok else (190, 30, 30)
-                else:  # the handle is below what a 32x32 generated image shows reliably (demo/shape.py)
+                else:  # a criterion not trusted on generated images (demo.shape.TRUSTED_ON_GENERATED)
                     verdict, fill = f"handle n/a · {colour}", (110, 110, 110)
                 draw.text((x, y + CELL + 2), verdict, fill=fill, font=small)
     return out
