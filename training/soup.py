@@ -62,7 +62,7 @@ NAMINGS = ((".lora_A.", ".lora_B."), (".lora.down.", ".lora.up."))
 
 
 def _pairs(weights: dict[str, torch.Tensor], folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """`X.lora_A.weight` + `X.lora_B.weight` (or `X.lora.down/up.weight`) -> {"X.@.weight": (down, up)}."""
+    """`X.lora_A.weight` + `X.lora_B.weight` (or `X.lora.down/up.weight`) -> {down's key: (down, up)}."""
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for key in weights:
         naming = next((n for n in NAMINGS if n[0] in key or n[1] in key), None)
@@ -73,7 +73,7 @@ def _pairs(weights: dict[str, torch.Tensor], folder: Path) -> dict[str, tuple[to
             continue
         if key.replace(down, up) not in weights:
             raise TrainingError(f"{folder}: {key} has no up-projection beside it")
-        pairs[key.replace(down, ".@" + down)] = (weights[key].float(), weights[key.replace(down, up)].float())
+        pairs[key] = (weights[key].float(), weights[key.replace(down, up)].float())
     return pairs
 
 
@@ -141,10 +141,9 @@ def soup(
         up = torch.cat([p[name][1] / k for p in pairs], 1)
         if rank is not None:
             down, up = _compress(down, up, rank)
-        down_key = name.replace(".@", "")
-        up_key = next(down_key.replace(d, u) for d, u in NAMINGS if d in down_key)
-        dtype = read[0][1][down_key].dtype
-        merged[down_key] = down.to(dtype).contiguous()
+        up_key = next(name.replace(d, u) for d, u in NAMINGS if d in name)
+        dtype = read[0][1][name].dtype
+        merged[name] = down.to(dtype).contiguous()
         merged[up_key] = up.to(dtype).contiguous()
 
     manifest = dict(first)

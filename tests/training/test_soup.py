@@ -123,3 +123,16 @@ def test_bad_soups_fail_clearly(runs, tiny_world, tmp_path, capsys):
     assert not (tmp_path / "c").exists()
     with pytest.raises(TrainingError, match="differs"):
         soup([other, runs.folders[0]], tmp_path / "e")
+
+
+def test_adapters_in_the_older_diffusers_naming_mix_too(tiny_world, tmp_path):
+    star = tiny_world / "products" / "tiny-star"  # `lora.down` / `lora.up`, no learned tokens
+    out = tmp_path / "tiny-star"
+    assert soup([star, star], out, rank=2).rank == 2
+    assert all(".lora.down." in k or ".lora.up." in k for k in load_file(out / ADAPTER))
+    mine, theirs = deltas(out), deltas(star)
+    for key in mine:
+        s = torch.linalg.svdvals(theirs[key])
+        error = torch.linalg.matrix_norm(mine[key] - theirs[key]).item()
+        assert error == pytest.approx(s[2:].norm().item(), rel=1e-3, abs=1e-5)  # the rank-2 tail of the run itself
+    assert not (out / EMBEDDINGS).exists()
