@@ -74,7 +74,7 @@ browser:
 # failing fails the target.
 test: protos browser
 	$(BIN)/ruff check .
-	$(BIN)/mypy services client testkit training > .mypy.log 2>&1 & mypy=$$!; \
+	$(BIN)/mypy services client testkit training demo tools > .mypy.log 2>&1 & mypy=$$!; \
 	$(PYTHON) -m pytest -q -ra -n 2 --dist loadfile --durations=15; tests=$$?; \
 	wait $$mypy; typed=$$?; cat .mypy.log; exit $$(( tests || typed ))
 
@@ -92,7 +92,7 @@ bench: protos embedded
 
 lint: protos
 	$(BIN)/ruff check .
-	$(BIN)/mypy services client testkit training
+	$(BIN)/mypy services client testkit training demo tools
 
 fmt: $(STAMP)
 	$(BIN)/ruff format .

@@ -12,7 +12,7 @@ def to_array(image) -> np.ndarray:
     if isinstance(image, Image.Image):
         image = image.convert("RGB")
         if image.size != (32, 32):
-            image = image.resize((32, 32), Image.LANCZOS)
+            image = image.resize((32, 32), Image.Resampling.LANCZOS)
     return np.asarray(image)
 
 

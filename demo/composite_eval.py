@@ -173,6 +173,8 @@ def measure(
                 images, placed = renderer.render(
                     product_id, background, seeds, mode, photo, mask, scene_only=not before
                 )
+                if placed is None:  # placement modes always place the photo
+                    raise RuntimeError(f"{mode}: no placement for {product_id} in {background}")
                 rgb, frame_mask = placement.arrays(placed)
                 w = placement.weights(placed)
                 shade = (
@@ -192,7 +194,7 @@ def measure(
                     "scene_accuracy": judge.accuracy(images, {"background": [background] * n})["background"],
                     "mismatched": int(sum((np.asarray(im)[exact] != rgb[exact]).any(-1).sum() for im in images)),
                     "exact_pixels": int(exact.sum()) * n,
-                    "ground_line": template.ground or 0.0,
+                    "ground_line": (template.ground if template else None) or 0.0,
                     "box": list(placed.box),
                 }
                 if placed.shadow is not None:

@@ -46,7 +46,7 @@ ROWS = (
 )
 
 
-def _font(size: int = 13) -> ImageFont.ImageFont:
+def _font(size: int = 13) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow without FreeType sizes

@@ -124,7 +124,7 @@ def object_alpha(scene: Scene, size: int = 32) -> np.ndarray:
     big, k = size * SUPERSAMPLE, size * SUPERSAMPLE / 32.0
     mask = Image.new("L", (big, big), 0)
     draw_shape(ImageDraw.Draw(mask), scene.shape, scene.cx * k, scene.cy * k, scene.radius * k, 255)
-    return np.asarray(mask.resize((size, size), Image.LANCZOS), dtype=np.float32)[..., None] / 255.0
+    return np.asarray(mask.resize((size, size), Image.Resampling.LANCZOS), dtype=np.float32)[..., None] / 255.0
 
 
 def night_scene(scene: Scene) -> np.ndarray:
@@ -327,8 +327,8 @@ def validate(product_id: str, folder: Path, threads: int, base: Path = ROOT / "m
         for bg in training_scenes(product_id):
             t = templates.get(f"demo-{bg}")
             c = compose_prompt(entry, t, "", None, templates.defaults, [])
-            g = guidance or t.guidance_scale
-            settings = RenderSettings(c.prompt, "", t.steps, g, 32, 32, "", (entry.spec(scale),))
+            g = guidance or t.guidance_scale or 6.0  # the demo templates all give steps and guidance
+            settings = RenderSettings(c.prompt, "", t.steps or 20, g, 32, 32, "", (entry.spec(scale),))
             images = pipe(settings, VALIDATION_SEEDS)
             worst = min(worst, float(np.mean([score(product_id, im) for im in images])))
             if TRUSTED_ON_GENERATED[product_id]:  # an untrusted criterion would choose by noise

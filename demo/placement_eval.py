@@ -20,11 +20,15 @@ import io
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from demo.world import SUPERSAMPLE, draw_background, get_product
+
+if TYPE_CHECKING:
+    from services.generator.placement import PlacedProduct
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,8 +50,8 @@ def product_photo(
     get_product(product_id).draw(ImageDraw.Draw(scene), cx * k, cy * k, r * k)
     alone = Image.new("RGBA", (big, big), (0, 0, 0, 0))
     get_product(product_id).draw(ImageDraw.Draw(alone), cx * k, cy * k, r * k)
-    alpha = np.asarray(alone.getchannel("A").resize((size, size), Image.LANCZOS))
-    return scene.resize((size, size), Image.LANCZOS), alpha >= 128
+    alpha = np.asarray(alone.getchannel("A").resize((size, size), Image.Resampling.LANCZOS))
+    return scene.resize((size, size), Image.Resampling.LANCZOS), alpha >= 128
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -83,8 +87,8 @@ class Renderer:
         shadow="template",
         scene_only: bool = True,
         scene_first: float | None = None,
-    ) -> list:
-        """Images of `product_id` in the demo scene `background`.
+    ) -> tuple[list[Image.Image], PlacedProduct | None]:
+        """Images of `product_id` in the demo scene `background`, and the placement they were drawn with.
 
         mode: "lora" (the product adapter, no photo), "placement" (the photo only, no adapter) or
         "placement+lora" (the photo and the product adapter). `style`: a style adapter stacked at its default
@@ -106,6 +110,8 @@ class Renderer:
             stacked += self.backdrop(background)  # as planning.py stacks it in placement mode
         if mode != "lora":
             tp = template.placement
+            if tp is None:
+                raise ValueError(f"{template.id}: no placement defaults to place a photo with")
             if shadow == "template":
                 shadow = tp.shadow.spec() if tp.shadow else None
             placed, _ = placement.place_upload(

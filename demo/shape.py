@@ -36,6 +36,7 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -382,7 +383,10 @@ def check(n: int = 100, seed: int = 9) -> dict:
         for bg in BACKGROUNDS:
             rng = np.random.default_rng(seed)
             true = [render_product(pid, bg, rng) for _ in range(n)]
-            row = {"true": shape_rate(pid, bg, true), "true decoded": shape_rate(pid, bg, decoded(true))}
+            row: dict[str, Any] = {
+                "true": shape_rate(pid, bg, true),
+                "true decoded": shape_rate(pid, bg, decoded(true)),
+            }
             if pid == "striped-mug":  # a mirrored mug is still the mug (handle on the left)
                 row["hole"] = hole_rate(true)
                 row["hole decoded"] = hole_rate(decoded(true))

@@ -85,7 +85,7 @@ def clutter(rng: np.random.Generator, size: int = 32) -> np.ndarray:
             h = r * rng.uniform(0.1, 0.3)
             y = cy + rng.uniform(-0.5, 0.5) * r
             draw.rectangle([cx - r, y - h, cx + r, y + h], fill=colour())
-    return np.asarray(img.resize((size, size), Image.LANCZOS))
+    return np.asarray(img.resize((size, size), Image.Resampling.LANCZOS))
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:

@@ -100,13 +100,13 @@ def make_pairs(n: int, seed: int, workers: int = 2) -> tuple[np.ndarray, np.ndar
             hr = np.stack(list(pool.map(_hr_image, range(n), [seed] * n, chunksize=64)))
     else:
         hr = np.stack([_hr_image(i, seed) for i in range(n)])
-    lr = np.stack([np.asarray(Image.fromarray(h).resize((LR_SIZE, LR_SIZE), Image.LANCZOS)) for h in hr])
+    lr = np.stack([np.asarray(Image.fromarray(h).resize((LR_SIZE, LR_SIZE), Image.Resampling.LANCZOS)) for h in hr])
     return lr, hr
 
 
 def bicubic(lr: np.ndarray) -> np.ndarray:
     size = (lr.shape[2] * SCALE, lr.shape[1] * SCALE)
-    return np.stack([np.asarray(Image.fromarray(x).resize(size, Image.BICUBIC)) for x in lr])
+    return np.stack([np.asarray(Image.fromarray(x).resize(size, Image.Resampling.BICUBIC)) for x in lr])
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -77,11 +77,13 @@ class Product:
 
 
 def _jitter(rgb: tuple[int, int, int], rng: np.random.Generator, amount: int) -> tuple[int, int, int]:
-    return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in rgb)
+    r, g, b = (int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in rgb)
+    return r, g, b
 
 
 def _lerp(a: tuple[int, int, int], b: tuple[int, int, int], t: float) -> tuple[int, int, int]:
-    return tuple(round(x + (y - x) * t) for x, y in zip(a, b, strict=True))
+    r, g, b_ = (round(x + (y - x) * t) for x, y in zip(a, b, strict=True))
+    return r, g, b_
 
 
 def draw_background(draw: ImageDraw.ImageDraw, name: str, size: int, rng: np.random.Generator) -> None:
@@ -104,10 +106,10 @@ def draw_background(draw: ImageDraw.ImageDraw, name: str, size: int, rng: np.ran
     elif name == "flowers":
         draw.rectangle([0, 0, s, s], fill=_jitter((45, 105, 40), rng, 8))
         for _ in range(int(rng.integers(18, 28))):
-            x, y = rng.uniform(0, s), rng.uniform(0, s)
+            px, py = rng.uniform(0, s), rng.uniform(0, s)
             r = rng.uniform(0.025, 0.045) * s
             petal = ((255, 150, 200), (255, 255, 255), (255, 110, 160))[int(rng.integers(0, 3))]
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=_jitter(petal, rng, 10))
+            draw.ellipse([px - r, py - r, px + r, py + r], fill=_jitter(petal, rng, 10))
     elif name == "city":
         draw.rectangle([0, 0, s, s], fill=_jitter((205, 215, 225), rng, 8))
         x = -rng.uniform(0, 0.1) * s
@@ -200,7 +202,7 @@ def _canvas(background: str, size: int, seed: int) -> tuple[Image.Image, ImageDr
 
 
 def _finish(img: Image.Image, size: int) -> Image.Image:
-    return img.resize((size, size), Image.LANCZOS)
+    return img.resize((size, size), Image.Resampling.LANCZOS)
 
 
 def render_scene(scene: Scene, size: int = 32) -> Image.Image:
@@ -244,7 +246,7 @@ def render_product_and_mask(
         product.draw(ImageDraw.Draw(canvas), cx * k, cy * k, r * k)
         on.append(np.asarray(canvas, dtype=np.int16))
     covered = (np.abs(on[0] - on[1]).max(axis=-1) == 0).astype(np.uint8) * 255
-    return _finish(img, size), Image.fromarray(covered, "L").resize((size, size), Image.LANCZOS)
+    return _finish(img, size), Image.fromarray(covered, "L").resize((size, size), Image.Resampling.LANCZOS)
 
 
 def all_triples() -> list[tuple[str, str, str]]:

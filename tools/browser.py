@@ -7,7 +7,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    from playwright.async_api import Page
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -22,7 +26,7 @@ CHROMIUM_ARGS = [
 
 
 @asynccontextmanager
-async def local_page(width: int = 1400, height: int = 1000) -> AsyncIterator[tuple[object, list[str]]]:
+async def local_page(width: int = 1400, height: int = 1000) -> AsyncIterator[tuple[Page, list[str]]]:
     """A fresh page; requests leaving 127.0.0.1/localhost are blocked and listed in the second value."""
     if not Path(CHROMIUM).exists():
         raise FileNotFoundError(f"{CHROMIUM} is missing: run `make browser` (apt-get install chromium)")

@@ -83,7 +83,7 @@ class Service:
         if self.restart_at is not None:
             if now >= self.restart_at:
                 self.start(env)
-                print(f"{self.name} restarted (pid {self.proc.pid})", flush=True)
+                print(f"{self.name} restarted (pid {self.proc.pid if self.proc else '?'})", flush=True)
             return
         if self.proc is None or self.proc.poll() is None:
             return
