@@ -1,4 +1,5 @@
-"""Product LoRA training (`python -m training.lora`) and offline LoRA conversion (`python -m training.convert`)."""
+"""Product LoRA training (`python -m training.lora`), offline LoRA conversion (`python -m training.convert`) and the
+mean of several training runs (`python -m training.soup`)."""
 
 
 class TrainingError(Exception):
