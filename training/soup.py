@@ -41,22 +41,6 @@ class SoupResult:
     megabytes: float
 
 
-def _read_run(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    import yaml
-    from safetensors.torch import load_file
-
-    manifest_path = folder / "manifest.yaml"
-    if not manifest_path.is_file():
-        raise TrainingError(f"{folder}: no manifest.yaml (not a product folder)")
-    manifest = yaml.safe_load(manifest_path.read_text()) or {}
-    adapter = folder / str(manifest.get("adapter", ADAPTER_FILE))
-    if not adapter.is_file():
-        raise TrainingError(f"{folder}: its adapter {adapter.name} is missing")
-    embeddings = folder / str(manifest.get("embeddings", EMBEDDINGS_FILE))
-    learned = load_file(embeddings) if manifest.get("embeddings") else {}
-    return manifest, load_file(adapter), learned
-
-
 # PEFT naming (what training.lora writes) and the older diffusers naming; both carry no alpha.
 NAMINGS = ((".lora_A.", ".lora_B."), (".lora.down.", ".lora.up."))
 
@@ -80,6 +64,35 @@ def _pairs(weights: dict[str, torch.Tensor], folder: Path) -> dict[str, tuple[to
 def _config(run: Path) -> Any:
     summary = run / "training.json"
     return json.loads(summary.read_text()).get("config") if summary.is_file() else None
+
+
+@dataclass
+class Run:
+    """One training run's product folder, read once."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]  # down's key -> (down, up), float32
+    dtype: torch.dtype  # the adapter's, kept in the soup
+    learned: dict[str, torch.Tensor]  # token -> embedding; empty without learned tokens
+
+
+def _read_run(folder: Path) -> Run:
+    import yaml
+    from safetensors.torch import load_file
+
+    manifest_path = folder / "manifest.yaml"
+    if not manifest_path.is_file():
+        raise TrainingError(f"{folder}: no manifest.yaml (not a product folder)")
+    manifest = yaml.safe_load(manifest_path.read_text()) or {}
+    adapter = folder / str(manifest.get("adapter", ADAPTER_FILE))
+    if not adapter.is_file():
+        raise TrainingError(f"{folder}: its adapter {adapter.name} is missing")
+    weights = load_file(adapter)
+    embeddings = folder / str(manifest.get("embeddings", EMBEDDINGS_FILE))
+    learned = load_file(embeddings) if manifest.get("embeddings") else {}
+    dtype = next(iter(weights.values())).dtype if weights else torch.float32
+    return Run(folder, manifest, _pairs(weights, folder), dtype, learned)
 
 
 def _compress(down: torch.Tensor, up: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,41 +125,44 @@ def soup(
     if out.exists() and not overwrite:
         raise TrainingError(f"{out} already exists; pass --overwrite to replace it")
     read = [_read_run(Path(r)) for r in runs]
-    manifests = [m for m, _, _ in read]
-    pairs = [_pairs(w, Path(r)) for r, (_, w, _) in zip(runs, read, strict=True)]
-    first = manifests[0]
-    for run, manifest, modules in zip(runs[1:], manifests[1:], pairs[1:], strict=True):
+    first = read[0]
+    for run in read[1:]:
         for field in ("tokens", "base_model"):
-            if manifest.get(field) != first.get(field):
-                raise TrainingError(f"{run}: its {field} {manifest.get(field)!r} differs from {runs[0]}'s")
-        if modules.keys() != pairs[0].keys():
-            missing = sorted(modules.keys() ^ pairs[0].keys())[:3]
-            raise TrainingError(f"{run}: its LoRA modules differ from {runs[0]}'s (e.g. {', '.join(missing)})")
-        for name, (down, up) in modules.items():
-            d0, u0 = pairs[0][name]
+            if run.manifest.get(field) != first.manifest.get(field):
+                raise TrainingError(
+                    f"{run.folder}: its {field} {run.manifest.get(field)!r} differs from {first.folder}'s"
+                )
+        if run.pairs.keys() != first.pairs.keys():
+            missing = sorted(run.pairs.keys() ^ first.pairs.keys())[:3]
+            raise TrainingError(
+                f"{run.folder}: its LoRA modules differ from {first.folder}'s (e.g. {', '.join(missing)})"
+            )
+        for name, (down, up) in run.pairs.items():
+            d0, u0 = first.pairs[name]
             if down.shape[1:] != d0.shape[1:] or up.shape[0] != u0.shape[0] or up.shape[2:] != u0.shape[2:]:
-                raise TrainingError(f"{run}: {name} is {tuple(up.shape)}x{tuple(down.shape)}, not the first run's")
-    k = len(runs)
+                raise TrainingError(
+                    f"{run.folder}: {name} is {tuple(up.shape)}x{tuple(down.shape)}, not the first run's"
+                )
+    k = len(read)
     embeddings: dict[str, torch.Tensor] = {}
-    if first.get("embeddings"):
-        tokens = read[0][2].keys()
-        if any(learned.keys() != tokens for _, _, learned in read):
+    if first.manifest.get("embeddings"):
+        tokens = first.learned.keys()
+        if any(run.learned.keys() != tokens for run in read):
             raise TrainingError("the runs' learned token embeddings differ in their tokens")
-        dtype = next(iter(read[0][2].values())).dtype
-        embeddings = {t: (sum(learned[t].float() for _, _, learned in read) / k).to(dtype) for t in tokens}
+        dtype = next(iter(first.learned.values())).dtype
+        embeddings = {t: (sum(run.learned[t].float() for run in read) / k).to(dtype) for t in tokens}
     merged: dict[str, torch.Tensor] = {}
-    for name in pairs[0]:
+    for name in first.pairs:
         # Stacked ranks: up @ down = sum_i (up_i / k) @ down_i, the mean delta, exactly.
-        down = torch.cat([p[name][0] for p in pairs], 0)
-        up = torch.cat([p[name][1] / k for p in pairs], 1)
+        down = torch.cat([run.pairs[name][0] for run in read], 0)
+        up = torch.cat([run.pairs[name][1] / k for run in read], 1)
         if rank is not None:
             down, up = _compress(down, up, rank)
         up_key = next(name.replace(d, u) for d, u in NAMINGS if d in name)
-        dtype = read[0][1][name].dtype
-        merged[name] = down.to(dtype).contiguous()
-        merged[up_key] = up.to(dtype).contiguous()
+        merged[name] = down.to(first.dtype).contiguous()
+        merged[up_key] = up.to(first.dtype).contiguous()
 
-    manifest = dict(first)
+    manifest = dict(first.manifest)
     if default_scale is not None:
         manifest["default_scale"] = float(default_scale)
     manifest["soup"] = {"runs": [str(r) for r in runs], "rank": rank or "exact"}
@@ -157,9 +173,9 @@ def soup(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file(merged, tmp / str(first.get("adapter", ADAPTER_FILE)))
+        save_file(merged, tmp / str(manifest.get("adapter", ADAPTER_FILE)))
         if embeddings:
-            save_file(embeddings, tmp / str(first["embeddings"]))
+            save_file(embeddings, tmp / str(manifest["embeddings"]))
         (tmp / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False, allow_unicode=True))
         # What each run was trained with, for the record (training.lora's training.json "config").
         configs = {str(r): _config(r) for r in runs}
@@ -169,7 +185,7 @@ def soup(
         shutil.rmtree(tmp, ignore_errors=True)
     top = max(v.shape[0] for key, v in merged.items() if any(d in key for d, _ in NAMINGS))
     size = sum(v.numel() * v.element_size() for v in merged.values()) / 1e6
-    return SoupResult(out, k, len(pairs[0]), top, size)
+    return SoupResult(out, k, len(first.pairs), top, size)
 
 
 def main(argv: list[str] | None = None) -> int:
