@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from demo.fidelity import score
 from demo.placement_eval import Renderer, product_photo
-from demo.shape import TRUSTED_ON_GENERATED, shape_ok
+from demo.shape import shape_ok
 from demo.world import BACKGROUNDS, PRODUCTS, SCENE_PHRASES
 from services.generator.messages import Shadow
 
@@ -80,11 +80,8 @@ def sheet(renderer: Renderer, product_id: str, seed: int) -> Image.Image:
             out.paste(_big(image), (x, y))
             if mode == "lora":
                 colour = f"colour {score(product_id, image):.2f}"
-                if TRUSTED_ON_GENERATED[product_id]:
-                    ok = shape_ok(product_id, background, image)
-                    verdict, fill = f"shape {'ok' if ok else 'X'} · {colour}", (20, 120, 40) if ok else (190, 30, 30)
-                else:  # a criterion not trusted on generated images (demo.shape.TRUSTED_ON_GENERATED)
-                    verdict, fill = f"handle n/a · {colour}", (110, 110, 110)
+                ok = shape_ok(product_id, background, image)
+                verdict, fill = f"shape {'ok' if ok else 'X'} · {colour}", (20, 120, 40) if ok else (190, 30, 30)
                 draw.text((x, y + CELL + 2), verdict, fill=fill, font=small)
     return out
 

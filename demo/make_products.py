@@ -313,7 +313,7 @@ def validate(product_id: str, folder: Path, threads: int, base: Path = ROOT / "m
     and the judge's scene accuracy."""
     from demo.fidelity import load_pipeline, score
     from demo.judge import load_judge
-    from demo.shape import TRUSTED_ON_GENERATED, shape_rate
+    from demo.shape import shape_rate
     from services.generator.catalog import TemplateCatalog, compose_prompt, scan_folder
     from services.generator.messages import RenderSettings
 
@@ -331,8 +331,7 @@ def validate(product_id: str, folder: Path, threads: int, base: Path = ROOT / "m
             settings = RenderSettings(c.prompt, "", t.steps or 20, g, 32, 32, "", (entry.spec(scale),))
             images = pipe(settings, VALIDATION_SEEDS)
             worst = min(worst, float(np.mean([score(product_id, im) for im in images])))
-            if TRUSTED_ON_GENERATED[product_id]:  # an untrusted criterion would choose by noise
-                shape = min(shape, shape_rate(product_id, bg, images))
+            shape = min(shape, shape_rate(product_id, bg, images))
             hits += sum(p == bg for p in judge.predict(images)["background"])
             total += len(images)
         results.append(Validation(scale, worst, hits / total, shape, guidance))

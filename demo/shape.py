@@ -47,12 +47,11 @@ from demo.colours import colour_classes, to_array
 MODEL = Path(__file__).resolve().parent.parent / "models" / "demo-sd"
 EIGHT = np.ones((3, 3), bool)
 FOUR = ndimage.generate_binary_structure(2, 1)
-# Whether the criterion ranks *generated* images, not only true renders (the validation chooses runs by it, the
-# contact sheet marks images by it). The mug's was not until stop 32: on the first demo models no mug drew a
-# handle and the test passed blur by chance. Since stop 30's base the adapter draws the ring (by eye) and scale 0
-# passes nowhere (0.00), so it ranks runs; its figures stay upper bounds: through the shipped decoder handle-less
-# mugs pass 15-46% (the body's own edge beside the band reads as a ring, docs/FIDELITY.md "Blind spots").
-TRUSTED_ON_GENERATED = {"split-star": True, "striped-mug": True}
+# Both criteria rank *generated* images too (the validation chooses runs by them, the contact sheet marks images).
+# The mug's did not until stop 32: on the first demo models no mug drew a handle and the test passed blur by
+# chance. Since stop 30's base the adapter draws the ring (by eye) and scale 0 passes nowhere (0.00); its figures
+# stay upper bounds: through the shipped decoder handle-less mugs pass 15-46% (the body's own edge beside the band
+# reads as a ring, docs/FIDELITY.md "Blind spots").
 TWIN_SHARE = 1 / 3  # a second product-coloured object at least this share of the first: drawn twice
 MAX_RING = 3  # px: a handle's ring is thin; a wider yellow run beyond the gap is another object
 HANDLE_GAP = (1, 4)  # px of the hole between the body and the handle's ring, in a row that crosses both (32x32)
